@@ -1,0 +1,38 @@
+# chextrain: `make demo` runs the main job on generated demo data; `make test` runs the test suite.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= demo
+
+.PHONY: install demo test lint bench clean
+
+$(PY):
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or make PYTHON=python3)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# torch/torchvision are pinned to the releases this machine has on disk; a bigger box may
+# install any release that satisfies pyproject.toml's lower bounds.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(PY) -m chextrain.cli demo --out $(DEMO_DIR)
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+
+bench: install
+	$(PY) benchmarks/catalog.py
+	$(PY) benchmarks/images.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR)

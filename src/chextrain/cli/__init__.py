@@ -1,0 +1,38 @@
+"""The `chextrain` command line: a Typer app whose commands live in the modules of this package.
+
+Each module in COMMAND_MODULES exposes `register(app: typer.Typer) -> None`, which adds its
+commands (or a sub-app such as `data`). Commands stay thin: parse, call the library, print.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+COMMAND_MODULES: tuple[str, ...] = (
+    "data",
+)
+
+
+def build_app() -> typer.Typer:
+    """Build the Typer app with every command module registered."""
+    app = typer.Typer(
+        name="chextrain",
+        help="Train, evaluate, explain and serve chest x-ray classifiers for digital x-rays and phone photos.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"chextrain.cli.{name}").register(app)
+    return app
+
+
+def main() -> None:
+    """Console-script entry point."""
+    build_app()()
+
+
+if __name__ == "__main__":
+    main()

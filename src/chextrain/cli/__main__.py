@@ -1,0 +1,3 @@
+from chextrain.cli import main
+
+main()

@@ -1,0 +1,79 @@
+"""`chextrain data ...`: check a data root, generate the demo dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from chextrain.data.catalog import CatalogError
+from chextrain.data.check import check_root
+from chextrain.labels import SLUGS
+
+SHOWN_PROBLEMS = 20
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `data` group to the app."""
+    data_app = typer.Typer(help="Read, check and generate datasets.", no_args_is_help=True)
+    data_app.command("check")(check)
+    from chextrain.cli import synth
+
+    synth.register(data_app)
+    app.add_typer(data_app, name="data")
+
+
+def check(
+    root: Path = typer.Argument(..., help="Folder holding CheXpert-*/CheXphoto-* release folders."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    no_files: bool = typer.Option(False, "--no-files", help="Do not check that image files exist."),
+    verify_images: bool = typer.Option(False, "--verify-images", help="Open every image and report unreadable ones."),
+) -> None:
+    """Summarise every official CSV under ROOT and report problems (exit code 1 if any)."""
+    try:
+        report = check_root(root, check_files=not no_files, verify_images=verify_images)
+    except CatalogError as exc:
+        if as_json:
+            typer.echo(json.dumps({"root": str(root), "ok": False, "error": str(exc)}))
+        else:
+            Console(stderr=True).print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        print_report(report, Console())
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
+def print_report(report: dict, console: Console) -> None:
+    """Rich tables: one row per dataset file, label prevalence, then the problems found."""
+    table = Table(title=f"Data under {report['root']}")
+    for column in ("dataset", "file", "rows", "patients", "studies", "kinds", "views"):
+        table.add_column(column, justify="right" if column in ("rows", "patients", "studies") else "left")
+    for g in report["datasets"]:
+        kinds = ", ".join(f"{k} {n}" for k, n in g["kinds"].items())
+        views = ", ".join(f"{k} {n}" for k, n in g["views"].items())
+        table.add_row(g["dataset"], g["file"], str(g["rows"]), str(g["patients"]), str(g["studies"]), kinds, views)
+    console.print(table)
+    labels = Table(title="Labels (positive / negative / uncertain / blank)")
+    labels.add_column("dataset/file")
+    for slug in SLUGS:
+        labels.add_column(slug, justify="right")
+    for g in report["datasets"]:
+        cells = ["{positive} / {negative} / {uncertain} / {blank}".format(**g["labels"][s]) for s in SLUGS]
+        labels.add_row(f"{g['dataset']}/{g['file']}", *cells)
+    console.print(labels)
+    for key, title in (("issues", "bad rows (skipped)"), ("missing_files", "missing files"),
+                       ("unreadable_images", "unreadable images")):
+        items = report[key]
+        if items:
+            console.print(f"[red]{len(items)} {title}:[/red]")
+            for item in items[:SHOWN_PROBLEMS]:
+                console.print(f"  {item}", markup=False, highlight=False)
+            if len(items) > SHOWN_PROBLEMS:
+                console.print(f"  ... and {len(items) - SHOWN_PROBLEMS} more (use --json for all)")
+    console.print("[green]OK[/green]" if report["ok"] else "[red]problems found[/red]")

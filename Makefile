@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 demo: install
-	$(PY) -m chextrain.cli demo --out $(DEMO_DIR)
+	$(VENV)/bin/chextrain demo --out $(DEMO_DIR)
 
 test: install
 	$(PY) -m pytest -q

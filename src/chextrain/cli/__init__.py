@@ -12,6 +12,9 @@ import typer
 
 COMMAND_MODULES: tuple[str, ...] = (
     "data",
+    "train",
+    "study",
+    "demo",
 )
 
 

@@ -1,0 +1,166 @@
+"""Study runner: DAG order, caching, invalidation, blocked and failed stages (fake trainer)."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from chextrain.training.stage import StageError
+from chextrain.training.study import load_study, parse_study, run_study, study_status
+
+STUDY = {
+    "name": "toy",
+    "defaults": {"backbone": "tiny", "init": "random", "image_size": 32, "max_steps": 2},
+    "stages": [
+        {"name": "c", "init": "stage:b", "data": {"train": ["chexphoto"]}},
+        {"name": "a", "data": {"train": ["chexpert"]}},
+        {"name": "b", "init": "stage:a"},
+        {"name": "solo", "label": "Independent"},
+        {"name": "pre", "objective": "moco"},
+        {"name": "after_pre", "init": "stage:pre"},
+    ],
+    "profiles": {"small": {"defaults": {"batch_size": 4}, "stages": {"a": {"epochs": 1}}}},
+}
+
+
+@dataclass
+class Result:
+    metrics: dict
+
+
+class FakeTrain:
+    """Records calls and writes done.json like the real runner; can be told to fail a stage."""
+
+    def __init__(self, fail: set[str] = frozenset()):
+        self.calls: list[str] = []
+        self.fail = set(fail)
+
+    def __call__(self, stage, data_root, out_dir, *, resolve_ref, progress):
+        self.calls.append(stage.name)
+        if stage.init.startswith("stage:"):
+            assert (resolve_ref(stage.init) / "done.json").exists()  # its dependency finished first
+        if stage.name in self.fail:
+            raise RuntimeError(f"boom in {stage.name}")
+        (out_dir / "done.json").write_text(json.dumps({"stage": stage.name}))
+        return Result(metrics={"test": {"average": {"auc": 0.5, "mcc": 0.1}}})
+
+
+def run(study, tmp_path, train, **kw):
+    return run_study(study, tmp_path / "data", tmp_path / "out", train=train, progress=False, log=lambda s: None, **kw)
+
+
+def states(state):
+    return {s["name"]: s["state"] for s in state["stages"]}
+
+
+def test_order_respects_dependencies():
+    study = parse_study(STUDY)
+    order = study.order
+    assert order.index("a") < order.index("b") < order.index("c")
+    assert study.deps == {"c": ["b"], "a": [], "b": ["a"], "solo": [], "pre": [], "after_pre": ["pre"]}
+
+
+def test_runs_caches_and_blocks(tmp_path):
+    study = parse_study(STUDY)
+    train = FakeTrain()
+    state = run(study, tmp_path, train)
+    assert sorted(train.calls) == ["a", "b", "c", "solo"]
+    assert states(state) == {"a": "done", "b": "done", "c": "done", "solo": "done",
+                             "pre": "blocked", "after_pre": "blocked"}
+    reasons = {s["name"]: s["reason"] for s in state["stages"]}
+    assert reasons["pre"].startswith("needs moco")
+    assert reasons["after_pre"].startswith("needs pre")
+    assert {s["name"]: s for s in study_status(tmp_path / "out")}["a"]["metrics"] == {"test/auc": 0.5, "test/mcc": 0.1}
+    again = FakeTrain()
+    run(study, tmp_path, again)
+    assert again.calls == []  # everything cached
+
+
+def test_changed_config_reruns_stage_and_dependants_keeping_old_output(tmp_path):
+    run(parse_study(STUDY), tmp_path, FakeTrain())
+    changed = yaml.safe_load(yaml.safe_dump(STUDY))
+    changed["stages"][2]["optimizer"] = {"lr": 1.0e-5}  # stage b
+    train = FakeTrain()
+    run(parse_study(changed), tmp_path, train)
+    assert sorted(train.calls) == ["b", "c"]
+    stale = sorted(p.name for p in (tmp_path / "out" / "stages").iterdir() if ".stale-" in p.name)
+    assert len(stale) == 2 and stale[0].startswith("b.stale-") and stale[1].startswith("c.stale-")
+
+
+def test_failure_blocks_dependants_only(tmp_path):
+    train = FakeTrain(fail={"a"})
+    state = run(parse_study(STUDY), tmp_path, train)
+    assert states(state)["a"] == "failed" and states(state)["b"] == "blocked" and states(state)["c"] == "blocked"
+    assert states(state)["solo"] == "done"
+    assert "boom in a" in (tmp_path / "out" / "stages" / "a" / "error.txt").read_text()
+    retry = FakeTrain()
+    state = run(parse_study(STUDY), tmp_path, retry)
+    assert sorted(retry.calls) == ["a", "b", "c"] and states(state)["c"] == "done"
+
+
+def test_interrupted_stage_is_resumed_in_place(tmp_path):
+    study = parse_study(STUDY)
+    run(study, tmp_path, FakeTrain(), only=["a"])
+    out = tmp_path / "out"
+    data = json.loads((out / "study.json").read_text())
+    for s in data["stages"]:  # as if the runner was killed while b was running
+        if s["name"] == "b":
+            s["state"] = "running"
+    (out / "study.json").write_text(json.dumps(data))
+    (out / "stages" / "b").mkdir(parents=True)
+    (out / "stages" / "b" / "study_hash").write_text([s for s in data["stages"] if s["name"] == "b"][0]["hash"])
+    (out / "stages" / "b" / "checkpoint.partial").write_text("x")
+    train = FakeTrain()
+    run(study, tmp_path, train, only=["b"])
+    assert train.calls == ["b"]
+    assert (out / "stages" / "b" / "checkpoint.partial").exists()  # same folder: the runner resumes it
+
+
+def test_only_runs_what_is_needed(tmp_path):
+    train = FakeTrain()
+    run(parse_study(STUDY), tmp_path, train, only=["b"])
+    assert train.calls == ["a", "b"]
+    with pytest.raises(StageError, match="unknown stage"):
+        run(parse_study(STUDY), tmp_path, train, only=["zzz"])
+
+
+def test_profiles_and_variables():
+    data = dict(STUDY, variables={"start": "stage:a"})
+    data["stages"] = [STUDY["stages"][1], {"name": "v", "init": "${start}"}]
+    study = parse_study(data, profile="small")
+    assert study.stages["a"].batch_size == 4 and study.stages["a"].epochs == 1
+    assert study.deps["v"] == ["a"]
+    swapped = parse_study(data, overrides=["start=/weights/moco.pt"])
+    assert swapped.stages["v"].init == "/weights/moco.pt" and swapped.deps["v"] == []
+    with pytest.raises(StageError, match="unknown profile 'big'"):
+        parse_study(data, profile="big")
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d["stages"].append({"name": "x", "init": "stage:nope"}), "unknown stage 'nope'"),
+    (lambda d: d["stages"].append({"name": "a"}), "duplicate stage name 'a'"),
+    (lambda d: d.update(colour="red"), r"unknown key\(s\) \['colour'\]"),
+    (lambda d: d["stages"][1].update(freeze="half", batch_size=0), "freeze"),
+    (lambda d: d["stages"][1].update(init="stage:c"), "cycle"),
+])
+def test_bad_studies(mutate, message):
+    data = yaml.safe_load(yaml.safe_dump(STUDY))
+    mutate(data)
+    with pytest.raises(StageError, match=message):
+        parse_study(data)
+
+
+def test_shipped_studies_parse():
+    root = Path(__file__).resolve().parents[1] / "configs" / "studies"
+    full = load_study(root / "chextraining.yaml")
+    assert full.stages["baseline_ft_chexphoto"].optimizer.lr == 1.0e-5
+    assert full.stages["mixed_chexpert_head"].freeze == "encoder"
+    assert full.stages["baseline"].image_size == 320 and full.stages["baseline"].epochs == 3
+    demo = load_study(root / "chextraining.yaml", profile="demo")
+    assert demo.stages["baseline"].image_size == 64 and demo.fallbacks == {"imagenet": "random"}
+    budget = load_study(root / "fixed_budget.yaml")
+    assert [s.data.budget.digital for s in budget.stages.values()] == list(range(0, 10001, 1000))
+    reduced = load_study(root / "fixed_budget.yaml", profile="demo")
+    assert len(reduced.stages) == 3

@@ -1,0 +1,82 @@
+"""`chextrain photo-sim`: turn x-ray images into simulated photos of them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+RECIPE_HELP = (
+    "digital (CheXphoto's random digital, grey), photographic (glare, moire, tilt), phone (monitor in a room)"
+)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `photo-sim` command."""
+    app.command("photo-sim")(photo_sim)
+
+
+def photo_sim(
+    inputs: list[Path] = typer.Argument(..., help="X-ray images (JPEG, PNG, DICOM, ...)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the simulated photos (created if needed)."),
+    recipe: str = typer.Option("phone", "--recipe", "-r", help=RECIPE_HELP),
+    level: int = typer.Option(1, "--level", "-l", min=1, max=4, help="Strength, 1 (CheXphoto's) to 4."),
+    seed: int = typer.Option(0, "--seed", help="Seed; input number i uses the generator of (seed, i)."),
+) -> None:
+    """Simulate a photo of each input and write it to OUT as STEM.jpg (JPEG quality 95).
+
+    Files that cannot be read or written are reported and skipped; the exit code is then 1.
+
+    Input number i uses the random generator of (seed, i): its photo does not depend on the others.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from chextrain.data.images import ImageLoadError, load_image
+    from chextrain.data.photo import RECIPES, simulate_photo
+
+    err = Console(stderr=True, soft_wrap=True, highlight=False)
+    if recipe not in RECIPES:
+        err.print(f"[red]error:[/red] --recipe {recipe!r} is not one of {', '.join(RECIPES)}")
+        raise typer.Exit(2)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        err.print(f"[red]error:[/red] cannot create {out}: {e.strerror or e}")
+        raise typer.Exit(2) from e
+    sources = {p.resolve() for p in inputs}
+    targets = _targets(inputs, out)
+    failed = 0
+    for index, (path, target) in enumerate(zip(inputs, targets, strict=True)):
+        try:
+            if target.resolve() in sources:
+                raise ValueError(f"{path}: writing {target} would overwrite an input")
+            image = load_image(path)
+            photo = simulate_photo(image, recipe, level, np.random.default_rng([seed, index]))
+            Image.fromarray(photo).save(target, "JPEG", quality=95)
+        except (ImageLoadError, ValueError) as e:
+            failed += 1
+            err.print(f"[red]error:[/red] {e}")
+        except OSError as e:
+            failed += 1
+            err.print(f"[red]error:[/red] {path}: cannot write {target}: {e.strerror or e}")
+    done = len(inputs) - failed
+    summary = f"wrote {done} of {len(inputs)} simulated photos ({recipe}, level {level}) to {out}"
+    Console(soft_wrap=True, highlight=False).print(summary)
+    if failed:
+        raise typer.Exit(1)
+
+
+def _targets(inputs: list[Path], out: Path) -> list[Path]:
+    """OUT/STEM.jpg per input; a repeated stem (view1_frontal is everywhere) gets -2, -3, ..."""
+    used: set[str] = set()
+    targets = []
+    for path in inputs:
+        name, n = f"{path.stem}.jpg", 1
+        while name in used:
+            n += 1
+            name = f"{path.stem}-{n}.jpg"
+        used.add(name)
+        targets.append(out / name)
+    return targets

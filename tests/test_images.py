@@ -1,0 +1,393 @@
+"""Tests for chextrain.data.images: modes, bit depths, EXIF, truncation, bombs, DICOM, errors."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import struct
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from chextrain.data.images import (
+    ImageLoadError,
+    TruncatedImageWarning,
+    image_size,
+    load_image,
+    load_image_bytes,
+    scale_to_uint8,
+    verify_image,
+)
+
+
+def _ramp(h: int = 32, w: int = 48) -> np.ndarray:
+    """uint8 H x W with a horizontal ramp plus a vertical one, so orientation is visible."""
+    return (np.linspace(0, 200, w)[None, :] + np.linspace(0, 50, h)[:, None]).astype(np.uint8)
+
+
+def _save(im: Image.Image, path: Path, fmt: str, **kw) -> Path:
+    im.save(path, fmt, **kw)
+    return path
+
+
+def _jpeg_bytes(arr: np.ndarray, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=95, **kw)
+    return buf.getvalue()
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def _png_header_only(width: int, height: int, idat: bytes) -> bytes:
+    """A PNG whose header claims width x height, with whatever IDAT we give it."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", idat)
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+# --- modes and bit depths ----------------------------------------------------------------
+
+
+def test_grey_jpeg_and_png_round_trip(tmp_path):
+    a = _ramp()
+    png = load_image(_save(Image.fromarray(a), tmp_path / "a.png", "PNG"))
+    assert png.dtype == np.uint8 and png.shape == a.shape
+    np.testing.assert_array_equal(png, a)
+    jpg = load_image(_save(Image.fromarray(a), tmp_path / "a.jpg", "JPEG", quality=95))
+    assert jpg.shape == a.shape and np.abs(jpg.astype(int) - a).mean() < 2
+
+
+def test_rgb_becomes_luma(tmp_path):
+    rgb = np.zeros((16, 24, 3), np.uint8)
+    rgb[..., 0] = 200  # pure red -> L = 200 * 299 / 1000 = 59.8
+    out = load_image(_save(Image.fromarray(rgb), tmp_path / "r.png", "PNG"))
+    assert out.shape == (16, 24) and abs(int(out.mean()) - 60) <= 1
+    jpg = load_image(_save(Image.fromarray(rgb), tmp_path / "r.jpg", "JPEG", quality=95))
+    assert jpg.shape == (16, 24) and abs(float(jpg.mean()) - 60) < 3
+
+
+@pytest.mark.parametrize("alpha, expected", [(0, 0), (255, 180), (128, 90)])
+def test_rgba_and_la_composited_on_black(tmp_path, alpha, expected):
+    rgba = np.full((8, 8, 4), 180, np.uint8)
+    rgba[..., 3] = alpha
+    out = load_image(_save(Image.fromarray(rgba), tmp_path / "a.png", "PNG"))
+    assert out.shape == (8, 8) and abs(int(out[0, 0]) - expected) <= 1
+    la = Image.fromarray(rgba).convert("LA")
+    out_la = load_image(_save(la, tmp_path / "la.png", "PNG"))
+    assert abs(int(out_la[0, 0]) - expected) <= 1
+
+
+def test_palette_with_and_without_transparency(tmp_path):
+    a = _ramp()
+    p = Image.fromarray(a).convert("P")
+    out = load_image(_save(p, tmp_path / "p.png", "PNG"))
+    assert np.abs(out.astype(int) - a).max() <= 8  # palette quantisation
+    pt = Image.fromarray(np.full((8, 8), 200, np.uint8)).convert("P")
+    idx = pt.getpixel((0, 0))
+    out_t = load_image(_save(pt, tmp_path / "pt.png", "PNG", transparency=idx))
+    assert out_t.max() == 0  # the only colour is transparent -> black
+
+
+def test_cmyk_jpeg(tmp_path):
+    cmyk = Image.new("CMYK", (20, 10), (0, 0, 0, 0))  # no ink = white
+    out = load_image(_save(cmyk, tmp_path / "c.jpg", "JPEG"))
+    assert out.shape == (10, 20) and out.mean() > 240
+
+
+def test_mode_1(tmp_path):
+    im = Image.new("1", (10, 6), 1)
+    out = load_image(_save(im, tmp_path / "b.png", "PNG"))
+    assert out.shape == (6, 10) and (out == 255).all()
+
+
+def test_16bit_png_uses_full_range_not_clipped(tmp_path):
+    a = np.linspace(0, 65535, 64).astype(np.uint16).reshape(8, 8)
+    out = load_image(_save(Image.fromarray(a), tmp_path / "a16.png", "PNG"))
+    assert Image.open(tmp_path / "a16.png").mode.startswith("I")
+    assert out.min() == 0 and out.max() == 255
+    assert np.all(np.diff(out.ravel().astype(int)) >= 0)  # monotonic, not saturated
+    assert (out == 255).sum() == 1
+
+
+def test_12bit_data_in_16bit_png_is_scaled_by_its_depth(tmp_path):
+    a = np.array([[0, 1024, 2048, 4095]], dtype=np.uint16)
+    out = load_image(_save(Image.fromarray(a), tmp_path / "a12.png", "PNG"))
+    np.testing.assert_array_equal(out[0], [0, 64, 128, 255])
+
+
+def test_mode_i_and_f_tiff(tmp_path):
+    i = Image.fromarray(np.array([[0, 2000, 4095]], dtype=np.int32), mode="I")
+    assert i.mode == "I"
+    out = load_image(_save(i, tmp_path / "i.tif", "TIFF"))
+    np.testing.assert_array_equal(out[0], [0, 125, 255])
+    f = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32), mode="F")
+    np.testing.assert_array_equal(load_image(_save(f, tmp_path / "f.tif", "TIFF"))[0], [0, 128, 255])
+    g = Image.fromarray(np.array([[-10.0, 0.0, 10.0]], dtype=np.float32), mode="F")
+    np.testing.assert_array_equal(load_image(_save(g, tmp_path / "g.tif", "TIFF"))[0], [0, 128, 255])
+
+
+def test_scale_to_uint8_cases():
+    assert scale_to_uint8(np.array([0, 255], np.uint16)).tolist() == [0, 255]  # 8-bit data kept
+    assert scale_to_uint8(np.array([0, 1023], np.uint16)).tolist() == [0, 255]  # 10-bit
+    assert scale_to_uint8(np.array([-5, 5], np.int16)).tolist() == [0, 255]  # signed: min-max
+    assert scale_to_uint8(np.full(3, 7.0)).tolist() == [0, 0, 0]  # constant float
+    with pytest.raises(ValueError, match="dtype"):
+        scale_to_uint8(np.array(["a"]))
+
+
+# --- EXIF orientation ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+@pytest.mark.parametrize("orientation, shape", [(1, (20, 40)), (3, (20, 40)), (6, (40, 20)), (8, (40, 20))])
+def test_exif_orientation_applied(tmp_path, orientation, shape, fmt):
+    a = np.zeros((20, 40), np.uint8)
+    a[:8, :8] = 255  # bright block at the stored top-left
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = _save(Image.fromarray(a), tmp_path / f"o.{fmt.lower()}", fmt, exif=exif)
+    out = load_image(path)
+    assert out.shape == shape
+    assert image_size(path) == (shape[1], shape[0])
+    corner = {1: out[:8, :8], 3: out[-8:, -8:], 6: out[:8, -8:], 8: out[-8:, :8]}[orientation]
+    assert corner.mean() > 200  # the block moved where the viewer would see it
+    assert out.mean() < 60
+
+
+# --- truncated files --------------------------------------------------------------------
+
+
+def test_truncated_jpeg_warn_loads_and_names_the_file(tmp_path):
+    a = _ramp(64, 64)
+    data = _jpeg_bytes(a)
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.warns(TruncatedImageWarning, match="cut.jpg"):
+        out = load_image(path)
+    assert out.shape == (64, 64)
+    assert np.abs(out[:8].astype(int) - a[:8]).mean() < 3  # the top is really there
+
+
+def test_truncated_jpeg_error_and_verify(tmp_path):
+    data = _jpeg_bytes(_ramp(64, 64))
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageLoadError, match="cut.jpg.*truncated"):
+        load_image(path, truncated="error")
+    assert "truncated" in verify_image(path)
+
+
+def test_truncated_jpeg_does_not_touch_pil_global():
+    from PIL import ImageFile
+
+    data = _jpeg_bytes(_ramp(64, 64))
+    with pytest.warns(TruncatedImageWarning):
+        load_image_bytes(data[:400], "x.jpg")
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+    with pytest.raises(OSError):  # PIL itself still refuses truncated files
+        Image.open(io.BytesIO(data[:400])).load()
+
+
+def test_truncated_png_raises_even_in_warn_mode(tmp_path):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(buf, "PNG")
+    with pytest.raises(ImageLoadError, match="t.png.*truncated"):
+        load_image_bytes(buf.getvalue()[:2000], "t.png")
+
+
+def test_bad_truncated_option():
+    with pytest.raises(ValueError, match="'ignore'.*warn"):
+        load_image_bytes(b"x", truncated="ignore")
+    with pytest.raises(ValueError, match="max_pixels"):
+        load_image_bytes(b"x", max_pixels=0)
+
+
+# --- decompression bombs ----------------------------------------------------------------
+
+
+def test_bomb_refused_from_header_before_decoding(tmp_path):
+    # 9000 x 9000 = 81 M > default 64 M (and under PIL's own 89 M warning). The IDAT is
+    # garbage: decoding it would fail as "corrupt", so this error proves no decode happened.
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_png_header_only(9000, 9000, b"garbage"))
+    assert path.stat().st_size < 100
+    with pytest.raises(ImageLoadError, match=r"bomb.png: too many pixels: 9000x9000.*64,000,000"):
+        load_image(path)
+    assert image_size(path) == (9000, 9000)
+
+
+def test_compressed_bomb_with_lowered_limit(tmp_path):
+    path = tmp_path / "big.png"
+    Image.new("L", (400, 300)).save(path, "PNG")  # all zeros: tiny on disk
+    assert path.stat().st_size < 2000
+    with pytest.raises(ImageLoadError, match="too many pixels: 400x300 = 120,000 > max_pixels=100,000"):
+        load_image(path, max_pixels=100_000)
+    assert load_image(path, max_pixels=120_000).shape == (300, 400)
+
+
+def test_huge_header_beyond_pil_limit_is_an_image_load_error(tmp_path):
+    path = tmp_path / "huge.png"
+    path.write_bytes(_png_header_only(20000, 20000, zlib.compress(b"\x00" * 1000)))
+    with pytest.raises(ImageLoadError, match="huge.png: too many pixels"):
+        load_image(path)
+
+
+# --- DICOM --------------------------------------------------------------------------------
+
+
+def _dicom(path: Path, arr: np.ndarray, photometric: str = "MONOCHROME2", **extra) -> Path:
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = arr.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    for key, value in extra.items():
+        setattr(ds, key, value)
+    ds.PixelData = arr.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_dicom_window_applied(tmp_path):
+    arr = np.array([[0, 1000, 1536, 2048, 2560, 3000, 4095]], dtype=np.uint16)
+    path = _dicom(tmp_path / "w.dcm", arr, WindowCenter=2048, WindowWidth=1024)
+    out = load_image(path)
+    assert out.dtype == np.uint8 and out.shape == (1, 7)
+    assert out[0, 0] == 0 and out[0, 1] == 0 and out[0, 2] == 0  # below the window
+    assert out[0, 4] == 255 and out[0, 6] == 255  # above it
+    assert 120 <= out[0, 3] <= 135  # the centre is mid-grey
+    assert image_size(path) == (7, 1)
+
+
+def test_dicom_monochrome1_inverted(tmp_path):
+    arr = np.array([[0, 1000, 2048, 3000, 4095]], dtype=np.uint16)
+    m2 = load_image(_dicom(tmp_path / "m2.dcm", arr, WindowCenter=2048, WindowWidth=4096))
+    m1 = load_image(_dicom(tmp_path / "m1.dcm", arr, "MONOCHROME1", WindowCenter=2048, WindowWidth=4096))
+    np.testing.assert_array_equal(m1, 255 - m2)
+    assert m2[0, 0] < m2[0, -1]  # MONOCHROME2: high values bright
+
+
+def test_dicom_rescale_and_no_window_uses_bit_depth(tmp_path):
+    arr = np.array([[0, 4095]], dtype=np.uint16)
+    out = load_image(_dicom(tmp_path / "r.dcm", arr, RescaleSlope=1, RescaleIntercept=0))
+    np.testing.assert_array_equal(out[0], [0, 255])
+    neg = load_image(_dicom(tmp_path / "n.dcm", arr, RescaleSlope=1, RescaleIntercept=-1024))
+    np.testing.assert_array_equal(neg[0], [0, 255])  # negative HU-like values: min-max
+
+
+def test_dicom_sniffed_by_magic_not_name(tmp_path):
+    arr = np.array([[0, 4095]], dtype=np.uint16)
+    path = _dicom(tmp_path / "scan.bin", arr)
+    assert load_image(path).tolist() == [[0, 255]]
+    assert load_image_bytes(path.read_bytes()).tolist() == [[0, 255]]
+
+
+def test_dicom_bomb_and_missing_pixels(tmp_path):
+    arr = np.zeros((20, 20), np.uint16)
+    path = _dicom(tmp_path / "d.dcm", arr)
+    with pytest.raises(ImageLoadError, match="d.dcm: too many pixels: 20x20"):
+        load_image(path, max_pixels=100)
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    del ds.PixelData
+    ds.save_as(tmp_path / "nopix.dcm")
+    with pytest.raises(ImageLoadError, match="no pixel data"):
+        load_image(tmp_path / "nopix.dcm")
+
+
+def test_dcm_name_with_garbage_content(tmp_path):
+    path = tmp_path / "junk.dcm"
+    path.write_bytes(b"this is not a dicom file at all" * 3)
+    with pytest.raises(ImageLoadError, match="junk.dcm"):
+        load_image(path)
+
+
+# --- other bad inputs ---------------------------------------------------------------------
+
+
+def test_missing_empty_directory_and_non_image(tmp_path):
+    with pytest.raises(ImageLoadError, match="nope.jpg: file not found"):
+        load_image(tmp_path / "nope.jpg")
+    with pytest.raises(ImageLoadError, match="file not found"):
+        image_size(tmp_path / "nope.jpg")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(ImageLoadError, match="empty.jpg: empty file"):
+        load_image(tmp_path / "empty.jpg")
+    assert "empty" in verify_image(tmp_path / "empty.jpg")
+    with pytest.raises(ImageLoadError, match="is a directory"):
+        load_image(tmp_path)
+    (tmp_path / "notes.png").write_text("hello, I am text pretending to be an image")
+    with pytest.raises(ImageLoadError, match="notes.png: not an image or an unsupported format"):
+        load_image(tmp_path / "notes.png")
+    with pytest.raises(ImageLoadError, match="not an image"):
+        image_size(tmp_path / "notes.png")
+
+
+def test_unsupported_and_corrupt_headers():
+    buf = io.BytesIO()
+    Image.new("L", (4, 4)).save(buf, "GIF")
+    with pytest.raises(ImageLoadError, match="unsupported format GIF"):
+        load_image_bytes(buf.getvalue(), "a.gif")
+    with pytest.raises(ImageLoadError, match="corrupt or truncated PNG header"):
+        load_image_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 10, "bad.png")
+    with pytest.raises(TypeError, match="bytes"):
+        load_image_bytes("a string")  # type: ignore[arg-type]
+
+
+def test_heic_without_pillow_heif_says_what_to_install():
+    pytest.importorskip("PIL")
+    try:
+        import pillow_heif  # noqa: F401
+
+        pytest.skip("pillow-heif is installed")
+    except ImportError:
+        pass
+    data = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64
+    with pytest.raises(ImageLoadError, match=r"photo.heic: .*chextrain\[heic\]"):
+        load_image_bytes(data, "photo.heic")
+
+
+def test_upload_content_sniffed_not_name():
+    buf = io.BytesIO()
+    Image.fromarray(_ramp()).save(buf, "PNG")
+    out = load_image_bytes(buf.getvalue(), "upload.jpg")
+    np.testing.assert_array_equal(out, _ramp())
+    with pytest.raises(ImageLoadError, match="<upload>"):
+        load_image_bytes(b"garbage")
+
+
+def test_verify_good_image_and_error_pickles(tmp_path):
+    path = _save(Image.fromarray(_ramp()), tmp_path / "ok.png", "PNG")
+    assert verify_image(path) is None
+    err = ImageLoadError("x.png", "file not found")
+    assert err.reason == "file not found" and str(err) == "x.png: file not found"
+    again = pickle.loads(pickle.dumps(err))
+    assert isinstance(again, ImageLoadError) and str(again) == str(err)
+
+
+def test_good_image_emits_no_warning(tmp_path):
+    path = _save(Image.fromarray(_ramp()), tmp_path / "ok.jpg", "JPEG")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_image(path)

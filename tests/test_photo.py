@@ -1,0 +1,238 @@
+"""Tests for chextrain.data.photo: every effect's shape, determinism, effect and strength."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from chextrain.data import photo
+from chextrain.data.photo import RECIPES, simulate_photo
+
+SEEDS = range(8)
+
+
+def _image(h: int = 48, w: int = 64) -> np.ndarray:
+    """A textured grey test image (ramp + stripes + noise), so every effect has work to do."""
+    y, x = np.mgrid[0:h, 0:w]
+    noise = np.random.default_rng(123).normal(0, 8, (h, w))
+    return np.clip(60 + 120 * x / w + 40 * np.sin(y / 3.0) + noise, 0, 255).astype(np.uint8)
+
+
+def _strength(out: np.ndarray, image: np.ndarray) -> float:
+    """Mean absolute difference from the input, in grey levels (RGB outputs vs grey copies)."""
+    ref = photo._rgb(image) if out.ndim == 3 else image
+    return float(np.abs(out.astype(np.float64) - ref).mean())
+
+
+def _mean_strength(effect, image: np.ndarray, level: int) -> float:
+    return float(np.mean([_strength(effect(image, np.random.default_rng(s), level), image) for s in SEEDS]))
+
+
+# (effect, True if it always returns RGB)
+EFFECTS = [
+    (photo.random_digital, False),
+    (photo.glare_matte, False),
+    (photo.moire, False),
+    (photo.tilt, False),
+    (photo.screen_border, False),
+    (photo.room_scene, True),
+    (photo.projective_warp, False),
+    (photo.colour_cast, True),
+    (photo.brightness_contrast, False),
+    (photo.uneven_lighting, False),
+    (photo.vignette, False),
+    (photo.sensor_noise, False),
+    (photo.jpeg_recompress, False),
+    (photo.phone, True),
+]
+BLURS = [photo.defocus_blur, photo.motion_blur]  # scale with size: tested on a larger image
+IDS = [e.__name__ for e, _ in EFFECTS]
+
+
+@pytest.mark.parametrize("effect, rgb_out", EFFECTS, ids=IDS)
+def test_effect_shape_dtype_and_channels(effect, rgb_out):
+    grey = _image()
+    out = effect(grey, np.random.default_rng(0), 2)
+    assert out.dtype == np.uint8 and out.flags.writeable
+    assert out.shape == ((48, 64, 3) if rgb_out else (48, 64))
+    colour = effect(photo._rgb(grey), np.random.default_rng(0), 2)
+    assert colour.shape == (48, 64, 3) and colour.dtype == np.uint8
+
+
+@pytest.mark.parametrize("effect", [e for e, _ in EFFECTS] + BLURS, ids=IDS + [b.__name__ for b in BLURS])
+def test_effect_deterministic_for_a_seed_and_leaves_input_alone(effect):
+    image = _image(250, 250) if effect in BLURS else _image(96, 96)  # blurs are sub-pixel when tiny
+    before = image.copy()
+    a = effect(image, np.random.default_rng(7), 4)
+    b = effect(image, np.random.default_rng(7), 4)
+    assert a.tobytes() == b.tobytes()
+    np.testing.assert_array_equal(image, before)
+    others = [effect(image, np.random.default_rng(s), 4).tobytes() for s in (8, 9, 10)]
+    assert any(o != a.tobytes() for o in others)  # the seed matters
+
+
+@pytest.mark.parametrize("effect", [e for e, _ in EFFECTS], ids=IDS)
+def test_effect_changes_the_image_more_at_higher_levels(effect):
+    image = _image()
+    strengths = [_mean_strength(effect, image, level) for level in photo.LEVELS]
+    assert strengths[0] > 0.1, strengths
+    if effect is photo.phone:  # composite: the frame is mostly replaced from level 2 on
+        assert strengths[0] < strengths[1] and strengths[0] < strengths[3], strengths
+    else:
+        assert all(a < b for a, b in zip(strengths, strengths[1:], strict=False)), strengths
+
+
+@pytest.mark.parametrize("effect", BLURS, ids=[b.__name__ for b in BLURS])
+def test_blur_strength_grows_with_level_and_scales_with_size(effect):
+    image = _image(250, 250)
+    strengths = [_mean_strength(effect, image, level) for level in photo.LEVELS]
+    assert strengths[0] > 0.05, strengths
+    assert all(a < b for a, b in zip(strengths, strengths[1:], strict=False)), strengths
+    tiny = _image(24, 24)  # 1 % of the reference size: the blur is sub-pixel, almost nothing
+    assert _mean_strength(effect, tiny, 4) < strengths[3]
+
+
+# --- CheXphoto's recipes, checked against their published parameters ---------------------
+
+
+@pytest.mark.parametrize("level, peak", [(1, 100), (2, 190), (3, 210), (4, 230)])
+def test_glare_peak_alpha_is_100_level_capped(level, peak):
+    out = photo.glare_matte(np.zeros((64, 64), np.uint8), np.random.default_rng(0), level)
+    assert out.max() == peak  # white at alpha min(100 L, 150 + 20 L) / 255 over black
+
+
+def test_glare_sigma_scales_with_image_size():
+    small = photo.glare_matte(np.zeros((100, 100), np.uint8), np.random.default_rng(0), 1)
+    big = photo.glare_matte(np.zeros((400, 400), np.uint8), np.random.default_rng(0), 1)
+    # same relative footprint: the lit fraction of the frame is about the same
+    assert abs((small > 10).mean() - (big > 10).mean()) < 0.01
+
+
+@pytest.mark.parametrize("level", photo.LEVELS)
+def test_moire_darkening_matches_line_alpha_and_density(level):
+    gap, opacity = photo._MOIRE[level]
+    out = photo.moire(np.full((256, 256), 200, np.uint8), np.random.default_rng(0), level)
+    expected = 200 * (1 - opacity / (1 + gap)) ** 2  # two masks, lines cover 1 / (1 + gap)
+    assert abs(out.mean() - expected) < 0.01 * 200
+
+
+def test_tilt_black_border_and_centre_kept():
+    out = photo.tilt(np.full((64, 64), 200, np.uint8), np.random.default_rng(3), 4)
+    assert out[0, 0] == 0 and out[-1, -1] == 0
+    assert abs(int(out[32, 32]) - 200) <= 1
+
+
+def test_random_digital_factors_follow_the_recipe():
+    # On a flat image contrast does nothing and brightness multiplies: 100 -> 100 * factor.
+    flat = np.full((8, 8), 100, np.uint8)
+    values = {int(photo.random_digital(flat, np.random.default_rng(s), 1)[0, 0]) for s in range(40)}
+    up = set(range(109, 112))  # 1 + 0.1 + U(-0.01, 0.01)
+    down = {82, 83, 84}  # 1 / (1 + 0.2 + U(-0.01, 0.01)); PIL's blend may truncate
+    assert values <= up | down and values & up and values & down
+    v4 = {int(photo.random_digital(flat, np.random.default_rng(s), 4)[0, 0]) for s in range(40)}
+    assert v4 <= set(range(179, 182)) | {38, 39}  # 1 + 0.8 +- 0.01 ; 1 / (2.6 +- 0.01)
+
+
+def test_jpeg_quality_explicit_and_validated():
+    image = _image()
+    q99 = photo.jpeg_recompress(image, np.random.default_rng(0), quality=99)
+    q10 = photo.jpeg_recompress(image, np.random.default_rng(0), quality=10)
+    assert _strength(q10, image) > _strength(q99, image)
+    with pytest.raises(ValueError, match="quality 0"):
+        photo.jpeg_recompress(image, np.random.default_rng(0), quality=0)
+
+
+def test_perspective_matrix_maps_the_points():
+    src = [(0, 0), (10, 0), (10, 10), (0, 10)]
+    dst = [(1, 2), (9, 1), (11, 12), (0, 9)]
+    m = photo._perspective_matrix(src, dst)
+    for (x, y), (u, v) in zip(src, dst, strict=True):
+        p = m @ np.array([x, y, 1.0])
+        assert np.allclose(p[:2] / p[2], (u, v))
+
+
+# --- simulate_photo -----------------------------------------------------------------------
+
+
+RECIPE_SHAPES = [("digital", (40, 56)), ("photographic", (40, 56, 3)), ("phone", (40, 56, 3))]
+
+
+@pytest.mark.parametrize("recipe, shape", RECIPE_SHAPES)
+@pytest.mark.parametrize("level", photo.LEVELS)
+def test_recipes_keep_size_and_are_deterministic(recipe, shape, level):
+    image = _image(40, 56)
+    a = simulate_photo(image, recipe, level, np.random.default_rng(5))
+    b = simulate_photo(image, recipe, level, np.random.default_rng(5))
+    assert a.shape == shape and a.dtype == np.uint8
+    assert a.tobytes() == b.tobytes()
+    assert _strength(a, image) > 0.1
+
+
+def test_digital_stays_grey_photographic_grey_in_rgb_phone_coloured():
+    image = _image()
+    assert simulate_photo(image, "digital", 2, np.random.default_rng(0)).ndim == 2
+    ph = simulate_photo(image, "photographic", 2, np.random.default_rng(0))
+    assert (ph[..., 0] == ph[..., 1]).all() and (ph[..., 1] == ph[..., 2]).all()
+    phone = simulate_photo(image, "phone", 2, np.random.default_rng(0))
+    assert np.abs(phone[..., 0].astype(int) - phone[..., 2]).mean() > 1
+
+
+def test_photographic_is_glare_then_moire_then_tilt():
+    image = _image()
+    rng = np.random.default_rng(11)
+    manual = photo.tilt(photo.moire(photo.glare_matte(image, rng, 3), rng, 3), rng, 3)
+    out = simulate_photo(image, "photographic", 3, np.random.default_rng(11))
+    np.testing.assert_array_equal(out, photo._rgb(manual))
+
+
+def test_rgb_input_and_default_rng():
+    out = simulate_photo(photo._rgb(_image()), "digital")
+    assert out.shape == (48, 64, 3)
+
+
+@pytest.mark.parametrize("recipe", ["film", "Digital", ""])
+def test_unknown_recipe_names_it_and_the_choices(recipe):
+    with pytest.raises(ValueError, match=rf"{recipe!r}.*'digital', 'photographic', 'phone'"):
+        simulate_photo(_image(), recipe, 1, np.random.default_rng(0))
+    assert RECIPES == ("digital", "photographic", "phone")
+
+
+@pytest.mark.parametrize("level", [0, 5, -1, 2.0, "2", True, None])
+def test_bad_level_names_it(level):
+    with pytest.raises(ValueError, match=r"level .*\[1, 2, 3, 4\]"):
+        simulate_photo(_image(), "digital", level, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="level"):
+        photo.moire(_image(), np.random.default_rng(0), level)
+
+
+def test_numpy_integer_level_accepted():
+    out = simulate_photo(_image(), "digital", np.int64(2), np.random.default_rng(0))
+    assert out.shape == (48, 64)
+
+
+@pytest.mark.parametrize(
+    "image, match",
+    [
+        (np.zeros((8, 8), np.float32), "uint8"),
+        ([[0, 1], [2, 3]], "uint8"),
+        (np.zeros((8, 8, 4), np.uint8), "shape"),
+        (np.zeros((8,), np.uint8), "shape"),
+        (np.zeros((1, 8), np.uint8), "shape"),
+    ],
+)
+def test_bad_image_rejected(image, match):
+    with pytest.raises(ValueError, match=match):
+        simulate_photo(image, "phone", 1, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("shape", [(2, 2), (2, 300), (300, 2), (5, 7, 3)])
+def test_tiny_and_elongated_images(shape):
+    image = np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no 0 / 0 or overflow on degenerate sizes
+        for recipe in RECIPES:
+            for seed in range(3):
+                out = simulate_photo(image, recipe, 4, np.random.default_rng(seed))
+                assert out.shape[:2] == shape[:2]

@@ -1,0 +1,103 @@
+"""The report's figures as PNG files: ROC curves per pathology and Figure 5 (MCC vs digital images).
+
+Drawn on matplotlib `Figure` objects with the Agg canvas (no pyplot, so no global figure state
+and no display needed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sklearn.metrics import roc_curve
+
+LINE_STYLES: dict[str, str] = {"Standard": "-", "Photos": "--"}
+DPI = 110
+
+
+@dataclass(frozen=True)
+class RocSeries:
+    """One ROC line: a strategy on one side (Standard or Photos) for one pathology."""
+
+    strategy: str
+    comparison: str
+    y_true: np.ndarray  # N, 0/1
+    y_prob: np.ndarray  # N
+
+
+@dataclass(frozen=True)
+class BudgetPoint:
+    """Figure 5's data: average MCC (with CI) of one budget stage on one side."""
+
+    digital: int
+    comparison: str
+    value: float
+    ci_low: float
+    ci_high: float
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    FigureCanvasAgg(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, metadata={"Software": None})
+    return path
+
+
+def plot_roc(series: Sequence[RocSeries], title: str, path: Path) -> Path:
+    """One figure: a line per (strategy, side); colour = strategy, solid = Standard, dashed = Photos.
+
+    Series with a single class (ROC undefined) are left out.
+    """
+    fig = Figure(figsize=(6.4, 5.6))
+    ax = fig.add_subplot()
+    strategies = list(dict.fromkeys(s.strategy for s in series))
+    colours = _colours(len(strategies))
+    for s in series:
+        if len(np.unique(s.y_true)) < 2:
+            continue
+        fpr, tpr, _ = roc_curve(s.y_true, s.y_prob)
+        ax.plot(fpr, tpr, LINE_STYLES.get(s.comparison, ":"), color=colours[strategies.index(s.strategy)],
+                linewidth=1.3, label=f"{s.strategy} ({s.comparison})")
+    ax.plot([0, 1], [0, 1], color="0.75", linewidth=0.8)
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate", ylabel="True positive rate",
+           title=title)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6.5, loc="lower right", ncol=1 if len(series) <= 12 else 2)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_budget(points: Sequence[BudgetPoint], total: int | None, path: Path) -> Path:
+    """Figure 5: average MCC against the number of digital training images, a line per side."""
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    for comparison, style in LINE_STYLES.items():
+        mine = sorted((p for p in points if p.comparison == comparison), key=lambda p: p.digital)
+        if not mine:
+            continue
+        x = np.array([p.digital for p in mine])
+        y = np.array([p.value for p in mine])
+        (line,) = ax.plot(x, y, style, marker="o", label=comparison)
+        low, high = np.array([p.ci_low for p in mine]), np.array([p.ci_high for p in mine])
+        if np.isfinite(low).all() and np.isfinite(high).all():
+            ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+    suffix = f" (of {total} training images)" if total else ""
+    ax.set(xlabel=f"Digital x-rays in the training set{suffix}", ylabel="Average MCC (test)",
+           title="MCC vs number of digital images")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _colours(n: int) -> list[tuple[float, ...]]:
+    """n distinguishable colours (tab10, then tab20 for bigger studies)."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [tuple(cmap(i % cmap.N)) for i in range(max(n, 1))]

@@ -1,0 +1,253 @@
+"""A study's report: the paper's Table 1 / Table 2 / Figure 5 (and more) from saved predictions.
+
+`write_report(DIR)` reads DIR/study.json and, for each finished stage, its predictions tables
+(`predictions_val.parquet`: the patient-level holdout; `predictions_test.parquet`: the official
+valid sets) and model.json thresholds. It never trains or scores a model. It writes, under DIR:
+
+- tables/table1_val.csv, tables/table2_test.csv: `strategy, comparison, pathology, metric, value,
+  ci_low, ci_high`; metric mcc / auc at threshold 0.5; comparison Standard / Photos /
+  Standard - Photos; pathology = the five slugs + average; an empty value = undefined (AUC of a
+  single class).
+- tables/appendix.csv: `split` + those columns; metrics precision / recall / f1 / accuracy.
+- tables/budget.csv: those columns + `digital, total` (test split; stages with a fixed budget).
+- tables/kinds.csv: `split, strategy, kind, n, pathology, metric, value, ci_low, ci_high`.
+- tables/thresholds.csv: `strategy, comparison, threshold (0.5 | tuned), cutoff, pathology,
+  metric, value, ci_low, ci_high` (test split; thresholds tuned on validation, from model.json).
+- figures/roc_<slug>.png, figures/figure5_budget.png, report.md and a self-contained report.html.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from chextrain.evaluation import figures, render, tables
+from chextrain.evaluation.document import SPLITS, build_document, cell
+from chextrain.evaluation.metrics import AVERAGE
+from chextrain.evaluation.tables import COLUMNS, DIFFERENCE, PHOTOS, STANDARD, ReportError
+from chextrain.labels import NAME_OF, SLUGS
+
+__all__ = ["ReportError", "ReportPaths", "StageInfo", "headline_rows", "headline_table", "read_study",
+           "write_report"]
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    """Where write_report put its outputs."""
+
+    md: Path
+    html: Path
+    tables: Path
+    figures: Path
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """One stage of study.json, with the strategy name the tables print."""
+
+    name: str
+    strategy: str
+    state: str
+    reason: str
+    seconds: float | None
+    kind: str
+    budget: dict[str, int] | None
+    notes: list[str]
+    dir: Path
+
+
+@dataclass
+class Results:
+    """Every row computed from the predictions tables, before writing."""
+
+    main: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # split -> long rows
+    kinds: list[dict[str, Any]] = field(default_factory=list)  # with split
+    thresholds: list[dict[str, Any]] = field(default_factory=list)  # test split
+    predictions: dict[str, dict[str, pd.DataFrame]] = field(default_factory=dict)  # stage -> split -> table
+    notes: list[str] = field(default_factory=list)
+
+
+def read_study(study_dir: Path) -> tuple[dict[str, Any], list[StageInfo]]:
+    """study.json and its stages; a stage folder that moved with DIR is found under DIR/stages/NAME."""
+    path = Path(study_dir) / "study.json"
+    if not path.is_file():
+        raise ReportError(f"{study_dir}: no study.json (expected a folder written by `chextrain study run`)")
+    try:
+        study = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ReportError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(study, dict) or not isinstance(study.get("stages"), list):
+        raise ReportError(f"{path}: expected an object with a 'stages' list")
+    stages: list[StageInfo] = []
+    for i, s in enumerate(study["stages"]):
+        if not isinstance(s, dict) or not s.get("name") or not s.get("state"):
+            raise ReportError(f"{path}: stage {i} lacks 'name' or 'state'")
+        folder = Path(s["dir"]) if s.get("dir") else None
+        if folder is None or not folder.is_dir():
+            folder = Path(study_dir) / "stages" / s["name"]
+        label = str(s.get("label") or s["name"])
+        strategy = f"{label} ({s['name']})" if any(x.strategy == label for x in stages) else label
+        budget = s.get("budget") if isinstance(s.get("budget"), dict) else None
+        stages.append(StageInfo(name=s["name"], strategy=strategy, state=s["state"],
+                                reason=s.get("reason") or "", seconds=s.get("seconds"),
+                                kind=s.get("kind") or "supervised", budget=budget,
+                                notes=[str(n) for n in s.get("notes") or []], dir=folder))
+    return study, stages
+
+
+def stage_thresholds(stage: StageInfo) -> dict[str, dict[str, float]]:
+    """model.json's tuned thresholds {head: {slug: t}} (heads missing a pathology are left out)."""
+    path = stage.dir / "model.json"
+    if not path.is_file():
+        return {}
+    try:
+        found = json.loads(path.read_text()).get("thresholds") or {}
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise ReportError(f"{path}: expected a JSON object with 'thresholds' ({err})") from err
+    return {str(h): {s: float(t[s]) for s in SLUGS} for h, t in found.items()
+            if isinstance(t, dict) and all(s in t for s in SLUGS)}
+
+
+def evaluate_study(stages: Sequence[StageInfo], *, n_boot: int, seed: int,
+                   splits: Sequence[str] = tuple(SPLITS), extras: bool = True) -> Results:
+    """Metric rows of every finished stage's predictions (extras: photo kinds and tuned thresholds)."""
+    out = Results(main={s: [] for s in splits})
+    for stage in stages:
+        if stage.state != "done":
+            continue
+        for split in splits:
+            file = stage.dir / f"predictions_{split}.parquet"
+            if not file.is_file():
+                continue
+            table = tables.read_predictions(file)
+            out.predictions.setdefault(stage.name, {})[split] = table
+            thresholds = stage_thresholds(stage) if extras and split == "test" else None
+            found = tables.evaluate_table(table, stage.strategy, n_boot=n_boot, seed=seed, kinds=extras,
+                                          thresholds=thresholds)
+            out.main[split] += found.main
+            out.kinds += [{"split": split, **r} for r in found.kinds]
+            out.thresholds += found.thresholds
+            out.notes += found.notes
+    return out
+
+
+def write_report(study_dir: Path, *, n_boot: int = 1000, seed: int = 0) -> ReportPaths:
+    """Write DIR/report.md, DIR/report.html, DIR/tables/*.csv and DIR/figures/*.png from saved predictions.
+
+    Every number comes from the stage folders' predictions tables; confidence intervals are 95%
+    percentile intervals of `n_boot` patient-level bootstrap resamples drawn from `seed`, so a
+    re-run gives identical numbers. n_boot=0 skips the intervals.
+    """
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 0:
+        raise ReportError(f"n_boot must be an integer >= 0; got {n_boot!r}")
+    study_dir = Path(study_dir)
+    study, stages = read_study(study_dir)
+    results = evaluate_study(stages, n_boot=n_boot, seed=seed)
+    paths = ReportPaths(md=study_dir / "report.md", html=study_dir / "report.html",
+                        tables=study_dir / "tables", figures=study_dir / "figures")
+    paths.tables.mkdir(parents=True, exist_ok=True)
+    paths.figures.mkdir(parents=True, exist_ok=True)
+    csv = csv_tables(results, stages)
+    for name, df in csv.items():
+        _atomic_text(paths.tables / f"{name}.csv", df.to_csv(index=False))
+    images = _write_figures(results, stages, csv["budget"], paths.figures)
+    has = {s.name: sorted(results.predictions.get(s.name, {})) for s in stages}
+    blocks = build_document(study, stages, has, csv, images, results.notes, n_boot=n_boot, seed=seed)
+    title = f"chextrain study report: {study.get('name') or study_dir.name}"
+    _atomic_text(paths.md, render.to_markdown(title, blocks, study_dir))
+    _atomic_text(paths.html, render.to_html(title, blocks))
+    return paths
+
+
+def csv_tables(results: Results, stages: Sequence[StageInfo]) -> dict[str, pd.DataFrame]:
+    """The CSV tables by file stem (see the module docstring for their columns)."""
+    def main(split: str, metrics: Sequence[str]) -> pd.DataFrame:
+        return tables.frame([r for r in results.main.get(split, []) if r["metric"] in metrics], COLUMNS)
+
+    budgets = {s.strategy: s.budget for s in stages if s.budget}
+    budget_rows = [{**r, "digital": int(b["digital"]), "total": int(b["total"])}
+                   for r in results.main.get("test", []) if (b := budgets.get(r["strategy"]))
+                   and r["metric"] in tables.MAIN_METRICS and r["comparison"] != DIFFERENCE]
+    appendix = [{"split": s, **r} for s in SPLITS for r in results.main.get(s, [])
+                if r["metric"] in tables.APPENDIX_METRICS]
+    return {
+        "table1_val": main("val", tables.MAIN_METRICS),
+        "table2_test": main("test", tables.MAIN_METRICS),
+        "appendix": tables.frame(appendix, ("split", *COLUMNS)),
+        "budget": tables.frame(sorted(budget_rows, key=lambda r: r["digital"]),
+                               (*COLUMNS, "digital", "total")),
+        "kinds": tables.frame(results.kinds, ("split", "strategy", "kind", "n", *COLUMNS[2:])),
+        "thresholds": tables.frame(results.thresholds, ("strategy", "comparison", "threshold", "cutoff",
+                                                        *COLUMNS[2:])),
+    }
+
+
+def _write_figures(results: Results, stages: Sequence[StageInfo], budget: pd.DataFrame,
+                   folder: Path) -> list[render.Image]:
+    """ROC curves per pathology (test, else validation) and Figure 5 when budget stages have numbers."""
+    images: list[render.Image] = []
+    split = "test" if any("test" in p for p in results.predictions.values()) else "val"
+    done = [s for s in stages if split in results.predictions.get(s.name, {})]
+    for slug in SLUGS if done else ():
+        series = []
+        for s in done:
+            for side in (STANDARD, PHOTOS):
+                y, p = tables.roc_inputs(results.predictions[s.name][split], side, slug)
+                if len(y):
+                    series.append(figures.RocSeries(s.strategy, side, y, p))
+        title = f"ROC: {NAME_OF[slug]}, {SPLITS[split]}"
+        images.append(render.Image(title, figures.plot_roc(series, title, folder / f"roc_{slug}.png")))
+    avg = budget.loc[(budget["metric"] == "mcc") & (budget["pathology"] == AVERAGE)]
+    if len(avg):
+        points = [figures.BudgetPoint(int(r.digital), str(r.comparison), float(r.value), float(r.ci_low),
+                                      float(r.ci_high)) for r in avg.itertuples()]
+        totals = sorted(set(avg["total"].astype(int)))
+        total = totals[0] if len(totals) == 1 else None
+        path = figures.plot_budget(points, total, folder / "figure5_budget.png")
+        images.append(render.Image("Figure 5: average MCC vs number of digital training images (test)", path))
+    return images
+
+
+def headline_rows(study_dir: Path) -> list[dict[str, Any]]:
+    """Per strategy with test predictions: average MCC and AUC on Standard and Photos (point estimates).
+
+    Keys: strategy, standard_mcc, photos_mcc, standard_auc, photos_auc (NaN when a side is absent).
+    """
+    _, stages = read_study(Path(study_dir))
+    found = evaluate_study(stages, n_boot=0, seed=0, splits=("test",), extras=False)
+    df = tables.frame(found.main["test"], COLUMNS)
+    out = []
+    for strategy in dict.fromkeys(df["strategy"]):
+        mine = df.loc[(df["strategy"] == strategy) & (df["pathology"] == AVERAGE)]
+        out.append({"strategy": strategy, **{f"{c.lower()}_{m}": tables.pick(mine, comparison=c, metric=m)[0]
+                                             for c in (STANDARD, PHOTOS) for m in tables.MAIN_METRICS}})
+    return out
+
+
+def headline_table(study_dir: Path) -> Any:
+    """A rich Table of headline_rows, for the CLI to print."""
+    from rich.table import Table
+
+    table = Table(title="Headline: test, average over the five pathologies, threshold 0.5")
+    for column in ("strategy", "MCC Standard", "MCC Photos", "AUC Standard", "AUC Photos"):
+        table.add_column(column, justify="left" if column == "strategy" else "right")
+    for row in headline_rows(study_dir):
+        keys = ("standard_mcc", "photos_mcc", "standard_auc", "photos_auc")
+        table.add_row(row["strategy"], *(cell(row[k], math.nan, math.nan) for k in keys))
+    return table
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -74,9 +74,13 @@ def report(
 
 
 def _report(out: Path, console: Console, n_boot: int = 1000) -> None:
-    from chextrain.evaluation.report import headline_table, write_report
+    from chextrain.evaluation.report import ReportError, headline_table, write_report
 
-    paths = write_report(out, n_boot=n_boot)
+    try:
+        paths = write_report(out, n_boot=n_boot)
+    except ReportError as err:
+        Console(stderr=True).print(f"error: {err}", markup=False, highlight=False)
+        raise typer.Exit(2) from err
     console.print(headline_table(out))
     console.print(f"report: {paths.html}")
     console.print(f"        {paths.md}")

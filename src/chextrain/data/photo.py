@@ -16,19 +16,54 @@ Recipes (`simulate_photo`):
   screen with a bezel, in a room with a desk, clutter and a monitor stand, under a full
   projective warp, uneven light, lens blur and vignetting, sensor noise, a colour cast,
   exposure changes and JPEG re-compression (RGB).
+
+This module holds the recipes and CheXphoto's released effects; the phone-photo effects live
+in data/phone.py and the shared pixel helpers in data/pixels.py. Every effect is re-exported
+here, so `chextrain.data.photo` stays the one import point.
 """
 
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
-from scipy import ndimage
+from PIL import Image, ImageEnhance
 
-REFERENCE_SIZE = 2500  # px, the longer side pixel parameters are specified for
-LEVELS: tuple[int, ...] = (1, 2, 3, 4)
+from chextrain.data.phone import (
+    _lighting,
+    _vignette_gain,
+    brightness_contrast,
+    colour_cast,
+    defocus_blur,
+    jpeg_recompress,
+    motion_blur,
+    projective_warp,
+    room_scene,
+    screen_border,
+    sensor_noise,
+    uneven_lighting,
+    vignette,
+)
+from chextrain.data.pixels import (
+    LEVELS,
+    REFERENCE_SIZE,
+    _check,
+    _check_level,
+    _expand,
+    _perspective_matrix,
+    _rgb,
+    _scale,
+    _u8,
+    _warp,
+)
+
+__all__ = [
+    "LEVELS", "RECIPES", "REFERENCE_SIZE", "simulate_photo", "phone",
+    "contrast", "brightness", "random_digital", "glare_matte", "moire", "tilt",
+    "screen_border", "room_scene", "projective_warp", "colour_cast", "brightness_contrast", "uneven_lighting",
+    "vignette", "defocus_blur", "motion_blur", "sensor_noise", "jpeg_recompress",
+]
+
 RECIPES: tuple[str, ...] = ("digital", "photographic", "phone")
 
 _MOIRE = {1: (20.0, 0.05), 2: (4.5, 0.15), 3: (2.5, 0.35), 4: (1.0, 0.5)}  # level: (gap px, opacity)
@@ -166,286 +201,3 @@ def tilt(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.ndar
         (w * rng.uniform(0, d), h * rng.uniform(1 - d, 1)),
     ]
     return _warp(image, quad, Image.Resampling.BICUBIC)
-
-
-# --- effects of real phone photos ---------------------------------------------------------
-
-
-def screen_border(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.ndarray:
-    """The x-ray on a monitor: a dark bezel, a black screen, the x-ray sometimes smaller.
-
-    With probability 0.3 (more at higher levels) the x-ray is shrunk by a margin up to
-    0.15 L of the screen and placed at a random spot on the black screen.
-    """
-    image, level = _check(image), _check_level(level)
-    h, w = image.shape[:2]
-    bezel = min(int(round(rng.uniform(0.015, 0.045) * max(h, w))), (min(h, w) - 1) // 2)
-    bezel_grey, screen_grey = int(rng.uniform(15, 50)), int(rng.uniform(0, 12))
-    margin = rng.uniform(0, 0.15 * level) if rng.random() < 0.3 + 0.1 * (level - 1) else 0.0
-    sw, sh = max(1, w - 2 * bezel), max(1, h - 2 * bezel)
-    k = (1.0 - margin) * min(sw / w, sh / h)
-    iw, ih = max(1, round(w * k)), max(1, round(h * k))
-    ox = bezel + int(rng.uniform(0, sw - iw + 1))
-    oy = bezel + int(rng.uniform(0, sh - ih + 1))
-    out = np.full(image.shape, bezel_grey, dtype=np.uint8)
-    out[bezel : bezel + sh, bezel : bezel + sw] = screen_grey
-    if bezel >= 2:  # a lighter rim where the bezel meets the screen, lit from above-left
-        rim = min(255, bezel_grey + 25)
-        out[bezel - 1, bezel - 1 : bezel + sw + 1] = rim
-        out[bezel - 1 : bezel + sh + 1, bezel - 1] = rim
-    xray = Image.fromarray(image).resize((iw, ih), Image.Resampling.BILINEAR)
-    out[oy : oy + ih, ox : ox + iw] = np.asarray(xray)
-    return out
-
-
-def room_scene(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.ndarray:
-    """Place `image` (the monitor face) in a room: wall, desk, clutter, a monitor stand.
-
-    The monitor goes through a full projective warp (scale, shear, rotation, perspective);
-    its sides are 88-96 % of the frame's at level 1 and 52-84 % at level 4. Returns RGB.
-    """
-    image, level = _check(image), _check_level(level)
-    h, w = image.shape[:2]
-    scene = _room_background(h, w, rng, level)
-    quad = _random_quad(rng, w, h, level, rng.uniform(1 - 0.12 * level, 1 - 0.04 * level))
-    draw = ImageDraw.Draw(scene)
-    (x0, y0), (x1, y1) = (quad[3] + quad[2]) / 2, quad[2] - quad[3]  # bottom-edge midpoint
-    neck, grey = 0.08 * math.hypot(x1, y1), tuple(int(v) for v in rng.uniform(10, 45, 3))
-    base_y = y0 + rng.uniform(0.08, 0.2) * h
-    neck_poly = [(x0 - neck / 2, y0), (x0 + neck / 2, y0), (x0 + neck / 3, base_y), (x0 - neck / 3, base_y)]
-    draw.polygon(neck_poly, fill=grey)
-    draw.ellipse([x0 - 2.5 * neck, base_y - neck / 3, x0 + 2.5 * neck, base_y + neck / 3], fill=grey)
-    face = Image.fromarray(_rgb(image)).transform(
-        (w, h), Image.Transform.PERSPECTIVE, _coeffs(quad, w, h), Image.Resampling.BILINEAR
-    )
-    mask = Image.new("L", (w, h), 0)
-    ImageDraw.Draw(mask).polygon([tuple(p) for p in quad], fill=255)
-    scene.paste(face, (0, 0), mask)
-    return np.array(scene)
-
-
-def projective_warp(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.ndarray:
-    """A hand-held camera's projective warp (scale, shear, rotation, perspective), black fill."""
-    image, level = _check(image), _check_level(level)
-    h, w = image.shape[:2]
-    quad = _random_quad(rng, w, h, level, rng.uniform(1 - 0.06 * level, 1 + 0.02 * level))
-    return _warp(image, [tuple(p) for p in quad], Image.Resampling.BILINEAR)
-
-
-def colour_cast(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.ndarray:
-    """White-balance cast (warm/cool, green/magenta), hue rotation, saturation change. RGB."""
-    image, level = _check(image), _check_level(level)
-    warm, tint = rng.normal(0, 0.05 * level), rng.normal(0, 0.02 * level)
-    gains = np.diag([1 + warm, 1 + tint, 1 - warm])
-    a = math.radians(rng.uniform(-6, 6) * level)  # hue: rotation about the grey axis
-    k = np.array([[0, -1, 1], [1, 0, -1], [-1, 1, 0]]) / math.sqrt(3)
-    hue = math.cos(a) * np.eye(3) + (1 - math.cos(a)) / 3 * np.ones((3, 3)) + math.sin(a) * k
-    sat = max(0.0, 1 + rng.uniform(-0.2, 0.2) * level)
-    luma = np.tile([0.299, 0.587, 0.114], (3, 1))
-    m = gains @ hue @ ((1 - sat) * luma + sat * np.eye(3))
-    matrix = tuple(float(v) for row in m for v in (*row, 0.0))  # PIL's 3 x 4 colour matrix
-    return np.array(Image.fromarray(_rgb(image)).convert("RGB", matrix=matrix))
-
-
-def brightness_contrast(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.ndarray:
-    """Exposure: x * gain + offset, gain 1 +- 0.075 L, offset +- 10 L grey levels (a LUT)."""
-    image, level = _check(image), _check_level(level)
-    gain, offset = 1 + rng.uniform(-0.075, 0.075) * level, rng.uniform(-10, 10) * level
-    lut = _u8(np.arange(256, dtype=np.float32) * gain + offset)
-    return lut[image]
-
-
-def uneven_lighting(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.ndarray:
-    """Room light: a linear gain gradient across the frame plus a broad additive reflection."""
-    image, level = _check(image), _check_level(level)
-    gain, add = _lighting(image.shape[0], image.shape[1], rng, level)
-    return _u8(image.astype(np.float32) * _expand(gain, image) + _expand(add, image))
-
-
-def vignette(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.ndarray:
-    """Lens vignetting: gain 1 - k r^2 about a jittered optical centre, k up to 0.1 L."""
-    image, level = _check(image), _check_level(level)
-    gain = _vignette_gain(image.shape[0], image.shape[1], rng, level)
-    return _u8(image.astype(np.float32) * _expand(gain, image))
-
-
-def defocus_blur(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.ndarray:
-    """Out-of-focus lens: Gaussian blur, sigma U(0.5, 1) * 3 L px at the reference size."""
-    image, level = _check(image), _check_level(level)
-    sigma = rng.uniform(0.5, 1.0) * 3.0 * level * _scale(image)
-    return np.array(Image.fromarray(image).filter(ImageFilter.GaussianBlur(sigma)))
-
-
-def motion_blur(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.ndarray:
-    """Camera shake: average along a line of U(0.5, 1) * 6 L px (reference) at a random angle.
-
-    The line kernel is splatted bilinearly, so sub-pixel lengths still blur a little.
-    """
-    image, level = _check(image), _check_level(level)
-    length = rng.uniform(0.5, 1.0) * 6.0 * level * _scale(image)
-    angle = rng.uniform(0, math.pi)
-    t = np.linspace(-length / 2, length / 2, 2 * int(math.ceil(length)) + 3)
-    px, py = t * math.cos(angle), t * math.sin(angle)
-    p = int(math.ceil(length / 2)) + 1
-    kernel = np.zeros((2 * p + 1, 2 * p + 1), dtype=np.float32)
-    x0, y0 = np.floor(px).astype(int), np.floor(py).astype(int)
-    fx, fy = px - x0, py - y0
-    for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
-        wgt = (fx if dx else 1 - fx) * (fy if dy else 1 - fy)
-        np.add.at(kernel, (y0 + dy + p, x0 + dx + p), wgt)
-    kernel[kernel < 1e-4 * kernel.max()] = 0.0  # ndimage skips zero taps: cost ~ line length
-    kernel /= kernel.sum()
-    kernel = kernel[..., None] if image.ndim == 3 else kernel
-    return _u8(ndimage.correlate(image, kernel, output=np.float32, mode="nearest"))
-
-
-def sensor_noise(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.ndarray:
-    """Sensor noise: Gaussian, sigma U(0.25, 1) * 0.025 L * 255 (up to 0.1 * 255 at level 4).
-
-    Per-pixel luma noise; RGB images also get half-resolution chroma noise (sigma / 2), as a
-    phone's demosaicing and denoising leave colour noise coarser than luma noise.
-    """
-    image, level = _check(image), _check_level(level)
-    h, w = image.shape[:2]
-    sigma = np.float32(rng.uniform(0.25, 1.0) * 0.025 * level * 255.0)
-    noise = rng.standard_normal((h, w), dtype=np.float32)
-    noise *= sigma
-    if image.ndim == 3:
-        chroma = rng.standard_normal(((h + 1) // 2, (w + 1) // 2, 3), dtype=np.float32)
-        chroma *= sigma / 2
-        chroma = chroma.repeat(2, axis=0).repeat(2, axis=1)[:h, :w]
-        chroma += noise[..., None]
-        noise = chroma
-    noise += image
-    return _u8(noise)
-
-
-def jpeg_recompress(
-    image: np.ndarray, rng: np.random.Generator, level: int = 1, quality: int | None = None
-) -> np.ndarray:
-    """JPEG re-compression in memory; quality 92-99 at level 1 down to 70-90 at level 4."""
-    image, level = _check(image), _check_level(level)
-    if quality is None:
-        quality = int(rng.integers(max(70, 100 - 8 * level), 100 - 3 * (level - 1)))
-    if not 1 <= quality <= 100:
-        raise ValueError(f"JPEG quality {quality} is not in 1-100")
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, "JPEG", quality=quality)
-    buf.seek(0)
-    with Image.open(buf) as im:
-        return np.array(im)
-
-
-# --- helpers ------------------------------------------------------------------------------
-
-
-def _check(image: np.ndarray) -> np.ndarray:
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
-        kind = image.dtype if isinstance(image, np.ndarray) else type(image).__name__
-        raise ValueError(f"image must be a uint8 numpy array, got {kind}")
-    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)) or min(image.shape[:2]) < 2:
-        raise ValueError(f"image must be H x W or H x W x 3 with H, W >= 2, got shape {image.shape}")
-    return image
-
-
-def _check_level(level: int) -> int:
-    if isinstance(level, bool) or not isinstance(level, int | np.integer) or int(level) not in LEVELS:
-        raise ValueError(f"photo level {level!r} is not one of {list(LEVELS)}")
-    return int(level)
-
-
-def _scale(image: np.ndarray) -> float:
-    return max(image.shape[:2]) / REFERENCE_SIZE
-
-
-def _rgb(image: np.ndarray) -> np.ndarray:
-    return np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image
-
-
-def _expand(field: np.ndarray, image: np.ndarray) -> np.ndarray:
-    """H x W field -> broadcastable against `image` (H x W or H x W x 3)."""
-    return field[..., None] if image.ndim == 3 else field
-
-
-def _u8(x: np.ndarray) -> np.ndarray:
-    """Round float pixels to uint8 with clipping; `x` must be a temporary (it is overwritten)."""
-    x += 0.5
-    np.clip(x, 0, 255, out=x)
-    return x.astype(np.uint8)
-
-
-def _perspective_matrix(src: list, dst: list) -> np.ndarray:
-    """3 x 3 homography taking the 4 points `src` to `dst` (least squares, like find_coeffs)."""
-    a, b = [], []
-    for (x, y), (u, v) in zip(src, dst, strict=True):
-        a += [[x, y, 1, 0, 0, 0, -u * x, -u * y], [0, 0, 0, x, y, 1, -v * x, -v * y]]
-        b += [u, v]
-    coeffs = np.linalg.lstsq(np.asarray(a, float), np.asarray(b, float), rcond=None)[0]
-    return np.append(coeffs, 1.0).reshape(3, 3)
-
-
-def _coeffs(quad, w: int, h: int) -> tuple[float, ...]:
-    """PIL PERSPECTIVE data drawing the whole w x h input inside `quad` of the output."""
-    m = _perspective_matrix([tuple(p) for p in quad], [(0, 0), (w, 0), (w, h), (0, h)])
-    return tuple(m.ravel()[:8])
-
-
-def _warp(image: np.ndarray, quad, resample: Image.Resampling) -> np.ndarray:
-    h, w = image.shape[:2]
-    im = Image.fromarray(image).transform((w, h), Image.Transform.PERSPECTIVE, _coeffs(quad, w, h), resample)
-    return np.array(im)
-
-
-def _random_quad(rng: np.random.Generator, w: int, h: int, level: int, scale: float) -> np.ndarray:
-    """Corners (TL, TR, BR, BL) of the frame after scale, shear, rotation, perspective, shift."""
-    angle = math.radians(float(np.clip(rng.normal(0, 2.0 * level), -6.0 * level, 6.0 * level)))
-    shear = rng.uniform(-0.04, 0.04) * level
-    c, s = math.cos(angle), math.sin(angle)
-    a = np.array([[c, -s], [s, c]]) @ np.array([[1, shear], [0, 1]])
-    corners = np.array([[-w, -h], [w, -h], [w, h], [-w, h]], dtype=float) * (scale / 2)
-    jitter = rng.uniform(-1, 1, size=(4, 2)) * 0.03 * level * np.array([w, h])
-    shift = rng.uniform(-1, 1, size=2) * abs(1 - scale) / 2 * np.array([w, h])
-    return corners @ a.T + jitter + np.array([w / 2, h / 2]) + shift
-
-
-def _lighting(h: int, w: int, rng: np.random.Generator, level: int) -> tuple[np.ndarray, np.ndarray]:
-    """H x W gain (a linear gradient, up to 0.15 L end to end) and additive glow (up to 0.05 L)."""
-    slope, direction = rng.uniform(0, 0.15) * level, rng.uniform(0, 2 * math.pi)
-    glow, cx, cy = rng.uniform(0, 0.05) * level, rng.uniform(0, w), rng.uniform(0, h)
-    sigma = rng.uniform(0.2, 0.5) * max(h, w)
-    xn = (np.arange(w, dtype=np.float32) / w - 0.5) * math.cos(direction)
-    yn = (np.arange(h, dtype=np.float32) / h - 0.5) * math.sin(direction)
-    gx = np.exp(-0.5 * ((np.arange(w, dtype=np.float32) - cx) / sigma) ** 2)
-    gy = np.exp(-0.5 * ((np.arange(h, dtype=np.float32) - cy) / sigma) ** 2)
-    return 1.0 + slope * (xn[None, :] + yn[:, None]), (255.0 * glow) * np.outer(gy, gx)
-
-
-def _vignette_gain(h: int, w: int, rng: np.random.Generator, level: int) -> np.ndarray:
-    """H x W gain 1 - k r^2 (r = 1 at the mid-edges), k U(0.5, 1) * 0.1 L, centre jittered."""
-    k = rng.uniform(0.5, 1.0) * 0.1 * level
-    cx, cy = w * rng.uniform(0.4, 0.6), h * rng.uniform(0.4, 0.6)
-    rx = ((np.arange(w, dtype=np.float32) + 0.5 - cx) / (w / 2)) ** 2
-    ry = ((np.arange(h, dtype=np.float32) + 0.5 - cy) / (h / 2)) ** 2
-    return np.maximum(1.0 - k * (rx[None, :] + ry[:, None]), 0.0).astype(np.float32)
-
-
-def _room_background(h: int, w: int, rng: np.random.Generator, level: int) -> Image.Image:
-    """A dim wall with a vertical light gradient, a desk, and 2 + L to 4 + 2 L clutter objects."""
-    wall = rng.uniform(40, 150) * (1 + rng.uniform(-0.25, 0.25, 3))  # muted colour
-    ramp = 1 + rng.uniform(-0.3, 0.3) * (np.linspace(-0.5, 0.5, h)[:, None])
-    rows = np.clip(ramp * wall, 0, 255).astype(np.uint8)  # h x 3
-    scene = Image.fromarray(np.ascontiguousarray(np.broadcast_to(rows[:, None, :], (h, w, 3))))
-    draw = ImageDraw.Draw(scene)
-    desk_y = rng.uniform(0.55, 0.9) * h
-    desk = tuple(int(v) for v in rng.uniform(30, 140) * (1 + rng.uniform(-0.3, 0.3, 3)))
-    draw.rectangle([0, desk_y, w, h], fill=desk)
-    for _ in range(int(rng.integers(2 + level, 5 + 2 * level))):
-        colour = tuple(int(v) for v in rng.uniform(0, 255, 3))
-        cw, ch = rng.uniform(0.05, 0.3) * w, rng.uniform(0.03, 0.2) * h
-        x = rng.uniform(-0.1, 1.0) * w
-        y = desk_y - ch * rng.uniform(0, 1) if rng.random() < 0.7 else rng.uniform(0, desk_y)
-        if rng.random() < 0.6:
-            draw.rectangle([x, y, x + cw, y + ch], fill=colour)
-        else:
-            draw.ellipse([x, y, x + cw, y + ch], fill=colour)
-    return scene

@@ -1,6 +1,7 @@
 """Study runner: DAG order, caching, invalidation, blocked and failed stages (fake trainer)."""
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +63,8 @@ def test_order_respects_dependencies():
     assert study.deps == {"c": ["b"], "a": [], "b": ["a"], "solo": [], "pre": [], "after_pre": ["pre"]}
 
 
-def test_runs_caches_and_blocks(tmp_path):
+def test_runs_caches_and_blocks(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "chextrain.training.moco", None)  # an install without MoCo
     study = parse_study(STUDY)
     train = FakeTrain()
     state = run(study, tmp_path, train)
@@ -76,6 +78,10 @@ def test_runs_caches_and_blocks(tmp_path):
     again = FakeTrain()
     run(study, tmp_path, again)
     assert again.calls == []  # everything cached
+    monkeypatch.delitem(sys.modules, "chextrain.training.moco")
+    with_moco = FakeTrain()
+    state = run(study, tmp_path, with_moco)
+    assert with_moco.calls == ["pre", "after_pre"] and states(state)["after_pre"] == "done"
 
 
 def test_changed_config_reruns_stage_and_dependants_keeping_old_output(tmp_path):

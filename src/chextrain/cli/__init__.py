@@ -15,6 +15,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "train",
     "study",
     "demo",
+    "use",
+    "photo",
+    "probe",
 )
 
 

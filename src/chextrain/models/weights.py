@@ -32,6 +32,14 @@ BUNDLE_VERSION = 1
 WEIGHTS_FILE, META_FILE = "model.safetensors", "model.json"
 IMAGENET_PREPROCESSING: dict[str, Any] = {
     "name": "imagenet", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+# The input published MoCo checkpoints were pre-trained on, by format (a stage uses it unless it sets
+# its own `preprocess` / `image_size`): CovidPrognosis histogram-equalised 0-255 images at 224 px;
+# MoCo-CXR x/255 normalised by its CheXpert mean/std (aihc_utils/image_transform.py) at 320 px.
+EXPECTED_INPUT: dict[str, dict[str, Any]] = {
+    "covidprognosis-moco": {"preprocessing": {"name": "histeq"}, "image_size": 224},
+    "moco-cxr": {"preprocessing": {"name": "meanstd", "mean": [0.5020] * 3, "std": [0.085585] * 3},
+                 "image_size": 320},
+}
 IMAGENET_WEIGHTS: dict[str, str] = {
     "densenet121": "DenseNet121_Weights.IMAGENET1K_V1",
     "resnet18": "ResNet18_Weights.IMAGENET1K_V1",
@@ -66,6 +74,7 @@ class InitReport:
     dropped: list[str] = field(default_factory=list)  # key encoder, queue, projection, classifier, ...
     heads_loaded: list[str] = field(default_factory=list)
     preprocessing: dict[str, Any] | None = None  # what the weights expect, when known
+    image_size: int | None = None  # the input side the weights were trained at, when known
     meta: dict[str, Any] | None = None  # a bundle's model.json
 
     def summary(self) -> str:
@@ -276,8 +285,36 @@ def init_model(model: CXRNet, init: str | Path, *, hub_dir: Path | None = None,
         raise WeightsError(f"init folder {path} holds no {META_FILE} + {WEIGHTS_FILE} bundle")
     payload = read_checkpoint(path)
     report = InitReport(init=text, kind="file", source=str(path))
-    return load_encoder_state(model, extract_state_dict(payload, str(path)), report,
-                              load_heads=load_heads, payload=payload)
+    report = load_encoder_state(model, extract_state_dict(payload, str(path)), report,
+                                load_heads=load_heads, payload=payload)
+    expected = EXPECTED_INPUT.get(report.format, {})
+    report.preprocessing, report.image_size = expected.get("preprocessing"), expected.get("image_size")
+    return report
+
+
+def expected_input(init: str | Path) -> dict[str, Any]:
+    """What the weights at `init` were trained on: {"preprocessing": {...}, "image_size": S}, keys known.
+
+    imagenet: ImageNet's normalisation; a chextrain bundle (our MoCo output included): its
+    model.json; a CovidPrognosis or MoCo-CXR file: EXPECTED_INPUT of its format; anything else
+    (random, torchvision or unrecognised files, paths that do not exist): {}. Loads no weights.
+    """
+    text = str(init)
+    if text == "imagenet":
+        return {"preprocessing": dict(IMAGENET_PREPROCESSING)}
+    path = Path(init)
+    if text == "random" or text.startswith("stage:") or not path.exists():
+        return {}
+    meta_path = _bundle_meta_path(path)
+    if meta_path is not None:
+        meta = read_bundle_meta(meta_path)
+        return {k: meta[k] for k in ("preprocessing", "image_size") if meta.get(k) is not None}
+    if path.is_dir():
+        return {}
+    payload = read_checkpoint(path)
+    keys = extract_state_dict(payload, str(path))
+    prefix = next((k[: k.index("encoder_q.") + len("encoder_q.")] for k in keys if "encoder_q." in k), "")
+    return json.loads(json.dumps(EXPECTED_INPUT.get(_format_name(prefix, payload), {})))
 
 
 def _bundle_meta_path(path: Path) -> Path | None:
@@ -298,7 +335,9 @@ def _init_from_bundle(model: CXRNet, meta_path: Path, init: str, load_heads: boo
                            f"but the model is {model.backbone_name!r}")
     weights_path = meta_path.parent / WEIGHTS_FILE
     report = InitReport(init=init, kind="bundle", source=str(weights_path), meta=meta,
-                        preprocessing=meta.get("preprocessing"))
+                        preprocessing=meta.get("preprocessing"), image_size=meta.get("image_size"))
+    # A MoCo stage's bundle holds its encoder and untrained heads: never copy those heads.
+    load_heads = load_heads and meta.get("objective") != "moco"
     return load_encoder_state(model, read_checkpoint(weights_path), report, load_heads=load_heads)
 
 

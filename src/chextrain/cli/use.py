@@ -1,0 +1,312 @@
+"""`chextrain predict | explain | serve | export`: use a trained bundle."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from chextrain.labels import SLUGS
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".dcm", ".dicom",
+                            ".heic", ".heif"})
+FORMATS: tuple[str, ...] = ("table", "json", "csv")
+PROGRESS_MIN_FILES = 32  # fewer files: no progress bar
+TABLE_HEADERS = ("eff.", "edema", "atel.", "cons.", "card.")  # SLUGS, shortened for 80 columns
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+BUNDLE_ARG = typer.Argument(..., help="A bundle: the folder holding model.json + model.safetensors.")
+DOMAIN_OPT = typer.Option("auto", "--domain", help="auto (the router picks the head), digital or photo.")
+RUNTIME_OPT = typer.Option("torch", "--runtime", help="torch (eager PyTorch) or onnx (onnxruntime).")
+ONNX_OPT = typer.Option(None, "--onnx", help="ONNX file for --runtime onnx (default: BUNDLE/model.onnx, "
+                                             "else an export made in memory).")
+
+
+def register(app: typer.Typer) -> None:
+    """Add predict, explain, serve and export to the app."""
+    app.command("predict")(predict)
+    app.command("explain")(explain)
+    app.command("serve")(serve)
+    app.command("export")(export)
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    Console(stderr=True).print(f"[red]error:[/red] {escape(message)}")
+    return typer.Exit(code)
+
+
+def _predictor(bundle: Path, runtime: str, domain: str, onnx: Path | None = None):
+    from chextrain.inference import Predictor
+
+    try:
+        return Predictor.from_bundle(bundle, runtime=runtime, domain=domain, onnx_path=onnx)
+    except ValueError as err:  # WeightsError, PredictorError, ExportError
+        raise _fail(str(err)) from None
+
+
+def collect_inputs(args: Sequence[str]) -> tuple[list[Path], list[dict[str, str]]]:
+    """Files named, found under folders (recursively, by image suffix) or matched by globs.
+
+    Returns (files in order without repeats, [{"name", "error"}] for arguments matching nothing).
+    """
+    files: list[Path] = []
+    problems: list[dict[str, str]] = []
+
+    def add_folder(folder: Path) -> None:
+        found = sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            problems.append({"name": str(folder), "error": "folder holds no image files"})
+        files.extend(found)
+
+    for arg in args:
+        path = Path(arg)
+        if path.is_dir():
+            add_folder(path)
+        elif path.exists():
+            files.append(path)  # named explicitly: any suffix, the content is sniffed
+        elif glob.has_magic(arg):
+            matches = sorted(glob.glob(arg, recursive=True))
+            if not matches:
+                problems.append({"name": arg, "error": "no file matches this pattern"})
+            for m in map(Path, matches):
+                add_folder(m) if m.is_dir() else files.append(m)
+        else:
+            problems.append({"name": arg, "error": "no such file or folder"})
+    return list(dict.fromkeys(files)), problems
+
+
+def _chunks(items: list[Path], size: int) -> Iterator[list[Path]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def run_predictions(predictor: Any, files: list[Path], *, batch_size: int, tta: bool,
+                    show_progress: bool) -> list[dict[str, Any]]:
+    """Load and predict `files` in batches; a file that cannot be read gets {"name", "error"}."""
+    from chextrain.data.images import ImageLoadError, load_image
+
+    out: list[dict[str, Any]] = []
+    columns = (TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True, disable=not show_progress) as bar:
+        task = bar.add_task("predict", total=len(files))
+        for chunk in _chunks(files, batch_size):
+            slots: list[dict[str, Any] | None] = []
+            images, names = [], []
+            for f in chunk:
+                try:
+                    images.append(load_image(f, truncated="error"))
+                    names.append(str(f))
+                    slots.append(None)
+                except ImageLoadError as err:
+                    slots.append({"name": str(f), "error": err.reason})
+            results = iter(predictor.predict_images(images, names, tta=tta, batch_size=batch_size))
+            out.extend(slot if slot is not None else next(results) for slot in slots)
+            bar.advance(task, len(chunk))
+    return out
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def csv_text(results: list[dict[str, Any]]) -> str:
+    """One CSV row per image: routing, OOD, then probability and decision per pathology."""
+    buf = io.StringIO()
+    head = ["name", "error", "head", "domain", "domain_source", "p_photo", "router_uncertain", "ood_status",
+            "ood_score", "ood_threshold", "flagged"]
+    writer = csv.writer(buf, lineterminator="\n")
+    per = [f"{s}_{k}" for s in SLUGS for k in ("prob", "threshold", "positive")]
+    writer.writerow(head + per + ["warnings"])
+    for r in results:
+        if "error" in r:
+            writer.writerow([r["name"], r["error"]] + [""] * (len(head) - 2 + 3 * len(SLUGS) + 1))
+            continue
+        ood = r["ood"]
+        row = [r["name"], "", r["head"], r["domain"] or "", r["domain_source"], _fmt(r["p_photo"], 6),
+               int(r["router_uncertain"]), ood["status"], _fmt(ood["score"], 6), _fmt(ood["threshold"], 6),
+               int(r["flagged"])]
+        for s in SLUGS:
+            p = r["pathologies"][s]
+            row += [_fmt(p["prob"], 6), _fmt(p["threshold"], 6), int(p["positive"])]
+        writer.writerow(row + ["; ".join(r["warnings"])])
+    return buf.getvalue()
+
+
+def _short_names(names: list[str]) -> tuple[str, list[str]]:
+    """(common folder, names relative to it) so that a table of long paths stays readable."""
+    folders = [os.path.dirname(n) for n in names]
+    common = os.path.commonpath(folders) if len(names) > 1 and all(folders) else ""
+    try:
+        return common, [os.path.relpath(n, common) if common else n for n in names]
+    except ValueError:  # mixed absolute and relative paths
+        return "", names
+
+
+def print_table(results: list[dict[str, Any]], console: Console) -> None:
+    """A rich table: file, head, P(photo), OOD, then each pathology's probability (+ = positive)."""
+    common, names = _short_names([r["name"] for r in results])
+    table = Table(title="chextrain predict (+ = at or above the head's threshold)", box=box.SIMPLE_HEAD,
+                  pad_edge=False, caption=f"files under {escape(common)}" if common else None)
+    table.add_column("file", overflow="fold", min_width=8)
+    for column in ("head", "P(ph)", "OOD", *TABLE_HEADERS):
+        table.add_column(column, no_wrap=True, justify="right" if column in TABLE_HEADERS else "left")
+    for r, name in zip(results, names, strict=True):
+        if "error" in r:
+            table.add_row(escape(name), "[red]failed[/red]", "", "", *[""] * len(SLUGS))
+            continue
+        ood = {"uncalibrated": "n/a", "in-distribution": "ok"}.get(r["ood"]["status"], "[red]FLAG[/red]")
+        p_photo = _fmt(r["p_photo"], 2) + (" [red]?[/red]" if r["router_uncertain"] else "")
+        cells = [f"{p['prob']:.2f}{'+' if p['positive'] else ' '}" for p in r["pathologies"].values()]
+        table.add_row(escape(name), r["head"], p_photo, ood, *cells)
+    console.print(table)
+    for r, name in zip(results, names, strict=True):
+        if "error" in r:
+            console.print(f"[red]failed[/red] {escape(name)}: {escape(r['error'])}")
+        for w in r.get("warnings", []):
+            console.print(f"[yellow]warning[/yellow] {escape(name)}: {escape(w)}")
+    if any(r.get("ood", {}).get("status") == "uncalibrated" for r in results):
+        console.print("note: this bundle has no OOD calibration, so out-of-distribution images are "
+                      "not flagged")
+
+
+def predict(
+    bundle: Path = BUNDLE_ARG,
+    paths: list[str] = typer.Argument(..., help="Image files, folders (searched recursively) or globs."),
+    domain: str = DOMAIN_OPT,
+    output_format: str = typer.Option("table", "--format", help="table, json or csv."),
+    tta: bool = typer.Option(False, "--tta", help="Average over small zooms and shifts (no flips)."),
+    runtime: str = RUNTIME_OPT,
+    onnx: Path | None = ONNX_OPT,
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per forward pass."),
+    out: Path | None = typer.Option(None, "--out", help="Write the json/csv/table here instead of stdout."),
+) -> None:
+    """Predict the five findings for images; the router picks the head (exit code 1 if any file failed)."""
+    if output_format not in FORMATS:
+        raise _fail(f"--format {output_format!r} is not one of {list(FORMATS)}")
+    files, problems = collect_inputs(paths)
+    predictor = _predictor(bundle, runtime, domain, onnx)
+    show = len(files) >= PROGRESS_MIN_FILES
+    results = problems + run_predictions(predictor, files, batch_size=batch_size, tta=tta, show_progress=show)
+    if output_format == "json":
+        text = json.dumps(results, indent=2) + "\n"
+    elif output_format == "csv":
+        text = csv_text(results)
+    else:
+        console = Console(file=io.StringIO(), width=200) if out else Console()
+        print_table(results, console)
+        text = console.file.getvalue() if out else ""
+    if out:
+        out.write_text(text)
+    elif text:
+        typer.echo(text, nl=False)
+    failed = [r for r in results if "error" in r]
+    if failed:
+        Console(stderr=True).print(f"[red]{len(failed)} of {len(results)} inputs failed[/red]")
+        raise typer.Exit(1)
+
+
+def explain(
+    bundle: Path = BUNDLE_ARG,
+    image: Path = typer.Argument(..., help="The image to explain."),
+    out: Path = typer.Option(..., "--out", help="Folder for the overlays, the grid and the prediction JSON."),
+    method: str = typer.Option("gradcam", "--method",
+                               help="gradcam (last block) or gradient (vanilla, the paper's)."),
+    domain: str = DOMAIN_OPT,
+) -> None:
+    """Write a saliency overlay per pathology and a grid of all five, titled with the probabilities."""
+    import torch
+
+    from chextrain.data.images import ImageLoadError, load_image
+    from chextrain.evaluation.saliency import METHODS, saliency_maps, save_explanation
+
+    if method not in METHODS:
+        raise _fail(f"--method {method!r} is not one of {list(METHODS)}")
+    predictor = _predictor(bundle, "torch", domain)
+    try:
+        pixels = load_image(image, truncated="error")
+    except ImageLoadError as err:
+        raise _fail(str(err), 1) from None
+    result = predictor.predict_images([pixels], [str(image)])[0]
+    with torch.enable_grad():
+        x = predictor.inputs(pixels)  # 1 x 3 x S x S
+        maps = saliency_maps(predictor.model, x, result["head"], method)[0]  # 5 x S x S
+    probs = [p["prob"] for p in result["pathologies"].values()]
+    title = f"{image.name}: head {result['head']}, {method}" + (" (FLAGGED)" if result["flagged"] else "")
+    paths = save_explanation(pixels, maps, probs, out, image.stem, resize=predictor.preprocessing.resize,
+                             title=title)
+    (out / f"{image.stem}.json").write_text(json.dumps({**result, "method": method}, indent=2) + "\n")
+    console = Console()
+    for w in result["warnings"]:
+        console.print(f"[yellow]warning[/yellow]: {escape(w)}")
+    console.print(f"wrote {len(paths) + 1} files to {escape(str(out))} (grid: {escape(paths[-1].name)})")
+
+
+def serve(
+    bundle: Path = BUNDLE_ARG,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    runtime: str = RUNTIME_OPT,
+    onnx: Path | None = ONNX_OPT,
+    domain: str = DOMAIN_OPT,
+    max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Largest upload accepted (413 above)."),
+    max_pixels: int = typer.Option(50_000_000, "--max-pixels", help="Largest image accepted, w x h."),
+    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
+) -> None:
+    """Serve the web page and the JSON API (/api/predict, /api/explain, /api/health, /docs)."""
+    import torch
+    import uvicorn
+
+    from chextrain.serve.app import create_app
+
+    if threads:
+        torch.set_num_threads(threads)
+    predictor = _predictor(bundle, runtime, domain, onnx)
+    app = create_app(predictor, max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels)
+    console = Console(stderr=True)
+    if host not in LOOPBACK:
+        console.print(f"[yellow]warning[/yellow]: binding {host}: the service is reachable from other "
+                      "machines and has no authentication")
+    console.print(f"serving {escape(str(bundle))} ({predictor.runtime.name}) on http://{host}:{port}/")
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+def export(
+    bundle: Path = BUNDLE_ARG,
+    onnx: Path = typer.Option(..., "--onnx", help="The ONNX file to write (BUNDLE/model.onnx is found by "
+                                                  "predict/serve --runtime onnx)."),
+    opset: int = typer.Option(17, "--opset", min=17, help="ONNX opset."),
+    check: bool = typer.Option(True, "--check/--no-check", help="Compare with PyTorch on random inputs."),
+) -> None:
+    """Export all heads, the router and the features to ONNX (dynamic batch axis), meta included."""
+    import torch
+
+    from chextrain.export import OnnxRuntime, export_onnx, max_prob_difference, weights_sha256
+    from chextrain.models.weights import load_bundle
+
+    try:
+        model, meta = load_bundle(bundle)
+        export_onnx(model, meta, onnx, opset=opset, sha256=weights_sha256(bundle))
+    except ValueError as err:
+        raise _fail(str(err)) from None
+    console = Console()
+    console.print(f"wrote {escape(str(onnx))} ({onnx.stat().st_size / 1e6:.1f} MB, opset {opset})")
+    if check:
+        size = int(meta["image_size"])
+        x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+        diff = max_prob_difference(model, OnnxRuntime(onnx), x)
+        console.print(f"max |probability difference| vs PyTorch on 2 random inputs: {diff:.2e}")
+        if diff > 1e-4:
+            raise _fail(f"ONNX output differs from PyTorch by {diff:.2e} > 1e-4", 1)

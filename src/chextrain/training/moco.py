@@ -1,0 +1,320 @@
+"""MoCo v2 self-supervised pre-training: the LightningModule and the runner of `objective: moco` stages.
+
+MoCo (He et al. 2020; v2: Chen et al. 2020) trains a query encoder so that two views of one image
+match each other better than a queue of keys from earlier batches. The key encoder is an EMA of the
+query encoder (no gradient), so the queued keys stay consistent; a 2-layer MLP projects features
+to 128-d; the loss is InfoNCE with temperature 0.2.
+
+Written here in the style of facebookresearch/moco rather than with `lightly`: lightly is not
+installed, and its MoCo parts (projection head, memory bank, momentum update) cover only part of
+what we need: the key gathering across DDP processes before the queue update and the shuffle-BN
+that stops BatchNorm from leaking which key is the positive are a few dozen lines either way, and
+a self-contained module is easier to read than lightly's blocks plus adapters.
+
+Under DDP (Lightning's strategy), each step gathers every process's keys before the queue update,
+so all queues stay identical, and shuffles the key batch across processes before the key encoder
+(BatchNorm statistics of a query and its key then come from different samples). One process
+works unchanged (no shuffle: its batch statistics are shared as in MoCo's single-GPU variants).
+
+The stage's output is a chextrain bundle holding the query ENCODER (heads untrained, meta
+`objective: moco`), which supervised stages start from with `init: stage:NAME` or the folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pandas as pd
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from chextrain.models.net import CXRNet
+from chextrain.models.weights import init_model, save_bundle
+from chextrain.training.moco_data import MocoData
+from chextrain.training.runner import (
+    CKPT_DIR,
+    CONFIG_FILE,
+    DONE_FILE,
+    LAST_CKPT,
+    StageResult,
+    _check_out_dir,
+    _write_json,
+    _write_yaml,
+    apply_expected_input,
+    auto_workers,
+    build_trainer,
+    prepare_catalog,
+    resolve_init,
+    stage_rows,
+)
+from chextrain.training.stage import MocoSpec, OptimizerSpec, Stage, StageError, config_hash, resolved_config
+from chextrain.training.supervised import make_optimizer
+
+
+def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """MoCo v2's projection head: Linear -> ReLU -> Linear (features B x F -> B x out_dim)."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+
+
+@torch.no_grad()
+def momentum_update(key: nn.Module, query: nn.Module, m: float) -> None:
+    """key <- m * key + (1 - m) * query, parameter by parameter (buffers are left alone, as in MoCo)."""
+    for pk, pq in zip(key.parameters(), query.parameters(), strict=True):
+        pk.mul_(m).add_(pq.detach(), alpha=1.0 - m)
+
+
+def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """InfoNCE of queries against their keys (positives) and the queue (negatives).
+
+    q, k: B x D, L2-normalised; queue: D x K, L2-normalised columns. Returns (mean cross-entropy,
+    logits B x (1 + K)) with each query's positive in column 0.
+    """
+    l_pos = (q * k).sum(dim=1, keepdim=True)  # B x 1
+    l_neg = q @ queue  # B x K
+    logits = torch.cat([l_pos, l_neg], dim=1) / temperature  # B x (1 + K)
+    labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    return F.cross_entropy(logits, labels), logits
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def gather_sizes(n: int, device: torch.device) -> list[int]:
+    """Every process's value of n (its batch size)."""
+    _, size = world()
+    if size == 1:
+        return [n]
+    mine = torch.tensor([n], device=device)
+    out = [torch.zeros_like(mine) for _ in range(size)]
+    dist.all_gather(out, mine)
+    return [int(t) for t in out]
+
+
+@torch.no_grad()
+def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate x (B x ...) from every process in rank order: (sum of B) x ...; no gradient."""
+    _, size = world()
+    if size == 1:
+        return x
+    sizes = gather_sizes(x.shape[0], x.device)
+    pad = max(sizes) - x.shape[0]
+    if pad:  # all_gather needs equal shapes
+        x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
+    out = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat([o[:s] for o, s in zip(out, sizes, strict=True)])
+
+
+@torch.no_grad()
+def batch_shuffle(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Shuffle-BN, step 1: this process's share of a random permutation of every process's batch.
+
+    Returns (x' B x ..., the inverse permutation for batch_unshuffle). One process, or batch
+    sizes that differ between processes this step: x unchanged and None.
+    """
+    rank, size = world()
+    if size == 1 or len(set(gather_sizes(x.shape[0], x.device))) > 1:
+        return x, None
+    gathered = concat_all_gather(x)  # (W*B) x ...
+    perm = torch.randperm(gathered.shape[0], generator=generator).to(x.device)
+    dist.broadcast(perm, src=0)  # every process uses rank 0's permutation
+    return gathered[perm.view(size, -1)[rank]], torch.argsort(perm)
+
+
+@torch.no_grad()
+def batch_unshuffle(x: torch.Tensor, unshuffle: torch.Tensor | None) -> torch.Tensor:
+    """Shuffle-BN, step 2: the keys of this process's own samples, in their original order."""
+    if unshuffle is None:
+        return x
+    rank, size = world()
+    return concat_all_gather(x)[unshuffle.view(size, -1)[rank]]
+
+
+class MocoModule(L.LightningModule):
+    """MoCo v2 on batches {"view1": B x 3 x S x S, "view2": B x 3 x S x S} (training.moco_data).
+
+    Args:
+        encoder: the query encoder (images -> features B x F), e.g. CXRNet(...).encoder; trained in place.
+        num_features: F.
+        spec: queue size, momentum, temperature, projection sizes, schedule, shuffle-BN.
+        optimizer: the stage's optimiser (over the query encoder and its projection).
+        seed: seeds the initial queue and the shuffle-BN permutations.
+    """
+
+    def __init__(self, encoder: nn.Module, num_features: int, *, spec: MocoSpec = MocoSpec(),
+                 optimizer: OptimizerSpec = OptimizerSpec(), seed: int = 0) -> None:
+        super().__init__()
+        self.spec, self.optimizer_spec = spec, optimizer
+        self.encoder_q = encoder
+        self.projection_q = projection_mlp(num_features, spec.hidden_dim or num_features, spec.proj_dim)
+        self.encoder_k = copy.deepcopy(encoder).requires_grad_(False)  # starts equal to the query
+        self.projection_k = copy.deepcopy(self.projection_q).requires_grad_(False)
+        g = torch.Generator().manual_seed(seed)
+        queue = torch.randn(spec.proj_dim, spec.queue_size, generator=g)  # D x K
+        self.register_buffer("queue", F.normalize(queue, dim=0))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.shuffle_generator = torch.Generator().manual_seed(seed + 1)
+        self.samples_seen = 0  # training samples this rank has seen (checkpointed)
+        self.samples_per_rank: list[int] = []
+        self.last: dict[str, float] = {}
+
+    def query(self, images: torch.Tensor) -> torch.Tensor:
+        """images B x 3 x S x S -> normalised projections B x D (with gradient)."""
+        return F.normalize(self.projection_q(self.encoder_q(images)).float(), dim=1)
+
+    @torch.no_grad()
+    def key(self, images: torch.Tensor) -> torch.Tensor:
+        """images B x 3 x S x S -> normalised key projections B x D (shuffle-BN under DDP)."""
+        shuffled, unshuffle = batch_shuffle(images, self.shuffle_generator) if self.spec.shuffle_bn \
+            else (images, None)
+        k = F.normalize(self.projection_k(self.encoder_k(shuffled)).float(), dim=1)
+        return batch_unshuffle(k, unshuffle)
+
+    @torch.no_grad()
+    def momentum_step(self) -> None:
+        """Move the key encoder and projection towards the query ones (EMA)."""
+        momentum_update(self.encoder_k, self.encoder_q, self.spec.momentum)
+        momentum_update(self.projection_k, self.projection_q, self.spec.momentum)
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Write every process's keys (B x D here) into the queue at its pointer, wrapping around."""
+        keys = concat_all_gather(keys)  # (W*B) x D
+        size = self.queue.shape[1]
+        keys = keys[-size:]  # more keys than the queue holds: the newest fill it
+        n, ptr = keys.shape[0], int(self.queue_ptr)
+        idx = (ptr + torch.arange(n, device=keys.device)) % size
+        self.queue[:, idx] = keys.T.to(self.queue.dtype)
+        self.queue_ptr.fill_((ptr + n) % size)
+
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One MoCo step's loss and logits B x (1 + K); updates the key encoder and the queue."""
+        q = self.query(im_q)  # B x D
+        self.momentum_step()
+        k = self.key(im_k)  # B x D
+        with torch.autocast(q.device.type, enabled=False):  # similarities in float32 under AMP too
+            loss, logits = info_nce(q, k, self.queue.clone().detach(), self.spec.temperature)
+        self.enqueue(k)
+        return loss, logits
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, logits = self(batch["view1"], batch["view2"])
+        n = logits.shape[0]
+        acc = (logits.argmax(dim=1) == 0).float().mean()  # the positive beats every negative
+        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=n)
+        self.log("train/acc1", acc, on_step=True, batch_size=n)
+        self.samples_seen += n
+        self.last = {"loss": float(loss.detach()), "acc1": float(acc)}
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        params = [*self.encoder_q.parameters(), *self.projection_q.parameters()]
+        optimizer = make_optimizer(params, self.optimizer_spec)
+        if self.spec.schedule == "none":
+            return optimizer
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine(total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_train_end(self) -> None:
+        seen = torch.tensor([self.samples_seen], device=self.device)
+        self.samples_per_rank = [int(v) for v in self.all_gather(seen).flatten().tolist()]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["samples_seen"] = self.samples_seen
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.samples_seen = int(checkpoint.get("samples_seen", 0))
+
+
+def cosine(total: int) -> Callable[[int], float]:
+    """The learning-rate factor of a half-cosine from 1 at step 0 to 0 at `total` (MoCo v2's --cos)."""
+    return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+
+def train_moco_stage(stage: Stage, data_root: Path | None, out_dir: Path, *,
+                     resolve_ref: Callable[[str], Path] | None = None, catalog: pd.DataFrame | None = None,
+                     progress: bool = True) -> StageResult:
+    """Pre-train an encoder with MoCo into out_dir (resumable), then write its bundle and done.json.
+
+    Same arguments, output folder and StageResult as runner.train_stage (which calls this for
+    `objective: moco`). The bundle holds the query encoder and untrained heads with meta
+    {"objective": "moco", "preprocessing": ..., "moco": final loss/accuracy}; nothing is evaluated.
+    """
+    t0 = time.time()
+    if stage.objective != "moco":
+        raise StageError(f"stage {stage.name!r} has objective {stage.objective!r}; "
+                         "train_moco_stage needs 'moco'")
+    if stage.augment.standard is not None or stage.augment.photo_sim is not None:
+        raise StageError(f"stage {stage.name!r}: a moco stage makes its views with moco.augmentation "
+                         f"(mococxr, photo_aware); `augment` {stage.augment.model_dump(exclude_none=True)} "
+                         "is for supervised stages: remove it")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    digest = config_hash(stage)
+    finished = _check_out_dir(out_dir, stage, digest)
+    if finished is not None:
+        return StageResult(out_dir, out_dir / "model.json", finished.get("metrics", {}),
+                           finished.get("duration", 0.0), resumed=False, cached=True)
+    last = out_dir / CKPT_DIR / LAST_CKPT
+    resumed = last.exists()
+    L.seed_everything(stage.seed, workers=True, verbose=False)  # explicit: model init and Lightning's RNGs
+    catalog = prepare_catalog(stage, data_root, catalog)
+    train_rows = stage_rows(stage, catalog, "train")
+    if train_rows.empty:
+        raise StageError(f"stage {stage.name!r}: no training rows for data {stage.data.model_dump()} "
+                         f"in {data_root}")
+    model = CXRNet(stage.backbone, heads=stage.heads, router=stage.router)
+    init = resolve_init(stage.init, resolve_ref)
+    init_note = "weights from checkpoint (resumed)"
+    if not resumed:
+        init_note = init_model(model, init).summary()
+        _write_yaml(out_dir / CONFIG_FILE, resolved_config(stage))
+    stage = apply_expected_input(stage, init)
+    on_gpu = torch.cuda.is_available()
+    module = MocoModule(model.encoder, model.num_features, spec=stage.moco, optimizer=stage.optimizer,
+                        seed=stage.seed)
+    workers = auto_workers(stage.devices) if stage.num_workers == "auto" else stage.num_workers
+    pool = catalog.loc[catalog["split"] == "train"].reset_index(drop=True)  # real photo partners
+    data = MocoData(stage, train_rows, pool, num_workers=workers, pin_memory=on_gpu)
+    steps = -(-len(train_rows) // stage.batch_size)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        trainer = build_trainer(stage, out_dir, progress=progress, has_val=False, steps_per_epoch=steps)
+        trainer.fit(module, datamodule=data, ckpt_path=last if resumed else None, weights_only=True)
+    finally:  # Trainer(deterministic=True) switches a process-wide flag: give it back
+        torch.use_deterministic_algorithms(was_deterministic)
+    if trainer.global_rank != 0:
+        return StageResult(out_dir, out_dir / "model.json", rank=trainer.global_rank, resumed=resumed)
+    train_info = {"global_step": trainer.global_step, "epochs": trainer.current_epoch,
+                  "world_size": trainer.world_size, "samples_seen_per_rank": module.samples_per_rank,
+                  "lr": [g["lr"] for g in trainer.optimizers[0].param_groups], "weights": "last",
+                  "train_rows": len(train_rows), "val_rows": 0, "init": init_note}
+    model = model.float().to(memory_format=torch.contiguous_format).cpu()
+    meta = {"objective": "moco", "image_size": stage.image_size,
+            "preprocessing": stage.preprocess.model_dump(mode="json"), "domain_heads": stage.domain_heads,
+            "stage": stage.name, "label": stage.title, "metrics": {}, "config": resolved_config(stage),
+            "config_hash": digest, "policy": stage.policy, "training": train_info,
+            "moco": {"final_loss": module.last.get("loss"), "final_acc1": module.last.get("acc1"),
+                     "queue_size": stage.moco.queue_size}}
+    save_bundle(model, out_dir, meta)
+    duration = time.time() - t0
+    record = {"config_hash": digest, "stage": stage.name, "label": stage.title, "objective": "moco",
+              "duration": duration, "resumed": resumed, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              **train_info, "moco": meta["moco"], "metrics": {}}
+    _write_json(out_dir / DONE_FILE, record)
+    return StageResult(out_dir, out_dir / "model.json", {}, duration, resumed=resumed)

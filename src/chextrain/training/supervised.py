@@ -1,0 +1,137 @@
+"""The LightningModule for the supervised strategies: masked BCE, per-sample heads, optional router.
+
+Every paper strategy is this module with other settings: which parameters train (apply_freeze),
+which head each sample goes through (the batch's `head` indices), and whether the domain router
+learns. The optimiser is built from the STAGE's spec over the trainable parameters only; an
+`init` from another stage brings weights, never its optimiser or learning rate.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from chextrain.evaluation.metrics import pathology_metrics
+from chextrain.labels import SLUGS
+from chextrain.models.net import ROUTER, CXRNet, apply_freeze
+from chextrain.training.stage import OptimizerSpec
+
+
+def masked_bce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """BCE-with-logits per element, averaged over the unmasked elements (mask 0 = policy ignores).
+
+    logits, target, mask: B x 5. With every mask 1 this is BCEWithLogitsLoss' mean.
+    """
+    loss = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none")  # B x 5
+    return (loss * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], spec: OptimizerSpec) -> torch.optim.Optimizer:
+    """The stage's optimiser over exactly `params`."""
+    if spec.name == "adam":
+        return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    if spec.name == "adamw":
+        return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+
+
+class SupervisedModule(L.LightningModule):
+    """Trains a CXRNet on batches from data.dataset (image, target, mask, head, domain, index).
+
+    Args:
+        model: the network, already initialised (weights only).
+        optimizer: the stage's optimiser spec.
+        freeze: none | encoder | last-block.
+        train_heads: heads that learn (plus "router" to train the domain router).
+        channels_last: use the channels-last memory format (set on CUDA).
+    """
+
+    def __init__(self, model: CXRNet, *, optimizer: OptimizerSpec, freeze: str = "none",
+                 train_heads: list[str] | tuple[str, ...] = ("shared",), channels_last: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.optimizer_spec = optimizer
+        self.trainable = apply_freeze(model, freeze, list(train_heads))
+        self.train_router = model.router is not None and ROUTER in train_heads
+        self.channels_last = channels_last
+        self.samples_seen = 0  # training samples this rank has seen (checkpointed)
+        self.samples_per_rank: list[int] = []  # filled at the end of training
+        self._val: list[tuple[torch.Tensor, ...]] = []
+
+    def _images(self, batch: dict[str, Any]) -> torch.Tensor:
+        x = batch["image"]  # B x 3 x S x S
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def on_fit_start(self) -> None:
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        out = self.model.forward_all(self._images(batch))
+        rows = torch.arange(out["logits"].shape[0], device=self.device)
+        logits = out["logits"][rows, batch["head"]]  # B x 5, each sample through its head
+        loss = masked_bce(logits, batch["target"], batch["mask"])
+        self.log("train/bce", loss, on_step=True, prog_bar=False, batch_size=len(rows))
+        if self.train_router:
+            router = F.binary_cross_entropy_with_logits(out["router"].float(), batch["domain"].float())
+            self.log("train/router_bce", router, on_step=True, batch_size=len(rows))
+            loss = loss + router
+        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=len(rows))
+        self.samples_seen += len(rows)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        out = self.model.forward_all(self._images(batch))
+        rows = torch.arange(out["logits"].shape[0], device=self.device)
+        probs = torch.sigmoid(out["logits"][rows, batch["head"]].float())  # B x 5
+        router = torch.sigmoid(out["router"].float()) if "router" in out else torch.zeros_like(probs[:, 0])
+        self._val.append((batch["index"], probs, batch["target"], batch["mask"], batch["domain"], router))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val:
+            return
+        index, probs, target, mask, domain, router = (torch.cat(t) for t in zip(*self._val, strict=True))
+        self._val.clear()
+        if self.trainer.world_size > 1:  # every rank scored a padded shard: gather, drop repeats
+            index, probs, target, mask, domain, router = (
+                self.all_gather(t).flatten(0, 1) for t in (index, probs, target, mask, domain, router))
+        keep = np.unique(index.cpu().numpy(), return_index=True)[1]
+        probs, target, mask = (t[keep].cpu().double() for t in (probs, target, mask))
+        logs = validation_metrics(target.numpy(), probs.numpy(), mask.numpy())
+        if self.model.router is not None:
+            d, r = domain[keep].cpu().float(), router[keep].cpu().float()
+            logs["val/router_accuracy"] = float(((r > 0.5).float() == d).float().mean())
+        for key, value in logs.items():
+            self.log(key, value, sync_dist=False, rank_zero_only=False)
+
+    def on_train_end(self) -> None:
+        seen = torch.tensor([self.samples_seen], device=self.device)
+        self.samples_per_rank = [int(v) for v in self.all_gather(seen).flatten().tolist()]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return make_optimizer(self.trainable, self.optimizer_spec)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["samples_seen"] = self.samples_seen
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.samples_seen = int(checkpoint.get("samples_seen", 0))
+
+
+def validation_metrics(targets: np.ndarray, probs: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """val/loss, val/auc_<slug> and val/auc_mean (NaN-aware) from N x 5 arrays."""
+    eps = 1e-7
+    p = np.clip(probs, eps, 1 - eps)
+    bce = -(targets * np.log(p) + (1 - targets) * np.log(1 - p))
+    logs = {"val/loss": float((bce * mask).sum() / max(mask.sum(), 1.0))}
+    per = pathology_metrics(targets, probs, mask, dict.fromkeys(SLUGS, 0.5))
+    aucs = [float(per[s]["auc"]) for s in SLUGS]
+    for slug, auc in zip(SLUGS, aucs, strict=True):
+        logs[f"val/auc_{slug}"] = auc
+    finite = [a for a in aucs if np.isfinite(a)]
+    logs["val/auc_mean"] = float(np.mean(finite)) if finite else float("nan")
+    return logs

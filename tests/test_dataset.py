@@ -1,0 +1,173 @@
+"""Dataset items, head routing indices, and the resumable sampler/loader pair."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from chextrain.data.catalog import read_catalog
+from chextrain.data.dataset import (
+    CatalogDataset,
+    DatasetError,
+    EpochSampler,
+    ResumableLoader,
+    build_cache,
+    head_indices,
+    make_loader,
+)
+from chextrain.data.transforms import StandardAugment, preprocess
+from chextrain.labels import apply_policy
+
+
+@pytest.fixture(scope="module")
+def catalog(demo_root: Path) -> pd.DataFrame:
+    return read_catalog(demo_root)
+
+
+def test_head_indices() -> None:
+    domains = ["digital", "photo", "digital"]
+    mapping = {"digital": "a", "photo": "b"}
+    assert head_indices(domains, ["a", "b"], mapping).tolist() == [0, 1, 0]
+    assert head_indices(domains, ["a", "b"], mapping, head="b").tolist() == [1, 1, 1]
+    assert head_indices(domains, ["only"]).tolist() == [0, 0, 0]
+    with pytest.raises(DatasetError, match="unknown head 'c'"):
+        head_indices(domains, ["a", "b"], head="c")
+    with pytest.raises(DatasetError, match="no head for domain"):
+        head_indices(domains, ["a", "b"], {"digital": "a"})
+    with pytest.raises(DatasetError, match="not one of the heads"):
+        head_indices(domains, ["a", "b"], {"digital": "a", "photo": "z"})
+    with pytest.raises(DatasetError, match="give domain_heads or a head"):
+        head_indices(domains, ["a", "b"])
+
+
+def test_item_contents(catalog: pd.DataFrame) -> None:
+    rows = catalog.iloc[[0, 1, len(catalog) - 1]]
+    ds = CatalogDataset(rows, image_size=24, policy="ignore", head_names=["x", "p"],
+                        domain_heads={"digital": "x", "photo": "p"})
+    targets, mask = apply_policy(rows, "ignore")
+    for i in range(len(rows)):
+        item = ds[i]
+        assert item["image"].shape == (3, 24, 24) and item["image"].dtype == torch.float32
+        assert torch.equal(item["target"], torch.from_numpy(targets[i]))
+        assert torch.equal(item["mask"], torch.from_numpy(mask[i]))
+        domain = rows.iloc[i]["domain"]
+        assert int(item["domain"]) == (domain == "photo") and int(item["head"]) == (domain == "photo")
+        assert item["index"] == i
+    # Without augmentation the image is exactly the preprocessed file.
+    assert torch.equal(ds[0]["image"], preprocess(ds.load(0), 24))
+
+
+def test_augmentation_depends_on_seed_epoch_index_only(catalog: pd.DataFrame) -> None:
+    rows = catalog.iloc[:4]
+    ds = CatalogDataset(rows, image_size=24, augment=[StandardAugment()], seed=3)
+    again = CatalogDataset(rows, image_size=24, augment=[StandardAugment()], seed=3)
+    assert torch.equal(ds[(2, 1)]["image"], again[(2, 1)]["image"])
+    assert not torch.equal(ds[(2, 1)]["image"], ds[(2, 0)]["image"])
+    other_seed = CatalogDataset(rows, image_size=24, augment=[StandardAugment()], seed=4)
+    assert not torch.equal(ds[(2, 1)]["image"], other_seed[(2, 1)]["image"])
+
+
+def test_unreadable_image_names_the_file(catalog: pd.DataFrame, tmp_path: Path) -> None:
+    bad = tmp_path / "view1_frontal.jpg"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    rows = catalog.iloc[:2].copy()
+    rows.loc[rows.index[1], "path"] = str(bad)
+    ds = CatalogDataset(rows, image_size=16)
+    ds[0]  # the good one loads
+    with pytest.raises(DatasetError, match=f"catalog row 1 \\(CSV line {rows.iloc[1]['row']}\\).*{bad}"):
+        ds[1]
+    rows.loc[rows.index[1], "path"] = str(tmp_path / "missing.jpg")
+    with pytest.raises(DatasetError, match="missing.jpg"):
+        CatalogDataset(rows, image_size=16)[1]
+
+
+def test_bad_rows_are_refused(catalog: pd.DataFrame) -> None:
+    rows = catalog.iloc[:2].copy()
+    rows["domain"] = ["digital", "screen"]
+    with pytest.raises(DatasetError, match="unknown domain"):
+        CatalogDataset(rows, image_size=16)
+    with pytest.raises(DatasetError, match="cache holds 3 images for 2 rows"):
+        CatalogDataset(catalog.iloc[:2], image_size=16, cache=np.zeros((3, 16, 16), np.uint8))
+
+
+def test_cache_replaces_decoding(catalog: pd.DataFrame, tmp_path: Path) -> None:
+    cache = np.full((2, 20, 20), 77, np.uint8)
+    ds = CatalogDataset(catalog.iloc[:2], image_size=20, cache=cache)
+    assert torch.equal(ds[1]["image"], preprocess(cache[1], 20))
+    # A memory-mapped cache built from the files gives the same inputs as decoding them.
+    rows = catalog.iloc[:3]
+    mapped = build_cache(rows, 20, tmp_path / "cache.npy")
+    assert isinstance(mapped, np.memmap) and mapped.shape == (3, 20, 20) and not mapped.flags.writeable
+    assert np.array_equal(mapped, build_cache(rows, 20))
+    plain, cached = CatalogDataset(rows, image_size=20), CatalogDataset(rows, image_size=20, cache=mapped)
+    assert all(torch.equal(plain[i]["image"], cached[i]["image"]) for i in range(3))
+
+
+def test_sampler_order_is_a_function_of_seed_and_epoch() -> None:
+    a, b = EpochSampler(10, seed=1), EpochSampler(10, seed=1)
+    first = list(a)
+    assert sorted(i for i, _ in first) == list(range(10)) and {e for _, e in first} == {0}
+    assert first == list(b)
+    a.set_epoch(1)
+    second = list(a)
+    assert [i for i, _ in second] != [i for i, _ in first] and {e for _, e in second} == {1}
+    assert [i for i, _ in EpochSampler(10, shuffle=False)] == list(range(10))
+
+
+def test_sampler_shards_are_disjoint_and_padded() -> None:
+    shards = [[i for i, _ in EpochSampler(11, seed=0, rank=r, world_size=3)] for r in range(3)]
+    assert [len(s) for s in shards] == [4, 4, 4]
+    assert [len(EpochSampler(11, rank=r, world_size=3)) for r in range(3)] == [4, 4, 4]
+    flat = sum(shards, [])
+    assert sorted(set(flat)) == list(range(11)) and len(flat) - len(set(flat)) == 1  # one repeat pads
+    with pytest.raises(ValueError, match="rank 2"):
+        EpochSampler(4, rank=2, world_size=2)
+
+
+def test_sampler_resume_skips_once_and_only_that_epoch() -> None:
+    s = EpochSampler(8, seed=2)
+    s.set_epoch(3)
+    full = list(s)
+    s.resume(3, 5)
+    assert list(s) == full[5:]
+    assert list(s) == full  # the skip applied once
+    s.resume(3, 5)
+    s.set_epoch(4)  # Lightning moved on to the next epoch: no skip there
+    assert len(list(s)) == 8
+
+
+def _indices(loader: ResumableLoader) -> list[list[int]]:
+    return [batch["index"].tolist() for batch in loader]
+
+
+def test_loader_state_resumes_mid_epoch(catalog: pd.DataFrame) -> None:
+    ds = CatalogDataset(catalog.iloc[:10], image_size=8)
+    loader = make_loader(ds, batch_size=3, shuffle=True, seed=0)
+    loader.epoch_sampler.set_epoch(2)
+    full = _indices(loader)
+    assert len(full) == 4 == len(loader)
+    seen = []
+    for batch in loader:  # "killed" after two batches, as a checkpoint would record
+        seen.append(batch["index"].tolist())
+        if len(seen) == 2:
+            break
+    state = loader.state_dict()
+    assert state == {"epoch": 2, "batches": 2}
+    fresh = make_loader(CatalogDataset(catalog.iloc[:10], image_size=8), batch_size=3, shuffle=True, seed=0)
+    fresh.load_state_dict(state)
+    assert seen + _indices(fresh) == full
+    assert fresh.state_dict() == {"epoch": 2, "batches": 4}
+
+
+def test_loader_iterator_is_created_lazily_after_set_epoch(catalog: pd.DataFrame) -> None:
+    # Lightning calls iter() before set_epoch() when it resumes: the order must still be the new epoch's.
+    ds = CatalogDataset(catalog.iloc[:6], image_size=8)
+    loader = make_loader(ds, batch_size=6, shuffle=True, seed=0)
+    expected = EpochSampler(6, seed=0).order(5).tolist()
+    it = iter(loader)
+    loader.epoch_sampler.set_epoch(5)
+    assert next(it)["index"].tolist() == expected

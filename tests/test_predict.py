@@ -1,0 +1,138 @@
+"""Predictions table and run evaluation (parquet + metrics.json) on a tiny untrained bundle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import f1_score, matthews_corrcoef, roc_auc_score
+
+from chextrain.data.catalog import read_catalog
+from chextrain.data.images import load_image
+from chextrain.data.splits import assign_splits
+from chextrain.data.transforms import preprocess
+from chextrain.evaluation.predict import (
+    EvaluationError,
+    evaluate_run,
+    group_metrics,
+    predict,
+    tune_head_thresholds,
+)
+from chextrain.labels import SLUGS, apply_policy
+from chextrain.models.net import CXRNet
+from chextrain.models.weights import save_bundle
+
+DOMAIN_HEADS = {"digital": "xray", "photo": "photo"}
+
+
+@pytest.fixture(scope="module")
+def catalog(demo_root: Path) -> pd.DataFrame:
+    return assign_splits(read_catalog(demo_root), val_fraction=0.25)
+
+
+@pytest.fixture(scope="module")
+def model() -> CXRNet:
+    torch.manual_seed(0)
+    return CXRNet("tiny", heads=("xray", "photo"), router=True).eval()
+
+
+def test_table_columns_order_and_probabilities(model: CXRNet, catalog: pd.DataFrame) -> None:
+    rows = catalog.loc[catalog["split"] == "test"].iloc[::5]
+    table = predict(model, rows, domain_heads=DOMAIN_HEADS, image_size=32, batch_size=4, policy="ignore")
+    for column in ("path", "dataset", "domain", "kind", "patient", "study", "image", "view", "head"):
+        assert column in table
+    assert table["router_prob"].between(0, 1).all()
+    assert [c for c in table if c.startswith("prob_")] == [f"prob_{s}" for s in SLUGS]
+    assert table["path"].tolist() == rows["path"].tolist()
+    assert (table["head"] == table["domain"].map(DOMAIN_HEADS)).all()
+    targets, mask = apply_policy(rows, "ignore")
+    assert np.array_equal(table[[f"target_{s}" for s in SLUGS]].to_numpy(), targets)
+    assert np.array_equal(table[[f"mask_{s}" for s in SLUGS]].to_numpy(), mask)
+    # Each probability is the sigmoid of that image's head, on the preprocessed image.
+    i = int(np.flatnonzero(rows["domain"].to_numpy() == "photo")[0])
+    x = preprocess(load_image(rows.iloc[i]["path"]), 32)[None]
+    with torch.no_grad():
+        expected = torch.sigmoid(model(x, "photo"))[0].numpy()
+    assert np.allclose(table.loc[i, [f"prob_{s}" for s in SLUGS]].to_numpy(dtype=float), expected, atol=1e-5)
+
+
+def test_fixed_head_and_router_routing(model: CXRNet, catalog: pd.DataFrame) -> None:
+    rows = catalog.iloc[:10]
+    fixed = predict(model, rows, head="photo", domain_heads=DOMAIN_HEADS, image_size=32)
+    assert (fixed["head"] == "photo").all()
+    routed = predict(model, rows, head="router", domain_heads=DOMAIN_HEADS, image_size=32)
+    expect = np.where(routed["router_prob"] > 0.5, "photo", "xray")
+    assert (routed["head"].to_numpy() == expect).all()
+    with pytest.raises(EvaluationError, match="router"):
+        predict(CXRNet("tiny"), rows, head="router", image_size=32)
+
+
+def test_group_metrics_tuned_only_for_single_head_groups() -> None:
+    rng = np.random.default_rng(0)
+    n = 40
+    table = pd.DataFrame({"dataset": ["chexpert"] * 20 + ["chexphoto"] * 20,
+                          "kind": ["digital"] * 20 + ["natural"] * 20,
+                          "patient": [f"p{i % 10}" for i in range(n)],
+                          "head": ["a"] * 20 + ["b"] * 10 + ["a"] * 10})
+    for s in SLUGS:
+        table[f"target_{s}"] = (rng.random(n) > 0.5).astype(float)
+        table[f"prob_{s}"] = rng.random(n)
+        table[f"mask_{s}"] = 1.0
+    thresholds = tune_head_thresholds(table)
+    groups = group_metrics(table, thresholds)
+    assert set(groups) == {"Standard", "Photos", "kind:digital", "kind:natural"}
+    assert "tuned" in groups["Standard"] and "tuned" not in groups["Photos"]  # Photos used two heads
+    part = table.iloc[:20]
+    for s in SLUGS:
+        y, p = part[f"target_{s}"], part[f"prob_{s}"]
+        assert groups["Standard"]["at_0.5"][s]["auc"] == pytest.approx(roc_auc_score(y, p))
+        assert groups["Standard"]["at_0.5"][s]["f1"] == pytest.approx(f1_score(y, p >= 0.5))
+        assert groups["Standard"]["tuned"][s]["mcc"] == pytest.approx(
+            matthews_corrcoef(y, p >= thresholds["a"][s]))
+
+
+@pytest.fixture(scope="module")
+def bundle(model: CXRNet, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("run")
+    thresholds = {"xray": dict.fromkeys(SLUGS, 0.4), "photo": dict.fromkeys(SLUGS, 0.6)}
+    save_bundle(model, run, {"image_size": 32, "domain_heads": DOMAIN_HEADS, "thresholds": thresholds,
+                             "config": {"split": {"by": "patient", "val_fraction": 0.25, "seed": 0,
+                                                  "frontal_only": False}, "policy": "zeros"}})
+    return run
+
+
+def test_evaluate_run_writes_predictions_and_metrics(bundle: Path, demo_root: Path,
+                                                     catalog: pd.DataFrame) -> None:
+    doc = evaluate_run(bundle, demo_root, "val")
+    table = pd.read_parquet(bundle / "predictions_val.parquet")
+    on_disk = json.loads((bundle / "metrics_val.json").read_text())
+    assert on_disk["split"] == "val" and on_disk["n"] == len(table) == (catalog["split"] == "val").sum()
+    assert doc["groups"]["Standard"]["n"] == on_disk["groups"]["Standard"]["n"]
+    # The run's own split settings and policy: zeros turns every uncertain label into 0, unmasked.
+    assert set(table["split"]) == {"val"} and (table[[f"mask_{s}" for s in SLUGS]] == 1).all().all()
+    photos = on_disk["groups"]["Photos"]
+    assert photos["heads"] == ["photo"] and photos["thresholds"] == dict.fromkeys(SLUGS, 0.6)
+    part = table.loc[table["dataset"] == "chexphoto"]
+    for s in SLUGS:
+        y, p = part[f"target_{s}"].to_numpy(), part[f"prob_{s}"].to_numpy()
+        assert photos["tuned"][s]["mcc"] == pytest.approx(matthews_corrcoef(y, p >= 0.6))
+        assert photos["at_0.5"][s]["positives"] == y.sum()
+
+
+def test_evaluate_run_with_a_head_writes_separate_files(bundle: Path, demo_root: Path) -> None:
+    evaluate_run(bundle, demo_root, "test", head="xray")
+    table = pd.read_parquet(bundle / "predictions_test_xray.parquet")
+    assert (table["head"] == "xray").all() and (bundle / "metrics_test_xray.json").exists()
+
+
+def test_evaluate_run_refuses_bad_requests(bundle: Path, demo_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(EvaluationError, match="split 'train'"):
+        evaluate_run(bundle, demo_root, "train")
+    with pytest.raises(EvaluationError, match="head 'chexpert'.*heads \\['xray', 'photo'\\]"):
+        evaluate_run(bundle, demo_root, "test", head="chexpert")
+    with pytest.raises(ValueError, match="model.json"):
+        evaluate_run(tmp_path, demo_root, "test")

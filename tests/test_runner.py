@@ -1,0 +1,193 @@
+"""Every paper strategy as a tiny stage on the demo tree, run through train_stage.
+
+One chain of stages per module (tiny backbone, 32 px, 3 steps each) shared by the tests:
+baseline -> fine-tune (whole model, 1e-5) and fine-tune (last block); mixed; mixed with two heads
+-> one head retrained on a frozen encoder, and a router trained on top; mixed -> new heads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+from sklearn.metrics import matthews_corrcoef, roc_auc_score
+
+from chextrain.data.catalog import read_catalog
+from chextrain.evaluation.metrics import tune_thresholds
+from chextrain.evaluation.predict import arrays
+from chextrain.labels import SLUGS
+from chextrain.training.runner import RunDirError, StageResult, train_stage
+from chextrain.training.stage import Stage, StageError, load_stage, parse_stage, resolved_config
+
+MIXED = {"train": ["chexpert", "chexphoto"]}
+TWO_HEADS = {"heads": ["chexpert", "chexphoto"],
+             "domain_heads": {"digital": "chexpert", "photo": "chexphoto"}}
+
+
+def tiny(name: str, **keys: Any) -> Stage:
+    base = {"name": name, "backbone": "tiny", "init": "random", "image_size": 32, "batch_size": 8,
+            "max_steps": 3, "split": {"val_fraction": 0.25}, "num_workers": 0,
+            "checkpoint_every_n_steps": 100, "val_every_n_steps": 3}
+    return parse_stage({**base, **keys})
+
+
+@pytest.fixture(scope="module")
+def catalog(demo_root: Path) -> pd.DataFrame:
+    return read_catalog(demo_root)
+
+
+@pytest.fixture(scope="module")
+def runs(demo_root: Path, catalog: pd.DataFrame,
+         tmp_path_factory: pytest.TempPathFactory) -> dict[str, StageResult]:
+    out = tmp_path_factory.mktemp("runs")
+    results: dict[str, StageResult] = {}
+
+    def run(stage: Stage) -> None:
+        results[stage.name] = train_stage(stage, demo_root, out / stage.name, catalog=catalog, progress=False,
+                                          resolve_ref=lambda name: out / name)
+
+    run(tiny("baseline", optimizer={"lr": 1e-3}))
+    run(tiny("finetune", init="stage:baseline", data={"train": ["chexphoto"]}, optimizer={"lr": 1e-5}))
+    run(tiny("finetune_last_block", init="stage:baseline", data={"train": ["chexphoto"]},
+             optimizer={"lr": 1e-5}, freeze="last-block"))
+    run(tiny("mixed", data=MIXED, augment={"photo_sim": {"p": 0.5, "recipe": "digital"}}))
+    run(tiny("two_heads", data=MIXED, train_heads=["chexpert", "chexphoto"], **TWO_HEADS))
+    run(tiny("chexpert_head", init="stage:two_heads", train_heads=["chexpert"], freeze="encoder",
+             optimizer={"lr": 1e-2}, **TWO_HEADS))
+    run(tiny("router", init="stage:two_heads", data=MIXED, router=True, train_heads=["router"],
+             freeze="encoder", optimizer={"lr": 1e-2}, **TWO_HEADS))
+    run(tiny("new_heads", init="stage:mixed", train_heads=["chexpert"], freeze="encoder", **TWO_HEADS))
+    return results
+
+
+def weights(result: StageResult) -> dict[str, torch.Tensor]:
+    return load_file(result.out_dir / "model.safetensors")
+
+
+def done(result: StageResult) -> dict[str, Any]:
+    return json.loads((result.out_dir / "done.json").read_text())
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], prefix: str) -> bool:
+    keys = [k for k in a if k.startswith(prefix)]
+    assert keys, prefix
+    return all(torch.equal(a[k], b[k]) for k in keys)
+
+
+def test_baseline_writes_every_output(runs: dict[str, StageResult]) -> None:
+    r = runs["baseline"]
+    for name in ("model.safetensors", "model.json", "config.yaml", "done.json", "checkpoints/last.ckpt",
+                 "checkpoints/best.ckpt", "predictions_val.parquet", "predictions_test.parquet",
+                 "metrics_val.json", "metrics_test.json", "logs/csv/metrics.csv"):
+        assert (r.out_dir / name).exists(), name
+    assert list((r.out_dir / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+    assert load_stage(r.out_dir / "config.yaml") == tiny("baseline", optimizer={"lr": 1e-3})
+    record = done(r)
+    assert record["global_step"] == 3 and record["samples_seen_per_rank"] == [24] and record["lr"] == [1e-3]
+    meta = json.loads((r.out_dir / "model.json").read_text())
+    assert meta["stage"] == "baseline" and meta["image_size"] == 32
+    assert meta["preprocessing"]["name"] == "imagenet"
+    assert meta["config"] == resolved_config(tiny("baseline", optimizer={"lr": 1e-3}))
+    assert set(r.metrics) >= {"val/Standard", "test/Standard", "test/Photos", "test/kind:natural"}
+    assert "val/auc_mean" in (r.out_dir / "logs/csv/metrics.csv").read_text()
+
+
+def test_finished_stage_is_not_redone(runs: dict[str, StageResult], demo_root: Path,
+                                      catalog: pd.DataFrame) -> None:
+    r = runs["baseline"]
+    before = (r.out_dir / "model.safetensors").stat().st_mtime_ns
+    again = train_stage(tiny("baseline", optimizer={"lr": 1e-3}), demo_root, r.out_dir, catalog=catalog,
+                        progress=False)
+    assert again.cached and (r.out_dir / "model.safetensors").stat().st_mtime_ns == before
+    assert again.metrics["test/Standard"]["average"] == pytest.approx(r.metrics["test/Standard"]["average"])
+    with pytest.raises(RunDirError, match="another configuration"):
+        train_stage(tiny("baseline", seed=1), demo_root, r.out_dir, catalog=catalog, progress=False)
+
+
+def test_finetune_uses_its_own_lr_not_the_inherited_one(runs: dict[str, StageResult]) -> None:
+    base, ft = weights(runs["baseline"]), weights(runs["finetune"])
+    assert done(runs["finetune"])["lr"] == [1e-5] and done(runs["baseline"])["lr"] == [1e-3]
+    # Adam moves each weight by about lr per step: 3 steps at 1e-5, not at the baseline's 1e-3.
+    deltas = [float((ft[k] - base[k]).abs().max()) for k in base if k.endswith("weight") and "heads" in k]
+    assert 0 < max(deltas) < 5e-5
+    assert not same(base, ft, "encoder.features.block1.0.weight")  # the whole model trains
+
+
+def test_finetune_last_block_leaves_the_rest_of_the_encoder(runs: dict[str, StageResult]) -> None:
+    base, ft = weights(runs["baseline"]), weights(runs["finetune_last_block"])
+    assert same(base, ft, "encoder.features.block1") and same(base, ft, "encoder.features.block2")
+    assert not same(base, ft, "encoder.features.block3.0") and not same(base, ft, "heads.shared")
+
+
+def test_mixed_trains_on_both_datasets(runs: dict[str, StageResult], catalog: pd.DataFrame) -> None:
+    mixed, base = done(runs["mixed"]), done(runs["baseline"])
+    assert mixed["train_rows"] > base["train_rows"]
+    assert mixed["val_rows"] > base["val_rows"]  # validates on the photos it trains on, too
+
+
+def test_one_head_retrained_on_a_frozen_encoder(runs: dict[str, StageResult]) -> None:
+    two, one = weights(runs["two_heads"]), weights(runs["chexpert_head"])
+    assert same(two, one, "encoder.") and same(two, one, "heads.chexphoto")  # BN statistics included
+    assert not same(two, one, "heads.chexpert")
+
+
+def test_router_trains_alone_and_routes(runs: dict[str, StageResult]) -> None:
+    two, routed = weights(runs["two_heads"]), weights(runs["router"])
+    assert same(two, routed, "encoder.") and same(two, routed, "heads.")
+    assert "router.weight" in routed and "router.weight" not in two
+    table = pd.read_parquet(runs["router"].out_dir / "predictions_test.parquet")
+    assert table["router_prob"].between(0, 1).all()
+    # Evaluation scores each image with its domain's head.
+    assert (table.loc[table["domain"] == "photo", "head"] == "chexphoto").all()
+    assert (table.loc[table["domain"] == "digital", "head"] == "chexpert").all()
+
+
+def test_new_heads_on_a_shared_head_model_keep_its_encoder(runs: dict[str, StageResult]) -> None:
+    mixed, new = weights(runs["mixed"]), weights(runs["new_heads"])
+    assert same(mixed, new, "encoder.") and "heads.shared.weight" not in new
+
+
+def test_thresholds_are_tuned_per_head_on_the_rows_it_serves(runs: dict[str, StageResult]) -> None:
+    r = runs["two_heads"]
+    meta = json.loads((r.out_dir / "model.json").read_text())
+    val = pd.read_parquet(r.out_dir / "predictions_val.parquet")
+    for head in ("chexpert", "chexphoto"):
+        part = val.loc[val["head"] == head]
+        assert len(part) and set(part["domain"]) == {"digital" if head == "chexpert" else "photo"}
+        assert meta["thresholds"][head] == pytest.approx(tune_thresholds(*arrays(part)))
+
+
+def test_metrics_json_equals_sklearn_on_the_predictions(runs: dict[str, StageResult]) -> None:
+    r = runs["baseline"]
+    doc = json.loads((r.out_dir / "metrics_test.json").read_text())
+    table = pd.read_parquet(r.out_dir / "predictions_test.parquet")
+    thresholds = json.loads((r.out_dir / "model.json").read_text())["thresholds"]["shared"]
+    for group, dataset in (("Standard", "chexpert"), ("Photos", "chexphoto")):
+        part = table.loc[table["dataset"] == dataset]
+        entry = doc["groups"][group]
+        assert entry["n"] == len(part)
+        for slug in SLUGS:
+            keep = part[f"mask_{slug}"].to_numpy() == 1
+            y, p = part[f"target_{slug}"].to_numpy()[keep], part[f"prob_{slug}"].to_numpy()[keep]
+            auc = roc_auc_score(y, p) if 0 < y.sum() < len(y) else None
+            assert entry["at_0.5"][slug]["auc"] == (pytest.approx(auc) if auc is not None else None)
+            assert entry["at_0.5"][slug]["mcc"] == pytest.approx(matthews_corrcoef(y, p >= 0.5))
+            assert entry["tuned"][slug]["mcc"] == pytest.approx(matthews_corrcoef(y, p >= thresholds[slug]))
+            assert entry["at_0.5"][slug]["positives"] == y.sum()
+        aucs = [entry["at_0.5"][s]["auc"] for s in SLUGS if entry["at_0.5"][s]["auc"] is not None]
+        assert entry["at_0.5"]["average"]["auc"] == pytest.approx(np.mean(aucs))
+
+
+def test_bad_stage_setups_fail_clearly(demo_root: Path, catalog: pd.DataFrame, tmp_path: Path) -> None:
+    with pytest.raises(StageError, match="no training rows"):
+        train_stage(tiny("f", data={"train": ["chexpert"], "kinds": ["film"]}), demo_root, tmp_path / "f",
+                    catalog=catalog, progress=False)
+    with pytest.raises(StageError, match="refers to another stage"):
+        train_stage(tiny("r", init="stage:baseline"), demo_root, tmp_path / "r", catalog=catalog,
+                    progress=False)

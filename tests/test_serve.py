@@ -1,0 +1,232 @@
+"""The web service: predictions, explanations, health, limits, sniffing, JSON errors, load."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import io
+import re
+import socket
+import struct
+import tempfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+import chextrain
+from chextrain.data.images import load_image_bytes
+from chextrain.inference import Predictor
+from chextrain.labels import PATHOLOGIES, SLUGS
+from chextrain.serve.app import create_app, running_server
+from tests.test_inference import demo_files, plain_bundle, routed_bundle, use_demo  # noqa: F401
+
+STATIC = Path(chextrain.__file__).parent / "serve" / "static"
+
+
+@pytest.fixture(scope="module")
+def predictor(routed_bundle: Path) -> Predictor:  # noqa: F811
+    return Predictor.from_bundle(routed_bundle)
+
+
+@pytest.fixture(scope="module")
+def client(predictor: Predictor) -> Iterator[httpx.Client]:
+    """httpx against the real server (uvicorn on a free loopback port), small limits."""
+    app = create_app(predictor, max_upload_bytes=300_000, max_pixels=1_000_000)
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def photo(use_demo: Path) -> bytes:  # noqa: F811
+    return demo_files(use_demo, "natural", "valid")[0].read_bytes()
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _pixel_bomb(width: int = 30_000, height: int = 30_000) -> bytes:
+    """A tiny PNG whose header claims width x height pixels (CRC fixed)."""
+    data = bytearray(_png(np.zeros((8, 8), np.uint8)))
+    ihdr = bytes(data[12:16]) + struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(ihdr))
+    return bytes(data)
+
+
+def _error(response, status: int, code: str) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error", "detail"} and body["error"] == code
+    return body["detail"]
+
+
+def test_health(client: httpx.Client) -> None:
+    body = client.get("/api/health").json()
+    assert body["version"] == chextrain.__version__ and body["status"] == "ok"
+    assert body["pathologies"] == list(PATHOLOGIES) and body["slugs"] == list(SLUGS)
+    assert body["model"]["backbone"] == "tiny" and body["model"]["ood_calibrated"] is True
+    assert body["limits"] == {"max_upload_bytes": 300_000, "max_pixels": 1_000_000}
+
+
+def test_predict_a_phone_photo(client: httpx.Client, photo: bytes, predictor: Predictor) -> None:
+    r = client.post("/api/predict", files={"file": ("IMG_0001.jpg", photo, "image/jpeg")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["head"] == "photo" and body["domain_source"] == "router" and body["p_photo"] > 0.5
+    assert list(body["pathologies"]) == list(SLUGS)
+    assert all(0 <= p["prob"] <= 1 and p["positive"] == (p["prob"] >= p["threshold"])
+               for p in body["pathologies"].values())
+    assert body["ood"]["status"] in ("in-distribution", "out-of-distribution")
+    direct = predictor.predict_images([load_image_bytes(photo)], ["upload"])[0]
+    assert body == direct  # the same answer as the library
+
+
+def test_predict_flags_a_document(client: httpx.Client) -> None:
+    page = np.full((120, 90), 245, np.uint8)
+    page[10:110:8, 8:80] = 20
+    body = client.post("/api/predict", files={"file": ("scan.png", _png(page))}).json()
+    assert body["ood"]["flag"] is True and body["flagged"] and body["warnings"]
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradient"])
+def test_explain_returns_a_png_heatmap_per_pathology(client: httpx.Client, photo: bytes, method: str) -> None:
+    r = client.post(f"/api/explain?method={method}", files={"file": ("p.jpg", photo)})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["method"] == method and list(body["heatmaps"]) == list(SLUGS)
+    w, h = Image.open(io.BytesIO(photo)).size
+    pixels = []
+    for png in body["heatmaps"].values():
+        with Image.open(io.BytesIO(base64.b64decode(png))) as im:
+            assert im.format == "PNG" and im.size == (w, h) and im.mode == "RGB"
+            pixels.append(np.asarray(im))
+    assert not np.array_equal(pixels[0], pixels[1])
+    _error(client.post("/api/explain?method=lime", files={"file": ("p.jpg", photo)}), 422, "invalid-request")
+
+
+def test_corrupt_and_truncated_images_are_422(client: httpx.Client, photo: bytes) -> None:
+    corrupt = photo[:20] + bytes(range(256)) * 4
+    assert "cannot be decoded" in _error(client.post("/api/predict", files={"file": ("a.jpg", corrupt)}),
+                                         422, "unreadable-image")
+    truncated = photo[: len(photo) // 2]
+    r = client.post("/api/predict", files={"file": ("b.jpg", truncated)})
+    detail = _error(r, 422, "unreadable-image")
+    assert "truncated" in detail
+    _error(client.post("/api/predict", files={"file": ("c.jpg", b"")}), 422, "empty-file")
+
+
+def test_non_images_are_415_whatever_their_name(client: httpx.Client) -> None:
+    for name, data, ctype in [("x-ray.jpg", b"hello, I am text" * 20, "image/jpeg"),
+                              ("scan.png", b"%PDF-1.7\n" + b"0" * 300, "image/png"),
+                              ("anim.gif", b"GIF89a" + b"\0" * 300, "image/gif"),
+                              ("page.jpg", b"<html><script>alert(1)</script></html>", "image/jpeg")]:
+        r = client.post("/api/predict", files={"file": (name, data, ctype)})
+        _error(r, 415, "unsupported-media-type")
+
+
+def test_uploads_over_the_byte_limit_are_413(client: httpx.Client) -> None:
+    big = _png(np.random.default_rng(0).integers(0, 256, (700, 700)).astype(np.uint8))  # ~490 kB
+    assert len(big) > 300_000 + 16 * 1024
+    _error(client.post("/api/predict", files={"file": ("big.png", big)}), 413, "too-large")
+    just_over = big[:300_100]  # the body is under limit + form overhead, the file is not
+    _error(client.post("/api/predict", files={"file": ("big.png", just_over)}), 413, "too-large")
+
+    def chunks():  # no Content-Length: the streamed size is what is checked
+        yield b"--xyz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n\r\n"
+        for _ in range(40):
+            yield b"\0" * 10_000
+
+    r = client.post("/api/predict", content=chunks(),
+                    headers={"content-type": "multipart/form-data; boundary=xyz"})
+    _error(r, 413, "too-large")
+    host, port = client.base_url.host, client.base_url.port
+    with socket.create_connection((host, port), timeout=30) as s:  # a declared size httpx would not send
+        s.sendall(b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n"
+                  b"Content-Type: multipart/form-data; boundary=x\r\nConnection: close\r\n\r\nxx")
+        reply = b"".join(iter(lambda: s.recv(65536), b""))
+    assert reply.startswith(b"HTTP/1.1 413") and b'"error":"too-large"' in reply
+
+
+def test_pixel_bombs_are_413(client: httpx.Client) -> None:
+    for w, h in [(30_000, 30_000), (2_000, 1_000)]:  # over PIL's own limit; over the server's 1 MP
+        detail = _error(client.post("/api/predict", files={"file": ("bomb.png", _pixel_bomb(w, h))}),
+                        413, "too-many-pixels")
+        assert "pixels" in detail
+
+
+def test_missing_field_and_bad_forms(client: httpx.Client, photo: bytes) -> None:
+    detail = _error(client.post("/api/predict", files={"image": ("a.jpg", photo)}), 422, "missing-field")
+    assert "'file'" in detail and "image" in detail
+    _error(client.post("/api/predict", data={"note": "hi"}), 400, "bad-request")  # urlencoded, not multipart
+    _error(client.post("/api/predict", json={"file": "a.jpg"}), 400, "bad-request")
+    detail = _error(client.post("/api/predict", content=b"garbage", headers={
+        "content-type": "multipart/form-data; boundary=zz"}), 400, "bad-request")
+    assert "malformed multipart" in detail
+    empty_form = b"--zz--\r\n"
+    _error(client.post("/api/predict", content=empty_form, headers={
+        "content-type": "multipart/form-data; boundary=zz"}), 422, "missing-field")
+    _error(client.get("/api/predict"), 405, "method-not-allowed")
+    _error(client.get("/nowhere"), 404, "not-found")
+    _error(client.get("/static/..%2F..%2Fapp.py"), 404, "not-found")
+
+
+def test_uploads_never_touch_the_disk(predictor: Predictor, photo: bytes,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("the server tried to create a temporary file")
+
+    app = create_app(predictor, max_upload_bytes=5_000_000, max_pixels=5_000_000)
+    big = _png(np.random.default_rng(1).integers(0, 256, (1200, 1100)).astype(np.uint8))
+    assert len(big) > 1024 * 1024  # above Starlette's in-memory spool size
+    for name in ("SpooledTemporaryFile", "NamedTemporaryFile", "TemporaryFile", "mkstemp", "mkdtemp"):
+        monkeypatch.setattr(tempfile, name, refuse)
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        for data in (photo, big):
+            r = client.post("/api/predict", files={"file": ("a.png", data)})
+            assert r.status_code == 200, r.text
+
+
+def test_page_and_docs(client: httpx.Client) -> None:
+    r = client.get("/")
+    assert r.status_code == 200 and "default-src 'none'" in r.headers["content-security-policy"]
+    html = r.text
+    assert re.search(r'<input[^>]+accept="image/\*"[^>]+capture="environment"', html)
+    assert 'name="viewport"' in html
+    for name in ("app.js", "style.css"):
+        asset = client.get(f"/static/{name}")
+        assert asset.status_code == 200 and asset.text == (STATIC / name).read_text()
+    for f in STATIC.iterdir():  # no external resources
+        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", f.read_text()), f.name
+    spec = client.get("/openapi.json").json()
+    body = spec["paths"]["/api/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    assert body["schema"]["properties"]["file"]["format"] == "binary"
+    assert "/api/explain" in spec["paths"] and "/api/health" in spec["paths"]
+    assert client.get("/docs").status_code == 200
+
+
+def test_create_app_rejects_unknown_method(predictor: Predictor) -> None:
+    with pytest.raises(ValueError, match="explain_method 'lime'"):
+        create_app(predictor, explain_method="lime")
+
+
+@pytest.mark.slow
+def test_load_on_loopback_has_no_errors_and_consistent_answers(plain_bundle: Path) -> None:  # noqa: F811
+    spec = importlib.util.spec_from_file_location(
+        "serve_load", Path(__file__).parents[1] / "benchmarks" / "serve_load.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with tempfile.TemporaryDirectory() as tmp:
+        payloads = bench.demo_payloads(Path(tmp), 64)
+    with running_server(create_app(Predictor.from_bundle(plain_bundle))) as url:
+        assert url.startswith("http://127.0.0.1:")
+        stats = bench.run_load(url, payloads, requests=40, clients=8)
+    assert stats["requests"] == 40 and stats["errors"] == []
+    assert 0 < stats["p50_ms"] <= stats["p95_ms"]

@@ -59,7 +59,9 @@ def row_by_row(csv: Path, folder: Path) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("csv", nargs="?", type=Path, default=DEFAULT_CSV)
     args = parser.parse_args()
     if not args.csv.exists():

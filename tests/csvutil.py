@@ -9,8 +9,14 @@ from chextrain.labels import CHEXPERT_COLUMNS
 HEADER = ",".join(CHEXPERT_COLUMNS)
 
 
-def row(path: str, labels: dict[str, str] | None = None, sex: str = "Female", age: str = "60",
-        view: str = "Frontal", ap_pa: str = "AP") -> str:
+def row(
+    path: str,
+    labels: dict[str, str] | None = None,
+    sex: str = "Female",
+    age: str = "60",
+    view: str = "Frontal",
+    ap_pa: str = "AP",
+) -> str:
     """One CSV line with the given Path and pathology cells (by column name); others blank."""
     cells = {c: "" for c in CHEXPERT_COLUMNS}
     cells.update({"Path": path, "Sex": sex, "Age": age, "Frontal/Lateral": view, "AP/PA": ap_pa})

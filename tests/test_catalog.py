@@ -13,32 +13,66 @@ SHARED_CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "chexpert
 
 def make_releases(root: Path) -> Path:
     """A tree with every layout variant the reader accepts."""
-    write_csv(root / "CheXpert-v1.0-small" / "train.csv", [
-        row("CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg",
-            {"Pleural Effusion": "1.0", "Edema": "-1.0", "Cardiomegaly": "0.0"}),
-        row("CheXpert-v1.0-small/train/patient00001/study1/view2_lateral.jpg", view="Lateral", ap_pa=""),
-        row("CheXpert-v1.0-small/train/patient00002/study2/view1_frontal.jpg", {"Atelectasis": "1.0"}),
-    ])
-    write_csv(root / "CheXpert-v1.0-small" / "valid.csv", [
-        row("CheXpert-v1.0-small/valid/patient64541/study1/view1_frontal.jpg",
-            {p: "0.0" for p in ("Pleural Effusion", "Edema", "Atelectasis", "Consolidation")} | {"Cardiomegaly": "1.0"}),
-    ])
-    write_csv(root / "CheXpert-v1.0-small" / "test_labels.csv", [
-        row("test/patient64741/study1/view1_frontal.jpg", {"Edema": "1.0"}),
-    ])
-    write_csv(root / "CheXphoto-v1.0" / "train.csv", [
-        row("CheXphoto-v1.0/train/natural/nokia/patient00001/study1/view1_frontal.jpg", {"Pleural Effusion": "1.0"}),
-        row("CheXphoto-v1.0/train/natural/iphone/patient00002/study2/view1_frontal.jpg"),
-        row("CheXphoto-v1.0/train/synthetic/digital/patient00001/study1/view1_frontal.jpg"),
-        row("CheXphoto-v1.0/train/synthetic/photographic/patient00002/study2/view1_frontal.jpg"),
-    ])
-    write_csv(root / "CheXphoto-v1.0" / "valid" / "valid.csv", [  # the other accepted location
-        row("CheXphoto-v1.0/valid/natural/oneplus/patient64541/study1/view1_frontal.jpg",
-            {"Cardiomegaly": "1", "Edema": "0"}),
-    ])
-    write_csv(root / "CheXphoto-v1.1" / "valid.csv", [
-        row("CheXphoto-v1.1/valid/film/VBSF00001/study1/view1_frontal.jpg", {"Edema": "1"}, sex="", age="", ap_pa=""),
-    ])
+    write_csv(
+        root / "CheXpert-v1.0-small" / "train.csv",
+        [
+            row(
+                "CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg",
+                {"Pleural Effusion": "1.0", "Edema": "-1.0", "Cardiomegaly": "0.0"},
+            ),
+            row("CheXpert-v1.0-small/train/patient00001/study1/view2_lateral.jpg", view="Lateral", ap_pa=""),
+            row("CheXpert-v1.0-small/train/patient00002/study2/view1_frontal.jpg", {"Atelectasis": "1.0"}),
+        ],
+    )
+    write_csv(
+        root / "CheXpert-v1.0-small" / "valid.csv",
+        [
+            row(
+                "CheXpert-v1.0-small/valid/patient64541/study1/view1_frontal.jpg",
+                {p: "0.0" for p in ("Pleural Effusion", "Edema", "Atelectasis", "Consolidation")}
+                | {"Cardiomegaly": "1.0"},
+            ),
+        ],
+    )
+    write_csv(
+        root / "CheXpert-v1.0-small" / "test_labels.csv",
+        [
+            row("test/patient64741/study1/view1_frontal.jpg", {"Edema": "1.0"}),
+        ],
+    )
+    write_csv(
+        root / "CheXphoto-v1.0" / "train.csv",
+        [
+            row(
+                "CheXphoto-v1.0/train/natural/nokia/patient00001/study1/view1_frontal.jpg",
+                {"Pleural Effusion": "1.0"},
+            ),
+            row("CheXphoto-v1.0/train/natural/iphone/patient00002/study2/view1_frontal.jpg"),
+            row("CheXphoto-v1.0/train/synthetic/digital/patient00001/study1/view1_frontal.jpg"),
+            row("CheXphoto-v1.0/train/synthetic/photographic/patient00002/study2/view1_frontal.jpg"),
+        ],
+    )
+    write_csv(
+        root / "CheXphoto-v1.0" / "valid" / "valid.csv",
+        [  # the other accepted location
+            row(
+                "CheXphoto-v1.0/valid/natural/oneplus/patient64541/study1/view1_frontal.jpg",
+                {"Cardiomegaly": "1", "Edema": "0"},
+            ),
+        ],
+    )
+    write_csv(
+        root / "CheXphoto-v1.1" / "valid.csv",
+        [
+            row(
+                "CheXphoto-v1.1/valid/film/VBSF00001/study1/view1_frontal.jpg",
+                {"Edema": "1"},
+                sex="",
+                age="",
+                ap_pa="",
+            ),
+        ],
+    )
     return root
 
 
@@ -50,9 +84,18 @@ def test_reads_every_layout_into_one_schema(tmp_path):
     first = by_rel.loc["CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg"]
     assert first["path"] == str(tmp_path / "CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg")
     assert (first["dataset"], first["domain"], first["kind"], first["file"], first["split"]) == (
-        "chexpert", "digital", "digital", "train", "train")
+        "chexpert",
+        "digital",
+        "digital",
+        "train",
+        "train",
+    )
     assert (first["patient"], first["study"], first["image"], first["view"]) == (
-        "patient00001", "study1", "view1_frontal", "frontal")
+        "patient00001",
+        "study1",
+        "view1_frontal",
+        "frontal",
+    )
     assert first["pleural_effusion"] == 1.0 and first["edema"] == -1.0 and first["cardiomegaly"] == 0.0
     assert np.isnan(first["atelectasis"])
     test = by_rel.loc["test/patient64741/study1/view1_frontal.jpg"]
@@ -60,11 +103,17 @@ def test_reads_every_layout_into_one_schema(tmp_path):
     assert (test["file"], test["split"]) == ("test", "test")
     kinds = catalog.set_index("rel_path")[["kind", "device", "domain"]]
     assert tuple(kinds.loc["CheXphoto-v1.0/train/natural/nokia/patient00001/study1/view1_frontal.jpg"]) == (
-        "natural", "nokia", "photo")
-    assert kinds.loc["CheXphoto-v1.0/train/synthetic/digital/patient00001/study1/view1_frontal.jpg", "kind"] == (
-        "synthetic-digital")
-    assert kinds.loc["CheXphoto-v1.0/train/synthetic/photographic/patient00002/study2/view1_frontal.jpg",
-                     "kind"] == "synthetic-photographic"
+        "natural",
+        "nokia",
+        "photo",
+    )
+    assert kinds.loc[
+        "CheXphoto-v1.0/train/synthetic/digital/patient00001/study1/view1_frontal.jpg", "kind"
+    ] == ("synthetic-digital")
+    assert (
+        kinds.loc["CheXphoto-v1.0/train/synthetic/photographic/patient00002/study2/view1_frontal.jpg", "kind"]
+        == "synthetic-photographic"
+    )
     film = by_rel.loc["CheXphoto-v1.1/valid/film/VBSF00001/study1/view1_frontal.jpg"]
     assert (film["kind"], film["patient"], film["file"], film["sex"]) == ("film", "VBSF00001", "valid", "")
     assert np.isnan(film["age"])
@@ -76,17 +125,22 @@ def test_reads_every_layout_into_one_schema(tmp_path):
 
 
 def test_prefix_is_stripped_not_hard_coded(tmp_path):
-    write_csv(tmp_path / "CheXpert-v1.0" / "train.csv", [
-        row("SomeOtherCopy/train/patient00009/study1/view1_frontal.jpg", {"Edema": "1.0"}),
-    ])
+    write_csv(
+        tmp_path / "CheXpert-v1.0" / "train.csv",
+        [
+            row("SomeOtherCopy/train/patient00009/study1/view1_frontal.jpg", {"Edema": "1.0"}),
+        ],
+    )
     catalog = read_catalog(tmp_path)
-    assert catalog["path"].iat[0] == str(tmp_path / "CheXpert-v1.0/train/patient00009/study1/view1_frontal.jpg")
+    assert catalog["path"].iat[0] == str(
+        tmp_path / "CheXpert-v1.0/train/patient00009/study1/view1_frontal.jpg"
+    )
 
 
 def test_generic_csv(tmp_path):
-    csv = write_csv(tmp_path / "mine.csv", [row("images/a/p1/s1/img1.png", {"Edema": "1.0"}),
-                                            row("b.png")],
-                    header=HEADER)
+    csv = write_csv(
+        tmp_path / "mine.csv", [row("images/a/p1/s1/img1.png", {"Edema": "1.0"}), row("b.png")], header=HEADER
+    )
     catalog = read_csv_file(csv)
     assert list(catalog["dataset"]) == ["other", "other"]
     assert list(catalog["kind"]) == ["digital", "digital"]
@@ -95,25 +149,38 @@ def test_generic_csv(tmp_path):
 
 
 def test_generic_csv_may_say_domain_and_kind(tmp_path):
-    csv = write_csv(tmp_path / "mine.csv", [row("p1/s1/v1.jpg") + ",photo,natural"], header=HEADER + ",domain,kind")
+    csv = write_csv(
+        tmp_path / "mine.csv", [row("p1/s1/v1.jpg") + ",photo,natural"], header=HEADER + ",domain,kind"
+    )
     catalog = read_csv_file(csv)
     assert (catalog["domain"].iat[0], catalog["kind"].iat[0]) == ("photo", "natural")
 
 
 @pytest.mark.parametrize("cell", ["2.0", "yes", "1.5"])
 def test_unknown_label_value_names_file_line_column(tmp_path, cell):
-    csv = write_csv(tmp_path / "CheXpert-v1.0-small" / "train.csv", [
-        row("CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg"),
-        row("CheXpert-v1.0-small/train/patient00002/study1/view1_frontal.jpg", {"Edema": cell}),
-    ])
+    csv = write_csv(
+        tmp_path / "CheXpert-v1.0-small" / "train.csv",
+        [
+            row("CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg"),
+            row("CheXpert-v1.0-small/train/patient00002/study1/view1_frontal.jpg", {"Edema": cell}),
+        ],
+    )
     with pytest.raises(CatalogError) as err:
         read_catalog(tmp_path)
     assert str(csv) in str(err.value) and "line 3" in str(err.value) and "'Edema'" in str(err.value)
     assert repr(cell) in str(err.value)
 
 
-@pytest.mark.parametrize("path", ["../../etc/passwd", "/etc/passwd", "CheXpert-v1.0-small/train/../../../x.jpg",
-                                  "C:/Windows/x.jpg", "CheXpert-v1.0-small/../../secret/p/s/v.jpg"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "../../etc/passwd",
+        "/etc/passwd",
+        "CheXpert-v1.0-small/train/../../../x.jpg",
+        "C:/Windows/x.jpg",
+        "CheXpert-v1.0-small/../../secret/p/s/v.jpg",
+    ],
+)
 def test_path_escaping_the_dataset_folder_is_refused(tmp_path, path):
     write_csv(tmp_path / "CheXpert-v1.0-small" / "train.csv", [row(path)])
     with pytest.raises(CatalogError, match="escapes the dataset folder"):
@@ -141,15 +208,21 @@ def test_missing_columns_empty_and_encoding(tmp_path):
     write_csv(csv, [])
     with pytest.raises(CatalogError, match="header but no rows"):
         read_catalog(tmp_path)
-    write_csv(csv, [row("CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg", sex="Fémale")],
-              encoding="latin-1")
+    write_csv(
+        csv,
+        [row("CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg", sex="Fémale")],
+        encoding="latin-1",
+    )
     with pytest.raises(CatalogError, match="not UTF-8"):
         read_catalog(tmp_path)
 
 
 def test_malformed_row_raises_or_is_skipped_and_reported(tmp_path):
     good = row("CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg")
-    write_csv(tmp_path / "CheXpert-v1.0-small" / "train.csv", [good, good.replace("view1", "view2") + ",extra,cells"])
+    write_csv(
+        tmp_path / "CheXpert-v1.0-small" / "train.csv",
+        [good, good.replace("view1", "view2") + ",extra,cells"],
+    )
     with pytest.raises(CatalogError, match="malformed CSV"):
         read_catalog(tmp_path)
     catalog = read_catalog(tmp_path, on_error="skip")
@@ -159,12 +232,15 @@ def test_malformed_row_raises_or_is_skipped_and_reported(tmp_path):
 
 
 def test_skip_mode_keeps_good_rows_and_lists_every_bad_one(tmp_path):
-    write_csv(tmp_path / "CheXpert-v1.0-small" / "train.csv", [
-        row("CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg", {"Edema": "1.0"}),
-        row("../../etc/passwd"),
-        row("CheXpert-v1.0-small/train/patient00003/study1/view1_frontal.jpg", {"Edema": "yes"}),
-        row("CheXpert-v1.0-small/train/patient00004/study1/view1_frontal.jpg", age="old"),
-    ])
+    write_csv(
+        tmp_path / "CheXpert-v1.0-small" / "train.csv",
+        [
+            row("CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg", {"Edema": "1.0"}),
+            row("../../etc/passwd"),
+            row("CheXpert-v1.0-small/train/patient00003/study1/view1_frontal.jpg", {"Edema": "yes"}),
+            row("CheXpert-v1.0-small/train/patient00004/study1/view1_frontal.jpg", age="old"),
+        ],
+    )
     catalog = read_catalog(tmp_path, on_error="skip", check_files=True)
     assert list(catalog["patient"]) == ["patient00001"]
     messages = [str(i) for i in catalog.attrs["issues"]]
@@ -175,12 +251,16 @@ def test_skip_mode_keeps_good_rows_and_lists_every_bad_one(tmp_path):
 
 
 def test_chexphoto_path_without_kind_folder_is_an_error(tmp_path):
-    write_csv(tmp_path / "CheXphoto-v1.0" / "train.csv",
-              [row("CheXphoto-v1.0/train/patient00001/study1/view1_frontal.jpg")])
+    write_csv(
+        tmp_path / "CheXphoto-v1.0" / "train.csv",
+        [row("CheXphoto-v1.0/train/patient00001/study1/view1_frontal.jpg")],
+    )
     with pytest.raises(CatalogError, match="lacks the natural"):
         read_catalog(tmp_path)
-    write_csv(tmp_path / "CheXphoto-v1.0" / "train.csv",
-              [row("CheXphoto-v1.0/train/synthetic/blurry/patient00001/study1/view1_frontal.jpg")])
+    write_csv(
+        tmp_path / "CheXphoto-v1.0" / "train.csv",
+        [row("CheXphoto-v1.0/train/synthetic/blurry/patient00001/study1/view1_frontal.jpg")],
+    )
     with pytest.raises(CatalogError, match="unknown image kind folder 'synthetic/blurry'"):
         read_catalog(tmp_path)
 

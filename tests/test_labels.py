@@ -5,10 +5,13 @@ import pytest
 from chextrain.labels import PATHOLOGIES, SLUGS, apply_policy, resolve_policy
 
 NAN = np.nan
-RAW = np.array([
-    [1, 0, -1, NAN, -1],
-    [-1, -1, 0, 1, NAN],
-], dtype=np.float32)
+RAW = np.array(
+    [
+        [1, 0, -1, NAN, -1],
+        [-1, -1, 0, 1, NAN],
+    ],
+    dtype=np.float32,
+)
 
 
 def test_order_is_the_papers():
@@ -42,11 +45,14 @@ def test_per_pathology_overrides_from_a_dataframe():
     assert targets.dtype == np.float32 and mask.dtype == np.float32
 
 
-@pytest.mark.parametrize("policy, message", [
-    ("maybe", "'maybe' is not one of"),
-    ({"Pneumonia": "ones"}, "unknown pathology 'Pneumonia'"),
-    ({"edema": "sometimes"}, "policy for 'edema' is 'sometimes'"),
-])
+@pytest.mark.parametrize(
+    "policy, message",
+    [
+        ("maybe", "'maybe' is not one of"),
+        ({"Pneumonia": "ones"}, "unknown pathology 'Pneumonia'"),
+        ({"edema": "sometimes"}, "policy for 'edema' is 'sometimes'"),
+    ],
+)
 def test_bad_policies(policy, message):
     with pytest.raises(ValueError, match=message):
         resolve_policy(policy)

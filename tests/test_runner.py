@@ -96,6 +96,9 @@ def test_baseline_writes_every_output(runs: dict[str, StageResult]) -> None:
     assert meta["config"] == resolved_config(tiny("baseline", optimizer={"lr": 1e-3}))
     assert set(r.metrics) >= {"val/Standard", "test/Standard", "test/Photos", "test/kind:natural"}
     assert "val/auc_mean" in (r.out_dir / "logs/csv/metrics.csv").read_text()
+    # OOD calibration on the validation images travels with the bundle.
+    assert meta["ood"]["n"] == len(pd.read_parquet(r.out_dir / "predictions_val.parquet"))
+    assert meta["ood"]["threshold"] > 0 and "router" not in meta
 
 
 def test_finished_stage_is_not_redone(runs: dict[str, StageResult], demo_root: Path,
@@ -143,6 +146,13 @@ def test_router_trains_alone_and_routes(runs: dict[str, StageResult]) -> None:
     assert "router.weight" in routed and "router.weight" not in two
     table = pd.read_parquet(runs["router"].out_dir / "predictions_test.parquet")
     assert table["router_prob"].between(0, 1).all()
+    # Router accuracy per kind on validation is reported in the bundle and the metrics.
+    val = pd.read_parquet(runs["router"].out_dir / "predictions_val.parquet")
+    meta = json.loads((runs["router"].out_dir / "model.json").read_text())
+    right = (val["router_prob"] > 0.5) == (val["domain"] == "photo")
+    assert meta["router"]["overall"] == pytest.approx(right.mean())
+    assert set(meta["router"]["per_kind"]) == set(val["kind"])
+    assert runs["router"].metrics["val/router"] == meta["router"]
     # Evaluation scores each image with its domain's head.
     assert (table.loc[table["domain"] == "photo", "head"] == "chexphoto").all()
     assert (table.loc[table["domain"] == "digital", "head"] == "chexpert").all()
@@ -151,6 +161,9 @@ def test_router_trains_alone_and_routes(runs: dict[str, StageResult]) -> None:
 def test_new_heads_on_a_shared_head_model_keep_its_encoder(runs: dict[str, StageResult]) -> None:
     mixed, new = weights(runs["mixed"]), weights(runs["new_heads"])
     assert same(mixed, new, "encoder.") and "heads.shared.weight" not in new
+    # New heads start from the mixed model's only head; the untrained one is still that head.
+    assert torch.equal(new["heads.chexphoto.weight"], mixed["heads.shared.weight"])
+    assert not torch.equal(new["heads.chexpert.weight"], mixed["heads.shared.weight"])
 
 
 def test_thresholds_are_tuned_per_head_on_the_rows_it_serves(runs: dict[str, StageResult]) -> None:

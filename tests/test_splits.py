@@ -8,14 +8,36 @@ def catalog(n_patients: int = 400) -> pd.DataFrame:
     rows = []
     for i in range(n_patients):
         patient = f"patient{i:05d}"
-        for dataset, kind, domain in (("chexpert", "digital", "digital"), ("chexphoto", "natural", "photo"),
-                                      ("chexphoto", "synthetic-digital", "photo")):
+        for dataset, kind, domain in (
+            ("chexpert", "digital", "digital"),
+            ("chexphoto", "natural", "photo"),
+            ("chexphoto", "synthetic-digital", "photo"),
+        ):
             for view in ("frontal", "lateral"):
-                rows.append({"dataset": dataset, "kind": kind, "domain": domain, "file": "train",
-                             "split": "train", "patient": patient, "view": view,
-                             "rel_path": f"{dataset}/{kind}/{patient}/study1/view_{view}.jpg"})
-    rows.append({"dataset": "chexpert", "kind": "digital", "domain": "digital", "file": "valid", "split": "test",
-                 "patient": "patient64541", "view": "frontal", "rel_path": "valid/patient64541/study1/v.jpg"})
+                rows.append(
+                    {
+                        "dataset": dataset,
+                        "kind": kind,
+                        "domain": domain,
+                        "file": "train",
+                        "split": "train",
+                        "patient": patient,
+                        "view": view,
+                        "rel_path": f"{dataset}/{kind}/{patient}/study1/view_{view}.jpg",
+                    }
+                )
+    rows.append(
+        {
+            "dataset": "chexpert",
+            "kind": "digital",
+            "domain": "digital",
+            "file": "valid",
+            "split": "test",
+            "patient": "patient64541",
+            "view": "frontal",
+            "rel_path": "valid/patient64541/study1/v.jpg",
+        }
+    )
     return pd.DataFrame(rows)
 
 

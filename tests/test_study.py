@@ -49,7 +49,9 @@ class FakeTrain:
 
 
 def run(study, tmp_path, train, **kw):
-    return run_study(study, tmp_path / "data", tmp_path / "out", train=train, progress=False, log=lambda s: None, **kw)
+    return run_study(
+        study, tmp_path / "data", tmp_path / "out", train=train, progress=False, log=lambda s: None, **kw
+    )
 
 
 def states(state):
@@ -69,12 +71,21 @@ def test_runs_caches_and_blocks(tmp_path, monkeypatch):
     train = FakeTrain()
     state = run(study, tmp_path, train)
     assert sorted(train.calls) == ["a", "b", "c", "solo"]
-    assert states(state) == {"a": "done", "b": "done", "c": "done", "solo": "done",
-                             "pre": "blocked", "after_pre": "blocked"}
+    assert states(state) == {
+        "a": "done",
+        "b": "done",
+        "c": "done",
+        "solo": "done",
+        "pre": "blocked",
+        "after_pre": "blocked",
+    }
     reasons = {s["name"]: s["reason"] for s in state["stages"]}
     assert reasons["pre"].startswith("needs moco")
     assert reasons["after_pre"].startswith("needs pre")
-    assert {s["name"]: s for s in study_status(tmp_path / "out")}["a"]["metrics"] == {"test/auc": 0.5, "test/mcc": 0.1}
+    assert {s["name"]: s for s in study_status(tmp_path / "out")}["a"]["metrics"] == {
+        "test/auc": 0.5,
+        "test/mcc": 0.1,
+    }
     again = FakeTrain()
     run(study, tmp_path, again)
     assert again.calls == []  # everything cached
@@ -98,7 +109,9 @@ def test_changed_config_reruns_stage_and_dependants_keeping_old_output(tmp_path)
 def test_failure_blocks_dependants_only(tmp_path):
     train = FakeTrain(fail={"a"})
     state = run(parse_study(STUDY), tmp_path, train)
-    assert states(state)["a"] == "failed" and states(state)["b"] == "blocked" and states(state)["c"] == "blocked"
+    assert (
+        states(state)["a"] == "failed" and states(state)["b"] == "blocked" and states(state)["c"] == "blocked"
+    )
     assert states(state)["solo"] == "done"
     assert "boom in a" in (tmp_path / "out" / "stages" / "a" / "error.txt").read_text()
     retry = FakeTrain()
@@ -116,7 +129,9 @@ def test_interrupted_stage_is_resumed_in_place(tmp_path):
             s["state"] = "running"
     (out / "study.json").write_text(json.dumps(data))
     (out / "stages" / "b").mkdir(parents=True)
-    (out / "stages" / "b" / "study_hash").write_text([s for s in data["stages"] if s["name"] == "b"][0]["hash"])
+    (out / "stages" / "b" / "study_hash").write_text(
+        [s for s in data["stages"] if s["name"] == "b"][0]["hash"]
+    )
     (out / "stages" / "b" / "checkpoint.partial").write_text("x")
     train = FakeTrain()
     run(study, tmp_path, train, only=["b"])
@@ -144,13 +159,16 @@ def test_profiles_and_variables():
         parse_study(data, profile="big")
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda d: d["stages"].append({"name": "x", "init": "stage:nope"}), "unknown stage 'nope'"),
-    (lambda d: d["stages"].append({"name": "a"}), "duplicate stage name 'a'"),
-    (lambda d: d.update(colour="red"), r"unknown key\(s\) \['colour'\]"),
-    (lambda d: d["stages"][1].update(freeze="half", batch_size=0), "freeze"),
-    (lambda d: d["stages"][1].update(init="stage:c"), "cycle"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d["stages"].append({"name": "x", "init": "stage:nope"}), "unknown stage 'nope'"),
+        (lambda d: d["stages"].append({"name": "a"}), "duplicate stage name 'a'"),
+        (lambda d: d.update(colour="red"), r"unknown key\(s\) \['colour'\]"),
+        (lambda d: d["stages"][1].update(freeze="half", batch_size=0), "freeze"),
+        (lambda d: d["stages"][1].update(init="stage:c"), "cycle"),
+    ],
+)
 def test_bad_studies(mutate, message):
     data = yaml.safe_load(yaml.safe_dump(STUDY))
     mutate(data)

@@ -25,7 +25,7 @@ def build_app() -> typer.Typer:
     """Build the Typer app with every command module registered."""
     app = typer.Typer(
         name="chextrain",
-        help="Train, evaluate, explain and serve chest x-ray classifiers for digital x-rays and phone photos.",
+        help="Train, evaluate, explain and serve chest x-ray classifiers for x-rays and photos of them.",
         no_args_is_help=True,
         add_completion=False,
         pretty_exceptions_enable=False,

@@ -30,7 +30,9 @@ def check(
     root: Path = typer.Argument(..., help="Folder holding CheXpert-*/CheXphoto-* release folders."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     no_files: bool = typer.Option(False, "--no-files", help="Do not check that image files exist."),
-    verify_images: bool = typer.Option(False, "--verify-images", help="Open every image and report unreadable ones."),
+    verify_images: bool = typer.Option(
+        False, "--verify-images", help="Open every image and report unreadable ones."
+    ),
 ) -> None:
     """Summarise every official CSV under ROOT and report problems (exit code 1 if any)."""
     try:
@@ -57,7 +59,9 @@ def print_report(report: dict, console: Console) -> None:
     for g in report["datasets"]:
         kinds = ", ".join(f"{k} {n}" for k, n in g["kinds"].items())
         views = ", ".join(f"{k} {n}" for k, n in g["views"].items())
-        table.add_row(g["dataset"], g["file"], str(g["rows"]), str(g["patients"]), str(g["studies"]), kinds, views)
+        table.add_row(
+            g["dataset"], g["file"], str(g["rows"]), str(g["patients"]), str(g["studies"]), kinds, views
+        )
     console.print(table)
     labels = Table(title="Labels (positive / negative / uncertain / blank)")
     labels.add_column("dataset/file")
@@ -67,8 +71,11 @@ def print_report(report: dict, console: Console) -> None:
         cells = ["{positive} / {negative} / {uncertain} / {blank}".format(**g["labels"][s]) for s in SLUGS]
         labels.add_row(f"{g['dataset']}/{g['file']}", *cells)
     console.print(labels)
-    for key, title in (("issues", "bad rows (skipped)"), ("missing_files", "missing files"),
-                       ("unreadable_images", "unreadable images")):
+    for key, title in (
+        ("issues", "bad rows (skipped)"),
+        ("missing_files", "missing files"),
+        ("unreadable_images", "unreadable images"),
+    ):
         items = report[key]
         if items:
             console.print(f"[red]{len(items)} {title}:[/red]")

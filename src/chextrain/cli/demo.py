@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "studies"
-DEMO_SIZES = {"digital": 1200, "photos": 1200, "valid": 100, "size": 128}
+DEMO_SIZES = {"digital": 1000, "photos": 1000, "valid": 100, "size": 128}
 
 
 def register(app: typer.Typer) -> None:
@@ -18,12 +18,18 @@ def register(app: typer.Typer) -> None:
 
 
 def demo(
-    out: Path = typer.Option(Path("demo"), "--out", help="Folder for the demo data, the study and its report."),
+    out: Path = typer.Option(
+        Path("demo"), "--out", help="Folder for the demo data, the study and its report."
+    ),
     study_file: Path = typer.Option(CONFIGS / "chextraining.yaml", "--study", help="Study YAML to run."),
-    budget: bool = typer.Option(False, "--budget/--no-budget", help="Also run the fixed-budget study (reduced grid)."),
+    budget: bool = typer.Option(
+        False, "--budget/--no-budget", help="Also run the fixed-budget study (reduced grid)."
+    ),
     digital: int = typer.Option(DEMO_SIZES["digital"], help="CheXpert train x-rays to generate."),
     photos: int = typer.Option(DEMO_SIZES["photos"], help="CheXphoto train photos to generate."),
-    valid: int = typer.Option(DEMO_SIZES["valid"], help="CheXpert valid x-rays (each also photographed 3 ways)."),
+    valid: int = typer.Option(
+        DEMO_SIZES["valid"], help="CheXpert valid x-rays (each also photographed 3 ways)."
+    ),
     size: int = typer.Option(DEMO_SIZES["size"], help="Demo image side in pixels."),
     seed: int = typer.Option(0, help="Seed of the demo data."),
 ) -> None:
@@ -45,7 +51,9 @@ def demo(
     for path in studies:
         study = load_study(path, profile="demo")
         folder = out / study.name
-        state = run_study(study, data, folder, log=lambda line: console.print(line, markup=False, highlight=False))
+        state = run_study(
+            study, data, folder, log=lambda line: console.print(line, markup=False, highlight=False)
+        )
         print_status(state["stages"], console)
         paths = write_report(folder)
         console.print(headline_table(folder))

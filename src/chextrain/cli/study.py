@@ -11,12 +11,20 @@ from rich.table import Table
 
 from chextrain.training.stage import StageError
 
-STATE_STYLE = {"done": "green", "running": "yellow", "pending": "white", "failed": "red", "blocked": "magenta"}
+STATE_STYLE = {
+    "done": "green",
+    "running": "yellow",
+    "pending": "white",
+    "failed": "red",
+    "blocked": "magenta",
+}
 
 
 def register(app: typer.Typer) -> None:
     """Add the `study` group to the app."""
-    study_app = typer.Typer(help="Run the paper's studies (DAGs of stages) and report them.", no_args_is_help=True)
+    study_app = typer.Typer(
+        help="Run the paper's studies (DAGs of stages) and report them.", no_args_is_help=True
+    )
     study_app.command("run")(run)
     study_app.command("status")(status)
     study_app.command("report")(report)
@@ -25,15 +33,19 @@ def register(app: typer.Typer) -> None:
 
 def run(
     study_file: Path = typer.Argument(..., help="Study YAML (e.g. configs/studies/chextraining.yaml)."),
-    data: Path = typer.Option(..., "--data", help="Data root holding the CheXpert/CheXphoto release folders."),
+    data: Path = typer.Option(
+        ..., "--data", help="Data root holding the CheXpert/CheXphoto release folders."
+    ),
     out: Path = typer.Option(..., "--out", help="Study output folder (re-use it to resume)."),
     profile: str = typer.Option(None, "--profile", help="A profile of the study file, e.g. demo."),
-    only: list[str] = typer.Option(None, "--only", help="Run only this stage (and what it needs); repeatable."),
+    only: list[str] = typer.Option(
+        None, "--only", help="Run only this stage (and what it needs); repeatable."
+    ),
     overrides: list[str] = typer.Option(None, "--set", help="variable=value or stage key=value; repeatable."),
     no_report: bool = typer.Option(False, "--no-report", help="Do not write the report at the end."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars (logs only)."),
 ) -> None:
-    """Run every stage of STUDY_FILE in dependency order; finished stages are skipped, interrupted ones resume."""
+    """Run the stages of STUDY_FILE in dependency order; finished ones are skipped, killed ones resume."""
     from chextrain.training.study import load_study, run_study
 
     console = Console()
@@ -43,8 +55,14 @@ def run(
         Console(stderr=True).print(f"[red]error:[/red] {err}", markup=True, highlight=False)
         raise typer.Exit(2) from err
     t0 = time.time()
-    state = run_study(study, data, out, only=only or None, progress=not no_progress,
-                      log=lambda line: console.print(line, markup=False, highlight=False))
+    state = run_study(
+        study,
+        data,
+        out,
+        only=only or None,
+        progress=not no_progress,
+        log=lambda line: console.print(line, markup=False, highlight=False),
+    )
     console.print(f"study {study.name!r} finished in {(time.time() - t0) / 60:.1f} min")
     print_status(state["stages"], console)
     if not no_report:
@@ -95,6 +113,12 @@ def print_status(stages: list[dict], console: Console) -> None:
         style = STATE_STYLE.get(s["state"], "white")
         seconds = f"{s['seconds']:.0f} s" if s.get("seconds") else ""
         head = ", ".join(f"{k} {v:.3f}" for k, v in list(s.get("metrics", {}).items())[:3])
-        table.add_row(s["name"], s.get("label", ""), f"[{style}]{s['state']}[/{style}]", seconds, head,
-                      s.get("reason", ""))
+        table.add_row(
+            s["name"],
+            s.get("label", ""),
+            f"[{style}]{s['state']}[/{style}]",
+            seconds,
+            head,
+            s.get("reason", ""),
+        )
     console.print(table)

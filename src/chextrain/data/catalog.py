@@ -26,13 +26,31 @@ import pandas as pd
 from chextrain.labels import CHEXPERT_COLUMNS, PATHOLOGIES, SLUGS
 
 CATALOG_COLUMNS: tuple[str, ...] = (
-    "path", "rel_path", "dataset", "domain", "kind", "device", "file", "split",
-    "patient", "study", "image", "view", "sex", "age", "ap_pa", *SLUGS, "row",
+    "path",
+    "rel_path",
+    "dataset",
+    "domain",
+    "kind",
+    "device",
+    "file",
+    "split",
+    "patient",
+    "study",
+    "image",
+    "view",
+    "sex",
+    "age",
+    "ap_pa",
+    *SLUGS,
+    "row",
 )
 KINDS: tuple[str, ...] = ("digital", "natural", "synthetic-digital", "synthetic-photographic", "film")
 DOMAIN_OF_KIND: dict[str, str] = {
-    "digital": "digital", "natural": "photo", "synthetic-digital": "photo",
-    "synthetic-photographic": "photo", "film": "photo",
+    "digital": "digital",
+    "natural": "photo",
+    "synthetic-digital": "photo",
+    "synthetic-photographic": "photo",
+    "film": "photo",
 }
 SPLIT_DIRS: frozenset[str] = frozenset({"train", "valid", "test"})
 OFFICIAL_FILES: tuple[tuple[str, str], ...] = (
@@ -115,8 +133,9 @@ def read_catalog(root: Path, *, on_error: str = "raise", check_files: bool = Fal
     for release in releases:
         dataset = dataset_of_folder(release.name)
         for file_key, csv_path in official_csvs(release).items():
-            part = read_csv_file(csv_path, release, dataset=dataset, file=file_key,
-                                 on_error=on_error, check_files=check_files)
+            part = read_csv_file(
+                csv_path, release, dataset=dataset, file=file_key, on_error=on_error, check_files=check_files
+            )
             issues.extend(part.attrs.get("issues", []))
             parts.append(part)
     catalog = concat_catalogs(parts)
@@ -200,14 +219,20 @@ def read_csv_file(
     normed = pd.Series(_normalise(_inner_paths(rel, dataset, strip_prefix)), index=rel.index, dtype=object)
     escapes = normed.str.startswith("/") | normed.str.startswith("..") | rel.str.startswith("/")
     escapes |= rel.str.match(r"^[A-Za-z]:") | rel.str.contains(r"(?:^|/)\.\.(?:/|$)", regex=True)
-    flag((escapes & (rel != "")).to_numpy(), "Path",
-         [f"path {p!r} escapes the dataset folder {str(base_dir)!r}" for p in rel[escapes & (rel != "")]])
+    flag(
+        (escapes & (rel != "")).to_numpy(),
+        "Path",
+        [f"path {p!r} escapes the dataset folder {str(base_dir)!r}" for p in rel[escapes & (rel != "")]],
+    )
 
     labels = {}
     for pathology, slug in zip(PATHOLOGIES, SLUGS, strict=True):
         values, invalid = _parse_labels(raw[pathology])
-        flag(invalid, pathology,
-             [f"label {v!r} is not one of 1.0, 0.0, -1.0 or blank" for v in raw[pathology][invalid]])
+        flag(
+            invalid,
+            pathology,
+            [f"label {v!r} is not one of 1.0, 0.0, -1.0 or blank" for v in raw[pathology][invalid]],
+        )
         labels[slug] = values
     age = pd.to_numeric(raw["Age"].str.strip().replace("", np.nan), errors="coerce")
     bad_age = age.isna().to_numpy() & (raw["Age"].str.strip() != "").to_numpy()
@@ -222,26 +247,30 @@ def read_csv_file(
         flag(dup, "Path", [f"duplicate of line {first_line[i]} (same Path)" for i in np.flatnonzero(dup)])
 
     view = raw["Frontal/Lateral"].str.strip().str.lower()
-    view = view.where(view != "", fields["image"].str.extract(r"_(frontal|lateral)$", expand=False).fillna(""))
-    out = pd.DataFrame({
-        "path": [base + p if p else "" for p in normed.tolist()],
-        "rel_path": rel,
-        "dataset": dataset or "other",
-        "domain": fields["kind"].map(DOMAIN_OF_KIND).fillna(""),
-        "kind": fields["kind"],
-        "device": fields["device"],
-        "file": file,
-        "split": "train" if file == "train" else "test",
-        "patient": fields["patient"],
-        "study": fields["study"],
-        "image": fields["image"],
-        "view": view,
-        "sex": raw["Sex"].str.strip(),
-        "age": age.astype(float),
-        "ap_pa": raw["AP/PA"].str.strip(),
-        **{slug: labels[slug] for slug in SLUGS},
-        "row": lines,
-    })
+    view = view.where(
+        view != "", fields["image"].str.extract(r"_(frontal|lateral)$", expand=False).fillna("")
+    )
+    out = pd.DataFrame(
+        {
+            "path": [base + p if p else "" for p in normed.tolist()],
+            "rel_path": rel,
+            "dataset": dataset or "other",
+            "domain": fields["kind"].map(DOMAIN_OF_KIND).fillna(""),
+            "kind": fields["kind"],
+            "device": fields["device"],
+            "file": file,
+            "split": "train" if file == "train" else "test",
+            "patient": fields["patient"],
+            "study": fields["study"],
+            "image": fields["image"],
+            "view": view,
+            "sex": raw["Sex"].str.strip(),
+            "age": age.astype(float),
+            "ap_pa": raw["AP/PA"].str.strip(),
+            **{slug: labels[slug] for slug in SLUGS},
+            "row": lines,
+        }
+    )
     for column in ("domain", "kind"):  # generic CSVs may say what the images are
         if dataset is None and column in raw.columns:
             given = raw[column].str.strip()
@@ -250,7 +279,11 @@ def read_csv_file(
     if check_files and len(out):
         exists = np.fromiter((Path(p).is_file() for p in out["path"]), dtype=bool, count=len(out))
         for i in np.flatnonzero(~exists):
-            issues.append(CatalogIssue(name, int(out["row"].iat[i]), "Path", f"image file not found: {out['path'].iat[i]}"))
+            issues.append(
+                CatalogIssue(
+                    name, int(out["row"].iat[i]), "Path", f"image file not found: {out['path'].iat[i]}"
+                )
+            )
     out.attrs["issues"] = issues
     return out
 
@@ -266,14 +299,19 @@ def _read_raw_csv(csv_path: Path, on_error: str, issues: list[CatalogIssue]) -> 
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise CatalogError(
-            f"{name}: not UTF-8 text (byte {exc.start}: {data[exc.start:exc.start + 1]!r}); "
+            f"{name}: not UTF-8 text (byte {exc.start}: {data[exc.start : exc.start + 1]!r}); "
             "re-save the CSV as UTF-8"
         ) from exc
     if not text.strip():
         raise CatalogError(f"{name}: empty CSV (expected the header {','.join(CHEXPERT_COLUMNS)})")
     wanted = {*REQUIRED_COLUMNS, "domain", "kind"}  # the other label columns are never used
-    options = dict(dtype=str, keep_default_na=False, na_filter=False, skip_blank_lines=True,
-                   usecols=lambda c: str(c).strip() in wanted)
+    options = dict(
+        dtype=str,
+        keep_default_na=False,
+        na_filter=False,
+        skip_blank_lines=True,
+        usecols=lambda c: str(c).strip() in wanted,
+    )
     lines = [s for s in text.splitlines() if s.strip()]
     ragged = '"' in text or any(s.count(",") != lines[0].count(",") for s in lines)
     if ragged:  # quoted cells or rows with the wrong number of fields: parse exactly, row by row
@@ -312,14 +350,20 @@ def _inner_paths(rel: pd.Series, dataset: str | None, strip_prefix: bool | None)
     out = []
     for path in rel.tolist():
         first, sep, rest = path.partition("/")
-        strip = (bool(dataset) and bool(first) and first not in SPLIT_DIRS) if strip_prefix is None else strip_prefix
+        strip = (
+            (bool(dataset) and bool(first) and first not in SPLIT_DIRS)
+            if strip_prefix is None
+            else strip_prefix
+        )
         out.append(rest if strip and sep else path)
     return out
 
 
 def _normalise(paths: list[str]) -> list[str]:
     """posixpath.normpath, only where a path has something to normalise (fast on clean paths)."""
-    return [posixpath.normpath(p) if p and ("//" in p or "/." in p or p.startswith(".")) else p for p in paths]
+    return [
+        posixpath.normpath(p) if p and ("//" in p or "/." in p or p.startswith(".")) else p for p in paths
+    ]
 
 
 def _parse_labels(cells: pd.Series) -> tuple[np.ndarray, np.ndarray]:
@@ -343,8 +387,14 @@ def _kind_of(middle: str, dataset: str | None) -> tuple[str, str, str]:
         return f"synthetic-{parts[1]}", "", ""
     if parts == ["film"]:
         return "film", "", ""
-    return "", "", (f"unknown image kind folder {middle!r}; expected natural/<device>, "
-                    "synthetic/digital, synthetic/photographic or film")
+    return (
+        "",
+        "",
+        (
+            f"unknown image kind folder {middle!r}; expected natural/<device>, "
+            "synthetic/digital, synthetic/photographic or film"
+        ),
+    )
 
 
 def _path_fields(inner: list[str], dataset: str | None) -> pd.DataFrame:

@@ -27,16 +27,18 @@ def summarise(catalog: pd.DataFrame) -> list[dict[str, Any]]:
     """One entry per (dataset, official file): rows, patients, studies, kinds, label states."""
     groups = []
     for (dataset, file), part in catalog.groupby(["dataset", "file"], sort=True):
-        groups.append({
-            "dataset": dataset,
-            "file": file,
-            "rows": len(part),
-            "patients": int(part["patient"].nunique()),
-            "studies": int((part["patient"] + "/" + part["study"]).nunique()),
-            "kinds": {k: int(n) for k, n in part["kind"].value_counts().items() if k in KINDS},
-            "views": {k: int(n) for k, n in part["view"].value_counts().items()},
-            "labels": {slug: label_states(part[slug]) for slug in SLUGS},
-        })
+        groups.append(
+            {
+                "dataset": dataset,
+                "file": file,
+                "rows": len(part),
+                "patients": int(part["patient"].nunique()),
+                "studies": int((part["patient"] + "/" + part["study"]).nunique()),
+                "kinds": {k: int(n) for k, n in part["kind"].value_counts().items() if k in KINDS},
+                "views": {k: int(n) for k, n in part["view"].value_counts().items()},
+                "labels": {slug: label_states(part[slug]) for slug in SLUGS},
+            }
+        )
     return groups
 
 

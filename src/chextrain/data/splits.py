@@ -22,7 +22,8 @@ def unit_hash(keys: pd.Series, seed: int) -> np.ndarray:
     salt = str(int(seed)).encode() + b"\x00"
     draws = np.fromiter(
         (int.from_bytes(hashlib.blake2b(salt + k.encode(), digest_size=8).digest(), "big") for k in uniques),
-        dtype=np.uint64, count=len(uniques),
+        dtype=np.uint64,
+        count=len(uniques),
     )
     return (draws >> np.uint64(11)).astype(np.float64)[codes] / float(1 << 53)
 

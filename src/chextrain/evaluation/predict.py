@@ -106,6 +106,16 @@ def arrays(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return pick("target"), pick("prob"), pick("mask")
 
 
+def router_accuracy(table: pd.DataFrame) -> dict[str, Any] | None:
+    """Share of rows the router sends to the right domain (P(photo) > 0.5 iff a photo), per kind."""
+    if "router_prob" not in table or table.empty:
+        return None
+    right = (table["router_prob"].to_numpy() > 0.5) == (table["domain"].to_numpy() == "photo")
+    kinds = table["kind"].to_numpy()
+    per_kind = {str(k): float(right[kinds == k].mean()) for k in sorted(set(kinds))}
+    return {"overall": float(right.mean()), "per_kind": per_kind, "n": int(len(table))}
+
+
 def tune_head_thresholds(table: pd.DataFrame) -> dict[str, dict[str, float]]:
     """Per head, thresholds maximising MCC on the rows that head scored (validation predictions)."""
     out = {}

@@ -234,17 +234,27 @@ def load_encoder_state(model: CXRNet, state: Mapping[str, torch.Tensor], report:
 
 
 def _load_heads(model: CXRNet, state: Mapping[str, torch.Tensor], base: str, report: InitReport) -> set[str]:
-    """Copy heads (and the router) whose names and shapes match; return the checkpoint keys used."""
+    """Copy heads (and the router) whose names and shapes match; return the checkpoint keys used.
+
+    A head the checkpoint lacks starts from the checkpoint's head when it has exactly one (e.g.
+    per-domain heads grown from a mixed model's shared head), reported as `new<-old`.
+    """
     used: set[str] = set()
+    prefix = f"{base}heads."
+    sources = sorted({k[len(prefix):].split(".", 1)[0] for k in state if k.startswith(prefix)})
     parts = {f"heads.{h}": model.heads[h] for h in model.head_names}
     if model.router is not None:
         parts["router"] = model.router
     for name, module in parts.items():
-        sd = {k: state.get(f"{base}{name}.{k}") for k in module.state_dict()}
+        source = name
+        if name.startswith("heads.") and name[len("heads."):] not in sources and len(sources) == 1:
+            source = f"heads.{sources[0]}"
+        sd = {k: state.get(f"{base}{source}.{k}") for k in module.state_dict()}
         if all(v is not None and v.shape == module.state_dict()[k].shape for k, v in sd.items()):
             module.load_state_dict(sd)
-            used |= {f"{base}{name}.{k}" for k in sd}
-            report.heads_loaded.append(name.removeprefix("heads."))
+            used |= {f"{base}{source}.{k}" for k in sd}
+            label = name.removeprefix("heads.")
+            report.heads_loaded.append(label if source == name else f"{label}<-{source.removeprefix('heads.')}")
     return used
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import pandas as pd
 import torch
 import yaml
@@ -29,7 +30,13 @@ from chextrain.data.catalog import read_catalog
 from chextrain.data.dataset import CatalogDataset, make_loader
 from chextrain.data.splits import assign_splits, sample_budget
 from chextrain.data.transforms import as_preprocessing
-from chextrain.evaluation.predict import jsonable, predict, tune_head_thresholds, write_evaluation
+from chextrain.evaluation.predict import (
+    jsonable,
+    predict,
+    router_accuracy,
+    tune_head_thresholds,
+    write_evaluation,
+)
 from chextrain.models.net import CXRNet
 from chextrain.models.weights import expected_input, init_model, save_bundle
 from chextrain.training.stage import (
@@ -357,8 +364,31 @@ def finish_stage(stage: Stage, model: CXRNet, catalog: pd.DataFrame, out_dir: Pa
             "thresholds": thresholds, "domain_heads": stage.domain_heads, "stage": stage.name,
             "label": stage.title, "metrics": metrics, "config": resolved_config(stage), "config_hash": digest,
             "policy": stage.policy, "training": train_info}
+    if "val" in tables:
+        router = router_accuracy(tables["val"])
+        if router is not None:
+            meta["router"] = metrics["val/router"] = router
+        meta["ood"] = calibrate_stage_ood(model, catalog.loc[catalog["split"] == "val"], stage)
     save_bundle(model, out_dir, meta)
     return metrics
+
+
+def calibrate_stage_ood(model: CXRNet, rows: pd.DataFrame, stage: Stage) -> dict[str, Any] | None:
+    """OOD calibration (inference.calibrate_ood) on the validation images of both domains.
+
+    None when there are too few images to calibrate; predictions then say "uncalibrated".
+    """
+    from chextrain.inference import PredictorError, calibrate_ood, ood_features
+
+    dataset = CatalogDataset(rows.reset_index(drop=True), image_size=stage.image_size,
+                             preprocessing=stage.preprocess, policy="ones", head_names=model.head_names,
+                             head=model.head_names[0])
+    loader = torch.utils.data.DataLoader(dataset, batch_size=max(stage.batch_size, 32))
+    features = [ood_features(model, batch["image"]) for batch in loader]  # each B x D
+    try:
+        return calibrate_ood(model, np.concatenate(features)) if features else None
+    except PredictorError:
+        return None
 
 
 def _write_yaml(path: Path, data: Any) -> None:

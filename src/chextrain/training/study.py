@@ -4,7 +4,8 @@ Study file keys: `name`, `defaults` (stage keys applied to every stage), `stages
 stage specs; `init: stage:NAME` makes the DAG), `variables` (named values substituted as
 `${name}` in stage strings; `--set name=value` replaces one) and `profiles`
 (`{demo: {defaults: {...}, stages: {NAME: {...}}, only: [NAME, ...], fallbacks: {imagenet: random}}}`)
-that scale a study down (`only` keeps a reduced set of stages). Every stage runs in DIR/stages/NAME; DIR/study.json records the state of each.
+that scale a study down (`only` keeps a reduced set of stages). Every stage runs in
+DIR/stages/NAME; DIR/study.json records the state of each.
 
 A finished stage is skipped on a re-run; an interrupted one resumes from its checkpoint; a stage
 whose resolved config changed (its hash, which includes its dependencies' hashes) is re-run from
@@ -65,7 +66,9 @@ def _substitute(value: Any, variables: Mapping[str, Any], where: str) -> Any:
         whole = _VAR.fullmatch(value)
         if whole:
             if whole.group(1) not in variables:
-                raise StageError(f"{where}: unknown variable ${{{whole.group(1)}}}; defined: {sorted(variables)}")
+                raise StageError(
+                    f"{where}: unknown variable ${{{whole.group(1)}}}; defined: {sorted(variables)}"
+                )
             return variables[whole.group(1)]
 
         def one(m: re.Match) -> str:
@@ -87,7 +90,7 @@ def stage_deps(stage: Stage) -> list[str]:
 
     def walk(value: Any) -> None:
         if isinstance(value, str) and value.startswith(REF_PREFIX):
-            found.append(value[len(REF_PREFIX):])
+            found.append(value[len(REF_PREFIX) :])
         elif isinstance(value, Mapping):
             for v in value.values():
                 walk(v)
@@ -99,8 +102,9 @@ def stage_deps(stage: Stage) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def parse_study(data: Any, *, source: str = "study", profile: str | None = None,
-                overrides: Sequence[str] = ()) -> Study:
+def parse_study(
+    data: Any, *, source: str = "study", profile: str | None = None, overrides: Sequence[str] = ()
+) -> Study:
     """Validate a study mapping; StageError lists the problems (stage by stage)."""
     if not isinstance(data, Mapping):
         raise StageError(f"{source}: expected a mapping with keys {list(STUDY_KEYS)}")
@@ -117,7 +121,9 @@ def parse_study(data: Any, *, source: str = "study", profile: str | None = None,
         chosen = profiles[profile] or {}
         bad = sorted(set(chosen) - set(PROFILE_KEYS))
         if bad:
-            raise StageError(f"{source}: profile {profile!r} has unknown key(s) {bad}; allowed: {list(PROFILE_KEYS)}")
+            raise StageError(
+                f"{source}: profile {profile!r} has unknown key(s) {bad}; allowed: {list(PROFILE_KEYS)}"
+            )
     variables = dict(data.get("variables") or {})
     stage_overrides = []
     for item in overrides:
@@ -134,7 +140,9 @@ def parse_study(data: Any, *, source: str = "study", profile: str | None = None,
         raise StageError(f"{source}: profile {profile!r} names unknown stage(s) {missing}")
     keep = set(chosen.get("only") or names)
     if keep - set(names):
-        raise StageError(f"{source}: profile {profile!r} `only` names unknown stage(s) {sorted(keep - set(names))}")
+        raise StageError(
+            f"{source}: profile {profile!r} `only` names unknown stage(s) {sorted(keep - set(names))}"
+        )
     stages: dict[str, Stage] = {}
     problems: list[str] = []
     for i, spec in enumerate(data["stages"]):
@@ -165,8 +173,13 @@ def parse_study(data: Any, *, source: str = "study", profile: str | None = None,
     except graphlib.CycleError as err:
         raise StageError(f"{source}: stages form a cycle: {' -> '.join(err.args[1])}") from None
     return Study(
-        name=str(data.get("name", Path(source).stem)), source=source, profile=profile, stages=stages,
-        deps=deps, order=order, fallbacks=dict(chosen.get("fallbacks") or {}),
+        name=str(data.get("name", Path(source).stem)),
+        source=source,
+        profile=profile,
+        stages=stages,
+        deps=deps,
+        order=order,
+        fallbacks=dict(chosen.get("fallbacks") or {}),
     )
 
 
@@ -241,18 +254,30 @@ def run_study(
     hashes = study_hashes(study)
     wanted = _closure(study, only) if only else set(study.order)
     previous = {s["name"]: s for s in read_state(out_dir).get("stages", [])}
-    state = {"name": study.name, "source": study.source, "profile": study.profile,
-             "data_root": str(data_root), "notes": [], "stages": []}
+    state = {
+        "name": study.name,
+        "source": study.source,
+        "profile": study.profile,
+        "data_root": str(data_root),
+        "notes": [],
+        "stages": [],
+    }
     records: dict[str, dict[str, Any]] = {}
     for name in study.order:
         stage = study.stages[name]
         old = previous.get(name, {})
         records[name] = {
-            "name": name, "label": stage.title, "kind": stage.objective, "hash": hashes[name],
-            "dir": str(stage_dir(out_dir, name)), "deps": study.deps[name],
+            "name": name,
+            "label": stage.title,
+            "kind": stage.objective,
+            "hash": hashes[name],
+            "dir": str(stage_dir(out_dir, name)),
+            "deps": study.deps[name],
             "budget": stage.data.budget.model_dump() if stage.data.budget else None,
             "state": old.get("state", "pending") if old.get("hash") == hashes[name] else "pending",
-            "reason": old.get("reason", ""), "seconds": old.get("seconds"), "notes": old.get("notes", []),
+            "reason": old.get("reason", ""),
+            "seconds": old.get("seconds"),
+            "notes": old.get("notes", []),
             "metrics": old.get("metrics", {}),
         }
         if records[name]["state"] == "running":  # killed mid-stage: it resumes
@@ -271,8 +296,9 @@ def run_study(
             log(f"[{i}/{len(todo)}] {name}: done (cached)")
             continue
         failed_deps = [d for d in study.deps[name] if records[d]["state"] != "done"]
-        reason = blocker(stage) or (f"needs {', '.join(failed_deps)} ({records[failed_deps[0]]['state']})"
-                                    if failed_deps else None)
+        reason = blocker(stage) or (
+            f"needs {', '.join(failed_deps)} ({records[failed_deps[0]]['state']})" if failed_deps else None
+        )
         if reason:
             rec.update(state="blocked", reason=reason, metrics={})
             log(f"[{i}/{len(todo)}] {name}: blocked: {reason}")
@@ -288,9 +314,13 @@ def run_study(
             log(f"    note: {note}")
         t0 = time.time()
         try:
-            result = train(stage, Path(data_root), folder,
-                           resolve_ref=lambda ref: stage_dir(out_dir, ref.removeprefix(REF_PREFIX)),
-                           progress=progress)
+            result = train(
+                stage,
+                Path(data_root),
+                folder,
+                resolve_ref=lambda ref: stage_dir(out_dir, ref.removeprefix(REF_PREFIX)),
+                progress=progress,
+            )
         except Exception as exc:  # a failed stage blocks its dependants only
             rec.update(state="failed", reason=f"{type(exc).__name__}: {exc}", seconds=time.time() - t0)
             (folder / "error.txt").write_text(traceback.format_exc())
@@ -340,7 +370,9 @@ def _apply_fallbacks(stage: Stage, fallbacks: Mapping[str, str]) -> tuple[Stage,
         if not _imagenet_available(stage.backbone):
             replacement = fallbacks["imagenet"]
             stage = stage.model_copy(update={"init": replacement})
-            notes.append(f"ImageNet weights for {stage.backbone} are not on this machine: init {replacement!r} used")
+            notes.append(
+                f"ImageNet weights for {stage.backbone} are not on this machine: init {replacement!r} used"
+            )
     return stage, notes
 
 

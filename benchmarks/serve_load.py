@@ -26,8 +26,8 @@ from PIL import Image
 
 from chextrain.data.demo import write_demo
 from chextrain.inference import Predictor
+from chextrain.models.bundle import save_bundle
 from chextrain.models.net import CXRNet
-from chextrain.models.weights import save_bundle
 from chextrain.serve.app import create_app, running_server
 
 

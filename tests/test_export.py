@@ -20,8 +20,8 @@ from chextrain.export import (
 )
 from chextrain.inference import Predictor, TorchRuntime
 from chextrain.labels import PATHOLOGIES, SLUGS
+from chextrain.models.bundle import load_bundle, save_bundle
 from chextrain.models.net import CXRNet
-from chextrain.models.weights import load_bundle, save_bundle
 from tests.test_inference import KINDS, demo_files, plain_bundle, routed_bundle, use_demo  # noqa: F401
 
 

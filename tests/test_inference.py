@@ -31,8 +31,8 @@ from chextrain.inference import (
     ood_scores,
 )
 from chextrain.labels import SLUGS
+from chextrain.models.bundle import save_bundle
 from chextrain.models.net import CXRNet
-from chextrain.models.weights import save_bundle
 
 SIZE = 64
 KINDS = {  # kind -> glob under the demo root

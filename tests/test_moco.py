@@ -22,8 +22,9 @@ from chextrain.data.catalog import read_catalog
 from chextrain.data.demo import write_demo
 from chextrain.data.splits import assign_splits
 from chextrain.evaluation.probe import probe
+from chextrain.models.bundle import load_bundle
 from chextrain.models.net import CXRNet
-from chextrain.models.weights import WeightsError, expected_input, init_model, load_bundle, read_checkpoint
+from chextrain.models.weights import WeightsError, expected_input, init_model, read_checkpoint
 from chextrain.training.moco import (
     MocoModule,
     batch_shuffle,
@@ -35,7 +36,8 @@ from chextrain.training.moco import (
 )
 from chextrain.training.moco_data import MocoCxrAugment, MocoDataset, photo_partners
 from chextrain.training.runner import apply_expected_input, train_stage
-from chextrain.training.stage import MocoSpec, PhotoAwareSpec, StageError, config_hash, parse_stage
+from chextrain.training.specs import MocoSpec, PhotoAwareSpec
+from chextrain.training.stage import StageError, config_hash, parse_stage
 
 
 def _module(queue_size: int = 8, proj_dim: int = 4, momentum: float = 0.9) -> MocoModule:

@@ -23,8 +23,8 @@ from chextrain.evaluation.predict import (
     tune_head_thresholds,
 )
 from chextrain.labels import SLUGS, apply_policy
+from chextrain.models.bundle import save_bundle
 from chextrain.models.net import CXRNet
-from chextrain.models.weights import save_bundle
 
 DOMAIN_HEADS = {"digital": "xray", "photo": "photo"}
 

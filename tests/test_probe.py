@@ -22,8 +22,9 @@ from chextrain.evaluation.probe import (
     probe_run,
 )
 from chextrain.labels import SLUGS
+from chextrain.models.bundle import save_bundle
 from chextrain.models.net import CXRNet
-from chextrain.models.weights import WeightsError, save_bundle
+from chextrain.models.weights import WeightsError
 
 
 def _separable(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from chextrain.training.stage import StageError
-from chextrain.training.study import load_study, parse_study, run_study, study_status
+from chextrain.training.study import load_study, parse_study
+from chextrain.training.study_run import run_study, study_status
 
 STUDY = {
     "name": "toy",

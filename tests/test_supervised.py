@@ -10,7 +10,7 @@ from sklearn.metrics import roc_auc_score
 
 from chextrain.labels import SLUGS
 from chextrain.models.net import CXRNet
-from chextrain.training.stage import OptimizerSpec
+from chextrain.training.specs import OptimizerSpec
 from chextrain.training.supervised import SupervisedModule, make_optimizer, masked_bce, validation_metrics
 
 

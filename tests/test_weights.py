@@ -13,14 +13,9 @@ import torchvision
 from safetensors.torch import save_file
 
 from chextrain.labels import PATHOLOGIES
+from chextrain.models.bundle import load_bundle, save_bundle
 from chextrain.models.net import CXRNet
-from chextrain.models.weights import (
-    WeightsError,
-    imagenet_checkpoint_path,
-    init_model,
-    load_bundle,
-    save_bundle,
-)
+from chextrain.models.weights import WeightsError, imagenet_checkpoint_path, init_model
 
 
 def _images(n: int = 3, size: int = 32) -> torch.Tensor:

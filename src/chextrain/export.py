@@ -30,8 +30,8 @@ import onnxruntime as ort
 import torch
 
 from chextrain.inference import ScoringNet
+from chextrain.models.bundle import META_FILE, WEIGHTS_FILE
 from chextrain.models.net import CXRNet
-from chextrain.models.weights import META_FILE, WEIGHTS_FILE
 
 ONNX_FILE = "model.onnx"  # looked for next to a bundle's model.json
 METADATA_KEY = "chextrain"

@@ -35,8 +35,8 @@ from torch import nn
 
 from chextrain.data.transforms import as_preprocessing, preprocess, resize, to_grey
 from chextrain.labels import NAME_OF, SLUGS
+from chextrain.models.bundle import load_bundle
 from chextrain.models.net import CXRNet
-from chextrain.models.weights import load_bundle
 
 DOMAINS: tuple[str, ...] = ("auto", "digital", "photo")
 RUNTIMES: tuple[str, ...] = ("torch", "onnx")

@@ -37,7 +37,8 @@ def demo(
     from chextrain.cli.study import print_status
     from chextrain.data.demo import write_demo
     from chextrain.evaluation.report import headline_table, write_report
-    from chextrain.training.study import load_study, run_study
+    from chextrain.training.study import load_study
+    from chextrain.training.study_run import run_study
 
     console = Console()
     t0 = time.time()

@@ -46,7 +46,8 @@ def run(
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars (logs only)."),
 ) -> None:
     """Run the stages of STUDY_FILE in dependency order; finished ones are skipped, killed ones resume."""
-    from chextrain.training.study import load_study, run_study
+    from chextrain.training.study import load_study
+    from chextrain.training.study_run import run_study
 
     console = Console()
     try:
@@ -73,7 +74,7 @@ def run(
 
 def status(out: Path = typer.Argument(..., help="Study output folder.")) -> None:
     """Show each stage's state (done / running / pending / failed / blocked), time and headline metrics."""
-    from chextrain.training.study import study_status
+    from chextrain.training.study_run import study_status
 
     try:
         stages = study_status(out)

@@ -294,7 +294,7 @@ def export(
     import torch
 
     from chextrain.export import OnnxRuntime, export_onnx, max_prob_difference, weights_sha256
-    from chextrain.models.weights import load_bundle
+    from chextrain.models.bundle import load_bundle
 
     try:
         model, meta = load_bundle(bundle)

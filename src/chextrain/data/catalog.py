@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import csv
 import io
-import posixpath
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from chextrain.data.layout import DOMAIN_OF_KIND, inner_paths, normalise, path_fields
 from chextrain.labels import CHEXPERT_COLUMNS, PATHOLOGIES, SLUGS
 
 CATALOG_COLUMNS: tuple[str, ...] = (
@@ -44,15 +43,6 @@ CATALOG_COLUMNS: tuple[str, ...] = (
     *SLUGS,
     "row",
 )
-KINDS: tuple[str, ...] = ("digital", "natural", "synthetic-digital", "synthetic-photographic", "film")
-DOMAIN_OF_KIND: dict[str, str] = {
-    "digital": "digital",
-    "natural": "photo",
-    "synthetic-digital": "photo",
-    "synthetic-photographic": "photo",
-    "film": "photo",
-}
-SPLIT_DIRS: frozenset[str] = frozenset({"train", "valid", "test"})
 OFFICIAL_FILES: tuple[tuple[str, str], ...] = (
     # (file key, CSV path relative to the release folder), first found wins per key
     ("train", "train.csv"),
@@ -216,7 +206,7 @@ def read_csv_file(
 
     rel = raw["Path"].str.strip().str.replace("\\", "/", regex=False)
     flag((rel == "").to_numpy(), "Path", "blank Path")
-    normed = pd.Series(_normalise(_inner_paths(rel, dataset, strip_prefix)), index=rel.index, dtype=object)
+    normed = pd.Series(normalise(inner_paths(rel, dataset, strip_prefix)), index=rel.index, dtype=object)
     escapes = normed.str.startswith("/") | normed.str.startswith("..") | rel.str.startswith("/")
     escapes |= rel.str.match(r"^[A-Za-z]:") | rel.str.contains(r"(?:^|/)\.\.(?:/|$)", regex=True)
     flag(
@@ -238,7 +228,7 @@ def read_csv_file(
     bad_age = age.isna().to_numpy() & (raw["Age"].str.strip() != "").to_numpy()
     flag(bad_age, "Age", [f"age {v!r} is not a number" for v in raw["Age"][bad_age]])
 
-    fields = _path_fields(normed.where(~bad, "").tolist(), dataset)
+    fields = path_fields(normed.where(~bad, "").tolist(), dataset)
     flag(fields["error"].to_numpy() != "", "Path", list(fields["error"][fields["error"] != ""]))
 
     dup = rel.duplicated(keep="first").to_numpy() & ~bad
@@ -345,27 +335,6 @@ def _read_tolerant(text: str, name: str, issues: list[CatalogIssue]) -> tuple[pd
     return pd.DataFrame(rows, columns=header, dtype=str), np.asarray(lines, dtype=np.int64)
 
 
-def _inner_paths(rel: pd.Series, dataset: str | None, strip_prefix: bool | None) -> list[str]:
-    """Paths relative to the release folder: the first component stripped where it is a prefix."""
-    out = []
-    for path in rel.tolist():
-        first, sep, rest = path.partition("/")
-        strip = (
-            (bool(dataset) and bool(first) and first not in SPLIT_DIRS)
-            if strip_prefix is None
-            else strip_prefix
-        )
-        out.append(rest if strip and sep else path)
-    return out
-
-
-def _normalise(paths: list[str]) -> list[str]:
-    """posixpath.normpath, only where a path has something to normalise (fast on clean paths)."""
-    return [
-        posixpath.normpath(p) if p and ("//" in p or "/." in p or p.startswith(".")) else p for p in paths
-    ]
-
-
 def _parse_labels(cells: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """Raw label cells -> (float32 values with NaN for blank, invalid-cell mask)."""
     text = cells.str.strip()
@@ -374,58 +343,6 @@ def _parse_labels(cells: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     return np.where(invalid, np.nan, values).astype(np.float32), invalid
 
 
-def _kind_of(middle: str, dataset: str | None) -> tuple[str, str, str]:
-    """(kind, device, error) from the folders between the split folder and the patient."""
-    parts = middle.split("/") if middle else []
-    if not parts:
-        if dataset == "chexphoto":
-            return "", "", "CheXphoto path lacks the natural/<device>, synthetic/<kind> or film folder"
-        return "digital", "", ""
-    if parts[0] == "natural" and len(parts) == 2:
-        return "natural", parts[1].lower(), ""
-    if parts[0] == "synthetic" and len(parts) == 2 and parts[1] in ("digital", "photographic"):
-        return f"synthetic-{parts[1]}", "", ""
-    if parts == ["film"]:
-        return "film", "", ""
-    return (
-        "",
-        "",
-        (
-            f"unknown image kind folder {middle!r}; expected natural/<device>, "
-            "synthetic/digital, synthetic/photographic or film"
-        ),
-    )
-
-
-def _path_fields(inner: list[str], dataset: str | None) -> pd.DataFrame:
-    """kind, device, patient, study, image (file stem) and error text from release-relative paths."""
-    kinds: dict[str, tuple[str, str, str]] = {}
-    rows = []
-    for path in inner:
-        pieces = path.rsplit("/", 3)
-        stem = pieces[-1].rsplit(".", 1)[0] if "." in pieces[-1] else pieces[-1]
-        if len(pieces) < 4:  # no <split>/<patient>/<study>/<file> structure
-            error = "path has fewer than <split>/<patient>/<study>/<file>" if dataset and path else ""
-            rows.append(("digital" if not dataset else "", "", stem, "", stem, error))
-            continue
-        middle = pieces[0].partition("/")[2]
-        if middle not in kinds:
-            kinds[middle] = _kind_of(middle, dataset)
-        kind, device, error = kinds[middle]
-        if not dataset and error:  # generic CSVs: any layout, digital unless a kind column says so
-            kind, error = "digital", ""
-        rows.append((kind, device, pieces[1], pieces[2], stem, error))
-    return pd.DataFrame(rows, columns=["kind", "device", "patient", "study", "image", "error"])
-
-
 def pair_keys(catalog: pd.DataFrame) -> pd.Series:
     """patient/study/image: the key a CheXphoto photo shares with its CheXpert source x-ray."""
     return catalog["patient"] + "/" + catalog["study"] + "/" + catalog["image"]
-
-
-def warn_issues(catalog: pd.DataFrame, limit: int = 5) -> None:
-    """Warn about skipped rows (on_error='skip'), naming the first few."""
-    issues = catalog.attrs.get("issues", [])
-    if issues:
-        shown = "; ".join(str(i) for i in issues[:limit])
-        warnings.warn(f"{len(issues)} catalog row(s) skipped: {shown}", stacklevel=2)

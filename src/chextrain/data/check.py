@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from chextrain.data.catalog import KINDS, read_catalog
+from chextrain.data.catalog import read_catalog
+from chextrain.data.layout import KINDS
 from chextrain.labels import SLUGS
 
 STATES: dict[str, float] = {"positive": 1.0, "negative": 0.0, "uncertain": -1.0}

@@ -217,7 +217,7 @@ def _open_pil(fp, name: str, head: bytes) -> Image.Image:
     except Image.DecompressionBombError as e:
         raise ImageLoadError(name, f"too many pixels ({e})") from None
     except UnidentifiedImageError:
-        kind = _sniff(head)
+        kind = sniff_format(head)
         if kind in ("JPEG", "PNG", "TIFF", "BMP", "WEBP"):
             reason = f"corrupt or truncated {kind} header"
         elif kind:
@@ -334,8 +334,16 @@ def _minmax(a: np.ndarray) -> np.ndarray:
 # --- format sniffing --------------------------------------------------------------------
 
 
-def _sniff(head: bytes) -> str | None:
-    """Name the format of a file from its first bytes (for error messages)."""
+READABLE: frozenset[str] = frozenset({"JPEG", "PNG", "TIFF", "BMP", "WEBP", "HEIF", "DICOM"})
+
+
+def sniff_format(head: bytes) -> str | None:
+    """Name the format of a file from its first bytes (the content, never the file name).
+
+    READABLE lists the names load_image decodes; others (GIF, PDF, AVIF) are named for messages.
+    """
+    if head[128:132] == b"DICM":
+        return "DICOM"
     if head.startswith(b"\xff\xd8\xff"):
         return "JPEG"
     if head.startswith(b"\x89PNG\r\n\x1a\n"):

@@ -24,8 +24,8 @@ from chextrain.data.splits import assign_splits
 from chextrain.data.transforms import Preprocessing
 from chextrain.evaluation.metrics import pathology_metrics, tune_thresholds
 from chextrain.labels import SLUGS, Policy
+from chextrain.models.bundle import load_bundle
 from chextrain.models.net import CXRNet
-from chextrain.models.weights import load_bundle
 
 ID_COLUMNS: tuple[str, ...] = ("path", "dataset", "domain", "kind", "patient", "study", "image", "view")
 ROUTED = "router"  # head= value that lets the model's router pick each image's head
@@ -104,6 +104,24 @@ def arrays(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return table[[f"{prefix}_{s}" for s in SLUGS]].to_numpy(dtype=np.float64)
 
     return pick("target"), pick("prob"), pick("mask")
+
+
+def ood_calibration(model: CXRNet, rows: pd.DataFrame, *, image_size: int,
+                    preprocessing: str | Preprocessing | Mapping[str, Any],
+                    batch_size: int = 64) -> dict[str, Any] | None:
+    """OOD calibration (inference.calibrate_ood) on validation images of both domains, for a bundle.
+
+    None when there are too few images to calibrate; predictions then say "uncalibrated".
+    """
+    from chextrain.inference import PredictorError, calibrate_ood, ood_features
+
+    dataset = CatalogDataset(rows.reset_index(drop=True), image_size=image_size, preprocessing=preprocessing,
+                             policy="ones", head_names=model.head_names, head=model.head_names[0])
+    features = [ood_features(model, batch["image"]) for batch in DataLoader(dataset, batch_size=batch_size)]
+    try:
+        return calibrate_ood(model, np.concatenate(features)) if features else None
+    except PredictorError:
+        return None
 
 
 def router_accuracy(table: pd.DataFrame) -> dict[str, Any] | None:

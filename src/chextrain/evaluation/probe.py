@@ -35,8 +35,8 @@ from chextrain.data.splits import assign_splits
 from chextrain.data.transforms import Preprocessing
 from chextrain.evaluation.predict import GROUPS, jsonable
 from chextrain.labels import SLUGS, Policy, apply_policy
+from chextrain.models.bundle import load_bundle
 from chextrain.models.net import CXRNet
-from chextrain.models.weights import load_bundle
 
 PROBE_FILE = "probe.json"
 METHODS: tuple[str, ...] = ("linear", "knn")

@@ -1,4 +1,4 @@
-"""Initialise a CXRNet (imagenet / random / checkpoint file / bundle) and save or load bundles.
+"""Initialise a CXRNet from imagenet / random / a checkpoint file / a bundle (weights only).
 
 Nothing here unpickles arbitrary objects: safetensors, or torch.load(weights_only=True).
 Foreign checkpoints (torchvision, CheXpert-style wrappers, CovidPrognosis and MoCo-CXR MoCo
@@ -9,7 +9,6 @@ appear; the key encoder, queue and projection/classifier are dropped and reporte
 from __future__ import annotations
 
 import json
-import math
 import os
 import pickle
 import re
@@ -19,19 +18,20 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import numpy as np
 import torch
 import torchvision.models as tvm
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from chextrain.labels import PATHOLOGIES, SLUGS
+from chextrain.models.bundle import (
+    IMAGENET_PREPROCESSING,
+    META_FILE,
+    WEIGHTS_FILE,
+    WeightsError,
+    bundle_meta_path,
+    read_bundle_meta,
+)
 from chextrain.models.net import CXRNet
 
-BUNDLE_FORMAT = "chextrain-bundle"
-BUNDLE_VERSION = 1
-WEIGHTS_FILE, META_FILE = "model.safetensors", "model.json"
-IMAGENET_PREPROCESSING: dict[str, Any] = {
-    "name": "imagenet", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 # The input published MoCo checkpoints were pre-trained on, by format (a stage uses it unless it sets
 # its own `preprocess` / `image_size`): CovidPrognosis histogram-equalised 0-255 images at 224 px;
 # MoCo-CXR x/255 normalised by its CheXpert mean/std (aihc_utils/image_transform.py) at 320 px.
@@ -53,10 +53,6 @@ _OLD_DENSENET_KEY = re.compile(
 _KEY_ENCODER = ("encoder_k", "momentum", "teacher")
 _HEAD_PARTS = ("classifier", "fc", "head", "heads", "projection", "projector", "router")
 _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net")
-
-
-class WeightsError(ValueError):
-    """A checkpoint or bundle that cannot be used as asked; the message names the file."""
 
 
 @dataclass
@@ -254,7 +250,8 @@ def _load_heads(model: CXRNet, state: Mapping[str, torch.Tensor], base: str, rep
             module.load_state_dict(sd)
             used |= {f"{base}{source}.{k}" for k in sd}
             label = name.removeprefix("heads.")
-            report.heads_loaded.append(label if source == name else f"{label}<-{source.removeprefix('heads.')}")
+            origin = source.removeprefix("heads.")
+            report.heads_loaded.append(label if source == name else f"{label}<-{origin}")
     return used
 
 
@@ -288,7 +285,7 @@ def init_model(model: CXRNet, init: str | Path, *, hub_dir: Path | None = None,
     if not path.exists():
         raise WeightsError(f"init {text!r} is not imagenet, random, stage:NAME, or an existing file or "
                            "folder (a state dict, a chextrain run folder or bundle)")
-    meta_path = _bundle_meta_path(path)
+    meta_path = bundle_meta_path(path)
     if meta_path is not None:
         return _init_from_bundle(model, meta_path, text, load_heads)
     if path.is_dir():
@@ -315,7 +312,7 @@ def expected_input(init: str | Path) -> dict[str, Any]:
     path = Path(init)
     if text == "random" or text.startswith("stage:") or not path.exists():
         return {}
-    meta_path = _bundle_meta_path(path)
+    meta_path = bundle_meta_path(path)
     if meta_path is not None:
         meta = read_bundle_meta(meta_path)
         return {k: meta[k] for k in ("preprocessing", "image_size") if meta.get(k) is not None}
@@ -325,16 +322,6 @@ def expected_input(init: str | Path) -> dict[str, Any]:
     keys = extract_state_dict(payload, str(path))
     prefix = next((k[: k.index("encoder_q.") + len("encoder_q.")] for k in keys if "encoder_q." in k), "")
     return json.loads(json.dumps(EXPECTED_INPUT.get(_format_name(prefix, payload), {})))
-
-
-def _bundle_meta_path(path: Path) -> Path | None:
-    if path.is_dir():
-        return path / META_FILE if (path / META_FILE).is_file() else None
-    if path.name == META_FILE:
-        return path
-    if path.name == WEIGHTS_FILE and (path.parent / META_FILE).is_file():
-        return path.parent / META_FILE
-    return None
 
 
 def _init_from_bundle(model: CXRNet, meta_path: Path, init: str, load_heads: bool) -> InitReport:
@@ -349,143 +336,3 @@ def _init_from_bundle(model: CXRNet, meta_path: Path, init: str, load_heads: boo
     # A MoCo stage's bundle holds its encoder and untrained heads: never copy those heads.
     load_heads = load_heads and meta.get("objective") != "moco"
     return load_encoder_state(model, read_checkpoint(weights_path), report, load_heads=load_heads)
-
-
-def read_bundle_meta(meta_path: Path) -> dict[str, Any]:
-    """Read and check a bundle's model.json (format, version, pathologies, architecture)."""
-    if not meta_path.is_file():
-        raise WeightsError(f"bundle file {meta_path} is missing")
-    if not (meta_path.parent / WEIGHTS_FILE).is_file():
-        raise WeightsError(f"bundle file {meta_path.parent / WEIGHTS_FILE} is missing (next to {meta_path})")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise WeightsError(f"bundle file {meta_path} is not valid JSON: {err}") from None
-    if not isinstance(meta, dict) or meta.get("format") != BUNDLE_FORMAT:
-        raise WeightsError(f"{meta_path} is not a chextrain bundle (format {BUNDLE_FORMAT!r} expected)")
-    if int(meta.get("format_version", 0)) > BUNDLE_VERSION:
-        raise WeightsError(f"bundle {meta_path} has format_version {meta.get('format_version')}; this "
-                           f"chextrain reads up to {BUNDLE_VERSION}: upgrade chextrain")
-    if meta.get("pathologies") != list(PATHOLOGIES):
-        raise WeightsError(f"bundle {meta_path} has pathologies {meta.get('pathologies')}; this chextrain "
-                           f"expects {list(PATHOLOGIES)} in that order")
-    arch = meta.get("architecture")
-    if not isinstance(arch, dict) or not {"backbone", "heads", "router"} <= set(arch):
-        raise WeightsError(f"bundle {meta_path} lacks architecture.backbone/heads/router")
-    return meta
-
-
-def _jsonable(value: Any, where: str) -> Any:
-    """Plain JSON types: numpy scalars/arrays and Paths converted, NaN/inf -> null."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v, f"{where}.{k}") for k, v in value.items()}
-    if isinstance(value, list | tuple | np.ndarray):
-        items = value.tolist() if isinstance(value, np.ndarray) else value
-        return [_jsonable(v, f"{where}[]") for v in items]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Path):
-        return str(value)
-    if value is None or isinstance(value, str | int | bool):
-        return value
-    raise WeightsError(f"bundle meta {where} = {value!r} is not JSON-serialisable")
-
-
-def _thresholds(model: CXRNet, given: Any) -> dict[str, dict[str, float]]:
-    out = {h: dict.fromkeys(SLUGS, 0.5) for h in model.head_names}
-    for head, per in (given or {}).items():
-        if head not in out:
-            raise WeightsError(f"bundle meta thresholds names head {head!r}; "
-                               f"the model has heads {model.head_names}")
-        bad = set(per) - set(SLUGS)
-        if bad:
-            raise WeightsError(f"bundle meta thresholds[{head!r}] has unknown pathologies {sorted(bad)}; "
-                               f"expected slugs {list(SLUGS)}")
-        out[head].update({k: float(v) for k, v in per.items()})
-    return out
-
-
-def _domain_heads(model: CXRNet, given: Any) -> dict[str, str]:
-    names = model.head_names
-    if given is None:
-        if len(names) == 1:
-            given = {"digital": names[0], "photo": names[0]}
-        elif {"digital", "photo"} <= set(names):
-            given = {"digital": "digital", "photo": "photo"}
-        else:
-            raise WeightsError(f"bundle meta needs domain_heads (digital/photo -> head) for heads {names}")
-    if set(given) != {"digital", "photo"} or any(h not in names for h in given.values()):
-        raise WeightsError(f"bundle meta domain_heads {given} must map digital and photo to heads in {names}")
-    return dict(given)
-
-
-def save_bundle(model: CXRNet, out_dir: Path, meta: dict[str, Any]) -> Path:
-    """Write model.safetensors and model.json (each atomically) into out_dir; return out_dir.
-
-    meta may set image_size (default 320, the paper's), preprocessing (default imagenet),
-    thresholds {head: {slug: t}} (default 0.5), domain_heads {digital: head, photo: head}
-    (default: the only head, or heads named digital/photo), stage, metrics, and anything else
-    JSON-serialisable, which is kept as given.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    extra = {k: v for k, v in meta.items() if k not in {"image_size", "preprocessing", "thresholds",
-                                                         "domain_heads", "stage", "metrics"}}
-    preprocessing = meta.get("preprocessing", "imagenet")
-    if isinstance(preprocessing, str):
-        named = preprocessing == "imagenet"
-        preprocessing = dict(IMAGENET_PREPROCESSING) if named else {"name": preprocessing}
-    document = {
-        **_jsonable(extra, "meta"),
-        "format": BUNDLE_FORMAT,
-        "format_version": BUNDLE_VERSION,
-        "architecture": {"backbone": model.backbone_name, "heads": list(model.head_names),
-                         "router": model.router is not None, "num_features": model.num_features,
-                         "num_classes": model.num_classes},
-        "pathologies": list(PATHOLOGIES),
-        "slugs": list(SLUGS),
-        "image_size": int(meta.get("image_size", 320)),
-        "preprocessing": _jsonable(preprocessing, "meta.preprocessing"),
-        "thresholds": _thresholds(model, meta.get("thresholds")),
-        "domain_heads": _domain_heads(model, meta.get("domain_heads")),
-        "stage": _jsonable(meta.get("stage"), "meta.stage"),
-        "metrics": _jsonable(meta.get("metrics", {}), "meta.metrics"),
-    }
-    text = json.dumps(document, indent=2, allow_nan=False)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic(out_dir / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic(out_dir / META_FILE, lambda tmp: Path(tmp).write_text(text + "\n"))
-    return out_dir
-
-
-def _atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def load_bundle(path: Path) -> tuple[CXRNet, dict[str, Any]]:
-    """Rebuild a CXRNet from a bundle (folder, model.json or model.safetensors); eval mode.
-
-    Loads the safetensors strictly; returns (model, the parsed model.json).
-    """
-    path = Path(path)
-    meta_path = path / META_FILE if path.is_dir() else path.parent / META_FILE
-    if not path.exists():
-        raise WeightsError(f"bundle path {path} does not exist")
-    meta = read_bundle_meta(meta_path)
-    arch = meta["architecture"]
-    model = CXRNet(arch["backbone"], heads=arch["heads"], router=bool(arch["router"]),
-                   num_classes=int(arch.get("num_classes", len(PATHOLOGIES))))
-    state = read_checkpoint(meta_path.parent / WEIGHTS_FILE)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise WeightsError(f"bundle {meta_path.parent / WEIGHTS_FILE} does not match its {META_FILE}: "
-                           f"{str(err)[:500]}") from None
-    return model.eval(), meta

@@ -34,7 +34,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import chextrain
-from chextrain.data.images import ImageLoadError, load_image_bytes
+from chextrain.data.images import READABLE, ImageLoadError, load_image_bytes, sniff_format
 from chextrain.evaluation.saliency import METHODS, display_image, overlay, png_bytes, saliency_maps
 from chextrain.inference import Predictor
 
@@ -58,25 +58,6 @@ class ApiError(Exception):
     def __init__(self, status: int, code: str, detail: str) -> None:
         super().__init__(detail)
         self.status, self.code, self.detail = status, code, detail
-
-
-def sniff_image(data: bytes) -> str | None:
-    """The image format named by the magic bytes of `data`, or None if it is no image we read."""
-    if data.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if data[:4] in (b"II*\x00", b"MM\x00*"):
-        return "tiff"
-    if data.startswith(b"BM") and len(data) > 26:
-        return "bmp"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    if data[128:132] == b"DICM":
-        return "dicom"
-    if data[4:8] == b"ftyp" and data[8:12] in {b"heic", b"heix", b"hevc", b"hevx", b"mif1", b"msf1"}:
-        return "heic"
-    return None
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -145,8 +126,8 @@ def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
     """Sniffed, size-checked and decoded upload -> uint8 H x W; ApiError otherwise."""
     if not data:
         raise ApiError(422, "empty-file", "the uploaded file is empty")
-    kind = sniff_image(data)
-    if kind is None:
+    kind = sniff_format(data)
+    if kind not in READABLE:
         raise ApiError(415, "unsupported-media-type", "the upload is not an image this service reads "
                                                       "(JPEG, PNG, TIFF, BMP, WebP, DICOM, HEIC)")
     try:

@@ -36,8 +36,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from chextrain.models.bundle import save_bundle
 from chextrain.models.net import CXRNet
-from chextrain.models.weights import init_model, save_bundle
+from chextrain.models.weights import init_model
 from chextrain.training.moco_data import MocoData
 from chextrain.training.runner import (
     CKPT_DIR,
@@ -45,17 +46,18 @@ from chextrain.training.runner import (
     DONE_FILE,
     LAST_CKPT,
     StageResult,
-    _check_out_dir,
     _write_json,
     _write_yaml,
     apply_expected_input,
     auto_workers,
     build_trainer,
+    finished_result,
     prepare_catalog,
     resolve_init,
     stage_rows,
 )
-from chextrain.training.stage import MocoSpec, OptimizerSpec, Stage, StageError, config_hash, resolved_config
+from chextrain.training.specs import MocoSpec, OptimizerSpec
+from chextrain.training.stage import Stage, StageError, config_hash, resolved_config
 from chextrain.training.supervised import make_optimizer
 
 
@@ -264,12 +266,10 @@ def train_moco_stage(stage: Stage, data_root: Path | None, out_dir: Path, *,
                          f"(mococxr, photo_aware); `augment` {stage.augment.model_dump(exclude_none=True)} "
                          "is for supervised stages: remove it")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     digest = config_hash(stage)
-    finished = _check_out_dir(out_dir, stage, digest)
-    if finished is not None:
-        return StageResult(out_dir, out_dir / "model.json", finished.get("metrics", {}),
-                           finished.get("duration", 0.0), resumed=False, cached=True)
+    cached = finished_result(out_dir, stage, digest)
+    if cached is not None:
+        return cached
     last = out_dir / CKPT_DIR / LAST_CKPT
     resumed = last.exists()
     L.seed_everything(stage.seed, workers=True, verbose=False)  # explicit: model init and Lightning's RNGs

@@ -27,7 +27,8 @@ from chextrain.data.images import load_image
 from chextrain.data.photo import simulate_photo
 from chextrain.data.transforms import Preprocessing, preprocess, to_grey
 from chextrain.training.runner import StageData
-from chextrain.training.stage import MocoCxrSpec, PhotoAwareSpec, Stage
+from chextrain.training.specs import MocoCxrSpec, PhotoAwareSpec
+from chextrain.training.stage import Stage
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import pandas as pd
 import torch
 import yaml
@@ -32,13 +31,15 @@ from chextrain.data.splits import assign_splits, sample_budget
 from chextrain.data.transforms import as_preprocessing
 from chextrain.evaluation.predict import (
     jsonable,
+    ood_calibration,
     predict,
     router_accuracy,
     tune_head_thresholds,
     write_evaluation,
 )
+from chextrain.models.bundle import save_bundle
 from chextrain.models.net import CXRNet
-from chextrain.models.weights import expected_input, init_model, save_bundle
+from chextrain.models.weights import expected_input, init_model
 from chextrain.training.stage import (
     REF_PREFIX,
     Stage,
@@ -259,6 +260,16 @@ def _check_out_dir(out_dir: Path, stage: Stage, digest: str) -> dict[str, Any] |
     return None
 
 
+def finished_result(out_dir: Path, stage: Stage, digest: str) -> StageResult | None:
+    """The result of a finished run of this config in out_dir (created if absent), else None."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    finished = _check_out_dir(out_dir, stage, digest)
+    if finished is None:
+        return None
+    return StageResult(out_dir, out_dir / "model.json", finished.get("metrics", {}),
+                       finished.get("duration", 0.0), resumed=False, cached=True)
+
+
 def train_stage(stage: Stage, data_root: Path | None, out_dir: Path, *,
                 resolve_ref: Callable[[str], Path] | None = None, catalog: pd.DataFrame | None = None,
                 progress: bool = True) -> StageResult:
@@ -272,18 +283,16 @@ def train_stage(stage: Stage, data_root: Path | None, out_dir: Path, *,
         catalog: an already-read catalog (its split column is recomputed from the stage's split).
         progress: show the rich progress bar and model summary.
     """
-    t0 = time.time()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    digest = config_hash(stage)
-    finished = _check_out_dir(out_dir, stage, digest)
-    if finished is not None:
-        return StageResult(out_dir, out_dir / "model.json", finished.get("metrics", {}),
-                           finished.get("duration", 0.0), resumed=False, cached=True)
     if stage.objective == "moco":  # imported here: training.moco builds on this module
         from chextrain.training.moco import train_moco_stage
         return train_moco_stage(stage, data_root, out_dir, resolve_ref=resolve_ref, catalog=catalog,
                                 progress=progress)
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    digest = config_hash(stage)
+    cached = finished_result(out_dir, stage, digest)
+    if cached is not None:
+        return cached
     last = out_dir / CKPT_DIR / LAST_CKPT
     resumed = last.exists()
     L.seed_everything(stage.seed, workers=True, verbose=False)  # explicit: model init and Lightning's RNGs
@@ -368,27 +377,11 @@ def finish_stage(stage: Stage, model: CXRNet, catalog: pd.DataFrame, out_dir: Pa
         router = router_accuracy(tables["val"])
         if router is not None:
             meta["router"] = metrics["val/router"] = router
-        meta["ood"] = calibrate_stage_ood(model, catalog.loc[catalog["split"] == "val"], stage)
+        val_rows = catalog.loc[catalog["split"] == "val"]
+        meta["ood"] = ood_calibration(model, val_rows, image_size=stage.image_size,
+                                      preprocessing=stage.preprocess, batch_size=max(stage.batch_size, 32))
     save_bundle(model, out_dir, meta)
     return metrics
-
-
-def calibrate_stage_ood(model: CXRNet, rows: pd.DataFrame, stage: Stage) -> dict[str, Any] | None:
-    """OOD calibration (inference.calibrate_ood) on the validation images of both domains.
-
-    None when there are too few images to calibrate; predictions then say "uncalibrated".
-    """
-    from chextrain.inference import PredictorError, calibrate_ood, ood_features
-
-    dataset = CatalogDataset(rows.reset_index(drop=True), image_size=stage.image_size,
-                             preprocessing=stage.preprocess, policy="ones", head_names=model.head_names,
-                             head=model.head_names[0])
-    loader = torch.utils.data.DataLoader(dataset, batch_size=max(stage.batch_size, 32))
-    features = [ood_features(model, batch["image"]) for batch in loader]  # each B x D
-    try:
-        return calibrate_ood(model, np.concatenate(features)) if features else None
-    except PredictorError:
-        return None
 
 
 def _write_yaml(path: Path, data: Any) -> None:

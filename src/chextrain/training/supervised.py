@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from chextrain.evaluation.metrics import pathology_metrics
 from chextrain.labels import SLUGS
 from chextrain.models.net import ROUTER, CXRNet, apply_freeze
-from chextrain.training.stage import OptimizerSpec
+from chextrain.training.specs import OptimizerSpec
 
 
 def masked_bce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,165 @@
+"""The parts of a Stage spec: data, split, optimiser, augmentation, MoCo settings (pydantic).
+
+Every spec forbids unknown keys, so a typo in a stage file is an error naming the key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from chextrain.data.transforms import PhotoSim, StandardAugment
+
+
+class Spec(BaseModel):
+    """Base of every spec: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BudgetSpec(Spec):
+    """Fixed-budget sampling: `digital` x-rays + `total - digital` photos from the train split."""
+
+    total: int = Field(gt=0)
+    digital: int = Field(ge=0)
+    seed: int | None = None  # None: the stage's seed
+
+    @model_validator(mode="after")
+    def _digital_within_total(self) -> BudgetSpec:
+        if self.digital > self.total:
+            raise ValueError(f"digital ({self.digital}) must be <= total ({self.total})")
+        return self
+
+
+Kind = Literal["digital", "natural", "synthetic-digital", "synthetic-photographic", "film"]
+
+
+class DataSpec(Spec):
+    """Which catalog rows train the stage."""
+
+    train: list[Literal["chexpert", "chexphoto", "other"]] = Field(default=["chexpert"], min_length=1)
+    kinds: list[Kind] | None = None
+    budget: BudgetSpec | None = None
+
+
+class SplitSpec(Spec):
+    """How `splits.assign_splits` carves validation out of the official train files."""
+
+    by: Literal["patient", "image"] = "patient"
+    val_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+    seed: int = 0
+    frontal_only: bool = False
+
+
+class OptimizerSpec(Spec):
+    """The stage's own optimiser: never inherited from the stage it starts from."""
+
+    name: Literal["adam", "sgd", "adamw"] = "adam"
+    lr: float = Field(default=1.0e-4, gt=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)  # sgd only
+
+
+class StandardSpec(Spec):
+    """Small geometric and intensity jitter (see transforms.StandardAugment)."""
+
+    rotation: float = Field(default=10.0, ge=0.0, le=180.0)  # degrees, +-
+    scale: tuple[float, float] = (0.9, 1.1)
+    translate: float = Field(default=0.05, ge=0.0, lt=1.0)  # fraction of the side, +-
+    brightness: float = Field(default=0.1, ge=0.0, lt=1.0)
+    contrast: float = Field(default=0.1, ge=0.0, lt=1.0)
+
+
+class PhotoSimSpec(Spec):
+    """On-the-fly photo simulation (data/photo.py) with probability p."""
+
+    p: float = Field(default=0.5, ge=0.0, le=1.0)
+    recipe: Literal["digital", "photographic", "phone"] = "phone"
+    level: int = Field(default=1, ge=1, le=4)
+
+
+class AugmentSpec(Spec):
+    """Training augmentation; YAML accepts `none`, `standard`, `photo_sim` or a mapping."""
+
+    standard: StandardSpec | None = None
+    photo_sim: PhotoSimSpec | None = None
+
+    def build(self) -> list[PhotoSim | StandardAugment]:
+        """The callables in the order they apply: photo simulation first (it photographs the film)."""
+        out: list[PhotoSim | StandardAugment] = []
+        if self.photo_sim is not None:
+            out.append(PhotoSim(**self.photo_sim.model_dump()))
+        if self.standard is not None:
+            out.append(StandardAugment(**self.standard.model_dump()))
+        return out
+
+
+class MocoCxrSpec(Spec):
+    """MoCo-CXR's views: a conservative random resized crop, a small rotation, a flip; no colour jitter.
+
+    MoCo-CXR (Sowrirajan et al. 2021) crops a 320 px square out of an image resized to 320 px on
+    its short side (about 0.8 of a CheXpert image's area), rotates by up to 10 degrees and flips.
+    """
+
+    crop_scale: tuple[float, float] = (0.8, 1.0)  # fraction of the image area a crop keeps
+    rotation: float = Field(default=10.0, ge=0.0, le=180.0)  # degrees, +-
+    flip: float = Field(default=0.5, ge=0.0, le=1.0)  # probability of a horizontal flip
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_in_unit(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 < value[0] <= value[1] <= 1.0:
+            raise ValueError(f"{list(value)}: expected 0 < low <= high <= 1")
+        return value
+
+
+class PhotoAwareSpec(Spec):
+    """With probability p the second view is a photo of the x-ray: a real CheXphoto photo of the same
+    patient/study/image from the train split when `real_pairs` and one exists, else one simulated
+    with data/photo.py's `recipe` at `level`."""
+
+    p: float = Field(default=0.5, ge=0.0, le=1.0)
+    recipe: Literal["digital", "photographic", "phone"] = "phone"
+    level: int = Field(default=1, ge=1, le=4)
+    real_pairs: bool = True
+
+
+class MocoAugmentSpec(Spec):
+    """How a MoCo stage makes its two views; YAML accepts `mococxr`, `photo_aware`, a list or a mapping."""
+
+    mococxr: MocoCxrSpec | None = MocoCxrSpec()
+    photo_aware: PhotoAwareSpec | None = None
+
+
+class MocoSpec(Spec):
+    """MoCo v2 settings of an `objective: moco` stage (the optimiser is the stage's `optimizer`:
+    MoCo v2 used `{name: sgd, lr: 0.03, momentum: 0.9, weight_decay: 1.0e-4}`, MoCo-CXR Adam)."""
+
+    queue_size: int = Field(default=65536, gt=0)  # negatives kept; MoCo's 65,536, a few hundred for the demo
+    momentum: float = Field(default=0.999, ge=0.0, le=1.0)  # key encoder EMA
+    temperature: float = Field(default=0.2, gt=0.0)
+    proj_dim: int = Field(default=128, gt=0)
+    hidden_dim: int | None = Field(default=None, gt=0)  # None: the encoder's feature width (MoCo v2)
+    schedule: Literal["cosine", "none"] = "cosine"
+    shuffle_bn: bool = True  # under DDP: shuffle the key batch across processes (MoCo's shuffle-BN)
+    augmentation: MocoAugmentSpec = MocoAugmentSpec()
+
+    @field_validator("augmentation", mode="before")
+    @classmethod
+    def _augmentation_shorthand(cls, value: Any) -> Any:
+        if value is None or value == "none":
+            return {"mococxr": None}
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            if not all(v in ("mococxr", "photo_aware") for v in value):
+                raise ValueError(f"{value!r}: expected none, mococxr, photo_aware or a mapping of them")
+            return {"mococxr": {} if "mococxr" in value else None,
+                    "photo_aware": {} if "photo_aware" in value else None}
+        if isinstance(value, Mapping):
+            return {k: ({} if v is True else None if v is False else v) for k, v in value.items()}
+        return value
+
+

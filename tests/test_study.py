@@ -188,4 +188,5 @@ def test_shipped_studies_parse():
     budget = load_study(root / "fixed_budget.yaml")
     assert [s.data.budget.digital for s in budget.stages.values()] == list(range(0, 10001, 1000))
     reduced = load_study(root / "fixed_budget.yaml", profile="demo")
-    assert len(reduced.stages) == 3
+    assert len(reduced.stages) == 3 and "reduced set of 3 of the study's 11 stages" in reduced.notes[0]
+    assert full.notes == [] and demo.notes == []

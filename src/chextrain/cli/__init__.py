@@ -21,6 +21,14 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+def print_error(message: object) -> None:
+    """An error line on stderr: never re-wrapped, and never read as rich markup."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {escape(str(message))}", highlight=False)
+
+
 def build_app() -> typer.Typer:
     """Build the Typer app with every command module registered."""
     app = typer.Typer(

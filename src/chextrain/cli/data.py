@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from chextrain.cli import print_error
 from chextrain.data.catalog import CatalogError
 from chextrain.data.check import check_root
 from chextrain.labels import SLUGS
@@ -41,7 +42,7 @@ def check(
         if as_json:
             typer.echo(json.dumps({"root": str(root), "ok": False, "error": str(exc)}))
         else:
-            Console(stderr=True).print(f"[red]error:[/red] {exc}")
+            print_error(exc)
         raise typer.Exit(2) from exc
     if as_json:
         typer.echo(json.dumps(report, indent=2))

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from chextrain.cli import print_error
 from chextrain.data.catalog import CatalogError
 from chextrain.evaluation.probe import METHODS, PROBE_FILE, ProbeError, probe_run
 from chextrain.labels import SLUGS
@@ -37,7 +38,7 @@ def probe(
     try:
         document = probe_run(run, data, split=split, k=k, c=c, batch_size=batch_size, num_workers=num_workers)
     except (ProbeError, WeightsError, CatalogError, ValueError) as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False)
+        print_error(exc)
         raise typer.Exit(2) from exc
     console = Console()
     for method in METHODS:

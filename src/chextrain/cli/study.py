@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from chextrain.cli import print_error
 from chextrain.training.stage import StageError
 
 STATE_STYLE = {
@@ -53,7 +54,7 @@ def run(
     try:
         study = load_study(study_file, profile=profile, overrides=overrides or [])
     except StageError as err:
-        Console(stderr=True).print(f"[red]error:[/red] {err}", markup=True, highlight=False)
+        print_error(err)
         raise typer.Exit(2) from err
     t0 = time.time()
     state = run_study(
@@ -79,7 +80,7 @@ def status(out: Path = typer.Argument(..., help="Study output folder.")) -> None
     try:
         stages = study_status(out)
     except FileNotFoundError as err:
-        Console(stderr=True).print(f"error: {err}", markup=False)
+        print_error(err)
         raise typer.Exit(2) from err
     print_status(stages, Console())
 
@@ -98,7 +99,7 @@ def _report(out: Path, console: Console, n_boot: int = 1000) -> None:
     try:
         paths = write_report(out, n_boot=n_boot)
     except ReportError as err:
-        Console(stderr=True).print(f"error: {err}", markup=False, highlight=False)
+        print_error(err)
         raise typer.Exit(2) from err
     console.print(headline_table(out))
     console.print(f"report: {paths.html}")

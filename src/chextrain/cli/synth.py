@@ -8,6 +8,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from chextrain.cli import print_error
+
 
 def register(data_app: typer.Typer) -> None:
     """Add the `synth` command to the `data` group."""
@@ -31,7 +33,7 @@ def synth(
         summary = write_demo(out, digital=digital, photos=photos, valid=valid, size=size, seed=seed,
                              workers=workers, progress=progress)
     except DemoError as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}")
+        print_error(exc)
         raise typer.Exit(2) from exc
     table = Table(title=f"Demo data in {summary.root}")
     for column in ("csv", "rows", "patients", "kinds"):

@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from chextrain.cli import print_error
 from chextrain.evaluation.predict import EvaluationError, evaluate_run
 from chextrain.labels import SLUGS
 from chextrain.models.weights import WeightsError
@@ -63,7 +64,7 @@ def evaluate(
     try:
         document = evaluate_run(run, data, split, head, batch_size=batch_size, num_workers=num_workers)
     except (EvaluationError, WeightsError, ValueError) as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False)
+        print_error(exc)
         raise typer.Exit(2) from exc
     console = Console()
     for name, group in document["groups"].items():

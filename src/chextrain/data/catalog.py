@@ -116,7 +116,7 @@ def read_catalog(root: Path, *, on_error: str = "raise", check_files: bool = Fal
     if not releases:
         raise CatalogError(
             f"{root}: no CheXpert or CheXphoto release found (expected e.g. {root}/CheXpert-v1.0-small/"
-            "train.csv or {root}/CheXphoto-v1.0/valid.csv)"
+            f"train.csv or {root}/CheXphoto-v1.0/valid.csv)"
         )
     parts: list[pd.DataFrame] = []
     issues: list[CatalogIssue] = []

@@ -36,6 +36,7 @@ class Study:
     deps: dict[str, list[str]]
     order: list[str]
     fallbacks: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # shown at the top of the report
 
 
 def deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -169,6 +170,8 @@ def parse_study(
         deps=deps,
         order=order,
         fallbacks=dict(chosen.get("fallbacks") or {}),
+        notes=[f"profile {profile!r} runs a reduced set of {len(keep)} of the study's {len(names)} stages: "
+               + ", ".join(n for n in names if n in keep)] if len(keep) < len(names) else [],
     )
 
 

@@ -148,7 +148,7 @@ def run_study(
         rec.update(state="done", seconds=time.time() - t0, metrics=_headline(getattr(result, "metrics", {})))
         log(f"[{i}/{len(todo)}] {name}: done in {rec['seconds']:.0f} s")
         save()
-    state["notes"] = sorted({n for r in records.values() for n in r.get("notes", [])})
+    state["notes"] = study.notes + sorted({n for r in records.values() for n in r.get("notes", [])})
     save()
     return state
 

@@ -31,8 +31,11 @@ def test_demo_tree_is_clean(demo_root: Path) -> None:
     report = json.loads(check(str(demo_root), "--json").output)
     groups = {(g["dataset"], g["file"]): g for g in report["datasets"]}
     assert groups[("chexpert", "valid")]["rows"] == 12
-    assert groups[("chexphoto", "valid")]["kinds"] == {"natural": 12, "synthetic-digital": 12,
-                                                       "synthetic-photographic": 12}
+    assert groups[("chexphoto", "valid")]["kinds"] == {
+        "natural": 12,
+        "synthetic-digital": 12,
+        "synthetic-photographic": 12,
+    }
     states = groups[("chexpert", "valid")]["labels"]["edema"]
     assert states["uncertain"] == 0 and states["blank"] == 0  # valid labels are 0/1 only
     assert report["ok"] is True

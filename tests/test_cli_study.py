@@ -60,7 +60,15 @@ def test_tiny_study_runs_reports_and_caches(tmp_path: Path, demo_root: Path) -> 
     assert [(s["name"], s["state"]) for s in state["stages"]] == [("base", "done"), ("tuned", "done")]
     assert (out / "report.html").exists() and (out / "report.md").exists()
     table = pd.read_csv(out / "tables" / "table2_test.csv")
-    assert list(table.columns) == ["strategy", "comparison", "pathology", "metric", "value", "ci_low", "ci_high"]
+    assert list(table.columns) == [
+        "strategy",
+        "comparison",
+        "pathology",
+        "metric",
+        "value",
+        "ci_low",
+        "ci_high",
+    ]
     assert set(table["strategy"]) == {"Baseline", "Baseline Fine-tuned on CheXphoto"}
     assert set(table["comparison"]) == {"Standard", "Photos", "Standard - Photos"}
     # the fine-tuned stage started from the baseline's weights at its own learning rate
@@ -75,8 +83,9 @@ def test_tiny_study_runs_reports_and_caches(tmp_path: Path, demo_root: Path) -> 
 def test_bad_study_file_is_a_clear_error(tmp_path: Path, demo_root: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(STUDY.replace("max_steps: 3", "max_steps: -1\n    freeze: half"))
-    result = CliRunner().invoke(build_app(), ["study", "run", str(bad), "--data", str(demo_root),
-                                              "--out", str(tmp_path / "o")])
+    result = CliRunner().invoke(
+        build_app(), ["study", "run", str(bad), "--data", str(demo_root), "--out", str(tmp_path / "o")]
+    )
     assert result.exit_code == 2
     assert "max_steps" in result.output and "freeze" in result.output
     missing = CliRunner().invoke(build_app(), ["study", "status", str(tmp_path / "nowhere")])
@@ -86,8 +95,22 @@ def test_bad_study_file_is_a_clear_error(tmp_path: Path, demo_root: Path) -> Non
 @pytest.mark.slow
 def test_runner_killed_mid_stage_resumes_on_rerun(tmp_path: Path, demo_root: Path) -> None:
     study, out = write_study(tmp_path), tmp_path / "out"
-    cmd = [sys.executable, "-m", "chextrain.cli", "study", "run", str(study), "--data", str(demo_root),
-           "--out", str(out), "--profile", "long", "--no-progress", "--no-report"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "chextrain.cli",
+        "study",
+        "run",
+        str(study),
+        "--data",
+        str(demo_root),
+        "--out",
+        str(out),
+        "--profile",
+        "long",
+        "--no-progress",
+        "--no-report",
+    ]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = out / "stages" / "base" / "checkpoints" / "last.ckpt"

@@ -52,9 +52,8 @@ from chextrain.training.runner import (
     auto_workers,
     build_trainer,
     finished_result,
-    prepare_catalog,
     resolve_init,
-    stage_rows,
+    seeded_training_rows,
 )
 from chextrain.training.specs import MocoSpec, OptimizerSpec
 from chextrain.training.stage import Stage, StageError, config_hash, resolved_config
@@ -272,12 +271,7 @@ def train_moco_stage(stage: Stage, data_root: Path | None, out_dir: Path, *,
         return cached
     last = out_dir / CKPT_DIR / LAST_CKPT
     resumed = last.exists()
-    L.seed_everything(stage.seed, workers=True, verbose=False)  # explicit: model init and Lightning's RNGs
-    catalog = prepare_catalog(stage, data_root, catalog)
-    train_rows = stage_rows(stage, catalog, "train")
-    if train_rows.empty:
-        raise StageError(f"stage {stage.name!r}: no training rows for data {stage.data.model_dump()} "
-                         f"in {data_root}")
+    catalog, train_rows = seeded_training_rows(stage, data_root, catalog)
     model = CXRNet(stage.backbone, heads=stage.heads, router=stage.router)
     init = resolve_init(stage.init, resolve_ref)
     init_note = "weights from checkpoint (resumed)"

@@ -270,6 +270,18 @@ def finished_result(out_dir: Path, stage: Stage, digest: str) -> StageResult | N
                        finished.get("duration", 0.0), resumed=False, cached=True)
 
 
+def seeded_training_rows(stage: Stage, data_root: Path | None,
+                         catalog: pd.DataFrame | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Seed everything from the stage (explicitly), then (catalog, train rows); error if none."""
+    L.seed_everything(stage.seed, workers=True, verbose=False)  # model init and Lightning's RNGs
+    catalog = prepare_catalog(stage, data_root, catalog)
+    train_rows = stage_rows(stage, catalog, "train")
+    if train_rows.empty:
+        raise StageError(f"stage {stage.name!r}: no training rows for data {stage.data.model_dump()} "
+                         f"in {data_root}")
+    return catalog, train_rows
+
+
 def train_stage(stage: Stage, data_root: Path | None, out_dir: Path, *,
                 resolve_ref: Callable[[str], Path] | None = None, catalog: pd.DataFrame | None = None,
                 progress: bool = True) -> StageResult:
@@ -295,12 +307,8 @@ def train_stage(stage: Stage, data_root: Path | None, out_dir: Path, *,
         return cached
     last = out_dir / CKPT_DIR / LAST_CKPT
     resumed = last.exists()
-    L.seed_everything(stage.seed, workers=True, verbose=False)  # explicit: model init and Lightning's RNGs
-    catalog = prepare_catalog(stage, data_root, catalog)
-    train_rows, val_rows = stage_rows(stage, catalog, "train"), stage_rows(stage, catalog, "val")
-    if train_rows.empty:
-        raise StageError(f"stage {stage.name!r}: no training rows for data {stage.data.model_dump()} "
-                         f"in {data_root}")
+    catalog, train_rows = seeded_training_rows(stage, data_root, catalog)
+    val_rows = stage_rows(stage, catalog, "val")
     model = CXRNet(stage.backbone, heads=stage.heads, router=stage.router)
     init_note = "weights from checkpoint (resumed)"
     if not resumed:

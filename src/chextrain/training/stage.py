@@ -237,16 +237,20 @@ def parse_stage(data: Any, overrides: Sequence[str] = (), *, source: str = "stag
         raise StageError(_format_errors(err, source, data)) from None
 
 
-def load_stage(path: str | Path, overrides: Sequence[str] = ()) -> Stage:
-    """Read a stage YAML file, apply `key.sub=value` overrides and validate it."""
+def read_yaml(path: str | Path, what: str = "stage") -> Any:
+    """The plain data of a YAML file; StageError naming the file when it cannot be read or parsed."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except OSError as err:
-        raise StageError(f"cannot read stage file {path}: {err.strerror}") from err
+        raise StageError(f"cannot read {what} file {path}: {err.strerror}") from err
     except yaml.YAMLError as err:
         raise StageError(f"{path}: not valid YAML: {err}") from err
-    return parse_stage(data, overrides, source=str(path))
+
+
+def load_stage(path: str | Path, overrides: Sequence[str] = ()) -> Stage:
+    """Read a stage YAML file, apply `key.sub=value` overrides and validate it."""
+    return parse_stage(read_yaml(path), overrides, source=str(path))
 
 
 def _format_errors(err: ValidationError, source: str, data: Mapping[str, Any]) -> str:

@@ -18,7 +18,15 @@ from typing import Any
 
 import yaml
 
-from chextrain.training.stage import REF_PREFIX, Stage, StageError, config_hash, parse_stage, resolved_config
+from chextrain.training.stage import (
+    REF_PREFIX,
+    Stage,
+    StageError,
+    config_hash,
+    parse_stage,
+    read_yaml,
+    resolved_config,
+)
 
 STUDY_KEYS = ("name", "description", "defaults", "stages", "variables", "profiles")
 PROFILE_KEYS = ("defaults", "stages", "fallbacks", "only", "description")
@@ -177,14 +185,7 @@ def parse_study(
 
 def load_study(path: str | Path, *, profile: str | None = None, overrides: Sequence[str] = ()) -> Study:
     """Read and validate a study YAML file."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise StageError(f"cannot read study file {path}: {err.strerror}") from err
-    except yaml.YAMLError as err:
-        raise StageError(f"{path}: not valid YAML: {err}") from err
-    return parse_study(data, source=str(path), profile=profile, overrides=overrides)
+    return parse_study(read_yaml(path, "study"), source=str(path), profile=profile, overrides=overrides)
 
 
 def study_hashes(study: Study) -> dict[str, str]:

@@ -22,7 +22,6 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
 
 from chextrain.data.catalog import read_catalog
@@ -40,6 +39,7 @@ from chextrain.evaluation.predict import (
 from chextrain.models.bundle import save_bundle
 from chextrain.models.net import CXRNet
 from chextrain.models.weights import expected_input, init_model
+from chextrain.training.checkpoints import AtomicCheckpointIO, LastCheckpoint
 from chextrain.training.stage import (
     REF_PREFIX,
     Stage,
@@ -69,41 +69,6 @@ class StageResult:
     resumed: bool = False
     cached: bool = False  # finished before: nothing was redone
     rank: int = 0  # a DDP worker other than rank 0 returns without bundle or metrics
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint to a temporary file beside it, fsyncs, then renames it into place.
-
-    Lightning's own save goes through an fsspec transaction whose temporary file lives in the
-    system temp dir; moving it across file systems is a copy, which a kill can leave half done.
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-
-class LastCheckpoint(Callback):
-    """Keeps `last.ckpt` (the resume point) current: every N optimiser steps and at epoch end."""
-
-    def __init__(self, path: Path, every_n_steps: int) -> None:
-        self.path, self.every = Path(path), every_n_steps
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.global_step % self.every == 0:
-            trainer.save_checkpoint(self.path, weights_only=False)
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        trainer.save_checkpoint(self.path, weights_only=False)
 
 
 class StageData(L.LightningDataModule):

@@ -30,9 +30,14 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
 
+# Each benchmark prints its figures and ratios measured side by side in one run (a few minutes
+# in all); benchmarks/demo.py (make demo on a fresh clone) is separate: it takes ~12 minutes.
 bench: install
 	$(PY) benchmarks/catalog.py
 	$(PY) benchmarks/images.py
+	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/inference.py
+	$(PY) benchmarks/serve_load.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR)

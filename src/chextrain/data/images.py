@@ -25,6 +25,8 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -79,18 +81,12 @@ def load_image(
     _check_options(max_pixels, truncated)
     name = str(path)
     path = Path(path)
-    try:
+    with _file_errors(name):
         size = path.stat().st_size
         if path.is_dir():
             raise ImageLoadError(name, "is a directory, not an image file")
         _check_file_size(name, size, max_pixels)
         data = path.read_bytes()
-    except FileNotFoundError:
-        raise ImageLoadError(name, "file not found") from None
-    except PermissionError:
-        raise ImageLoadError(name, "permission denied") from None
-    except OSError as e:
-        raise ImageLoadError(name, f"cannot read the file ({e.strerror or e})") from None
     return _decode(data, name, max_pixels, truncated)
 
 
@@ -113,37 +109,28 @@ def load_image_bytes(
 def image_size(path: str | Path) -> tuple[int, int]:
     """(width, height) as `load_image` would return it (EXIF orientation applied), from the header."""
     name = str(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-            if not head:
-                raise ImageLoadError(name, "empty file (0 bytes)")
+    with _file_errors(name), open(path, "rb") as f:
+        head = f.read(132)
+        if not head:
+            raise ImageLoadError(name, "empty file (0 bytes)")
+        f.seek(0)
+        if head[128:132] != b"DICM":
+            if _is_heif(head):
+                _register_heif(name)
+            try:
+                with _open_pil(f, name, head) as im:
+                    w, h = im.size
+                    return (h, w) if _orientation(im, header_only=True) in (5, 6, 7, 8) else (w, h)
+            except ImageLoadError:
+                if not _is_dicom(head, name):
+                    raise
             f.seek(0)
-            if head[128:132] != b"DICM":
-                if _is_heif(head):
-                    _register_heif(name)
-                try:
-                    with _open_pil(f, name, head) as im:
-                        w, h = im.size
-                        return (h, w) if _orientation(im, header_only=True) in (5, 6, 7, 8) else (w, h)
-                except ImageLoadError:
-                    if not _is_dicom(head, name):
-                        raise
-                f.seek(0)
-            from chextrain.data.dicom import read_dicom  # a cycle-free, lazy import
+        from chextrain.data.dicom import read_dicom  # a cycle-free, lazy import
 
-            ds = read_dicom(f, name, stop_before_pixels=True)
-            if "Rows" not in ds or "Columns" not in ds:
-                raise ImageLoadError(name, "DICOM file has no image (Rows/Columns missing)")
-            return int(ds.Columns), int(ds.Rows)
-    except FileNotFoundError:
-        raise ImageLoadError(name, "file not found") from None
-    except IsADirectoryError:
-        raise ImageLoadError(name, "is a directory, not an image file") from None
-    except PermissionError:
-        raise ImageLoadError(name, "permission denied") from None
-    except OSError as e:
-        raise ImageLoadError(name, f"cannot read the file ({e.strerror or e})") from None
+        ds = read_dicom(f, name, stop_before_pixels=True)
+        if "Rows" not in ds or "Columns" not in ds:
+            raise ImageLoadError(name, "DICOM file has no image (Rows/Columns missing)")
+        return int(ds.Columns), int(ds.Rows)
 
 
 def verify_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
@@ -159,6 +146,21 @@ def verify_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> s
 
 
 # --- decoding ---------------------------------------------------------------------------
+
+
+@contextmanager
+def _file_errors(name: str) -> Iterator[None]:
+    """Turn the OS's errors while reading `name` into ImageLoadError with a plain reason."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise ImageLoadError(name, "file not found") from None
+    except IsADirectoryError:
+        raise ImageLoadError(name, "is a directory, not an image file") from None
+    except PermissionError:
+        raise ImageLoadError(name, "permission denied") from None
+    except OSError as e:
+        raise ImageLoadError(name, f"cannot read the file ({e.strerror or e})") from None
 
 
 def _check_options(max_pixels: int, truncated: str) -> None:

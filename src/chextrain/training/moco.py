@@ -37,21 +37,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from chextrain.models.bundle import save_bundle
-from chextrain.models.net import CXRNet
-from chextrain.models.weights import init_model
 from chextrain.training.moco_data import MocoData
 from chextrain.training.runner import (
     CKPT_DIR,
-    CONFIG_FILE,
     DONE_FILE,
     LAST_CKPT,
     StageResult,
     _write_json,
-    _write_yaml,
     apply_expected_input,
     auto_workers,
     build_trainer,
     finished_result,
+    initial_model,
     resolve_init,
     seeded_training_rows,
 )
@@ -272,12 +269,8 @@ def train_moco_stage(stage: Stage, data_root: Path | None, out_dir: Path, *,
     last = out_dir / CKPT_DIR / LAST_CKPT
     resumed = last.exists()
     catalog, train_rows = seeded_training_rows(stage, data_root, catalog)
-    model = CXRNet(stage.backbone, heads=stage.heads, router=stage.router)
     init = resolve_init(stage.init, resolve_ref)
-    init_note = "weights from checkpoint (resumed)"
-    if not resumed:
-        init_note = init_model(model, init).summary()
-        _write_yaml(out_dir / CONFIG_FILE, resolved_config(stage))
+    model, init_note = initial_model(stage, init, out_dir, resumed=resumed, load_heads=False)
     stage = apply_expected_input(stage, init)
     on_gpu = torch.cuda.is_available()
     module = MocoModule(model.encoder, model.num_features, spec=stage.moco, optimizer=stage.optimizer,

@@ -247,6 +247,20 @@ def seeded_training_rows(stage: Stage, data_root: Path | None,
     return catalog, train_rows
 
 
+def initial_model(stage: Stage, init: str, out_dir: Path, *, resumed: bool,
+                  load_heads: bool) -> tuple[CXRNet, str]:
+    """The stage's model and a note on its weights; a fresh run initialises it and writes config.yaml.
+
+    A resumed run leaves the weights to the checkpoint Lightning restores.
+    """
+    model = CXRNet(stage.backbone, heads=stage.heads, router=stage.router)
+    if resumed:
+        return model, "weights from checkpoint (resumed)"
+    note = init_model(model, init, load_heads=load_heads).summary()
+    _write_yaml(out_dir / CONFIG_FILE, resolved_config(stage))
+    return model, note
+
+
 def train_stage(stage: Stage, data_root: Path | None, out_dir: Path, *,
                 resolve_ref: Callable[[str], Path] | None = None, catalog: pd.DataFrame | None = None,
                 progress: bool = True) -> StageResult:
@@ -274,12 +288,9 @@ def train_stage(stage: Stage, data_root: Path | None, out_dir: Path, *,
     resumed = last.exists()
     catalog, train_rows = seeded_training_rows(stage, data_root, catalog)
     val_rows = stage_rows(stage, catalog, "val")
-    model = CXRNet(stage.backbone, heads=stage.heads, router=stage.router)
-    init_note = "weights from checkpoint (resumed)"
-    if not resumed:
-        init_note = init_model(model, resolve_init(stage.init, resolve_ref), load_heads=True).summary()
-        _write_yaml(out_dir / CONFIG_FILE, resolved_config(stage))
-    stage = apply_expected_input(stage, resolve_init(stage.init, resolve_ref))
+    init = resolve_init(stage.init, resolve_ref)
+    model, init_note = initial_model(stage, init, out_dir, resumed=resumed, load_heads=True)
+    stage = apply_expected_input(stage, init)
     on_gpu = torch.cuda.is_available()
     module = SupervisedModule(model, optimizer=stage.optimizer, freeze=stage.freeze,
                               train_heads=stage.train_heads, channels_last=on_gpu)

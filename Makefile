@@ -38,6 +38,8 @@ bench: install
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/inference.py
 	$(PY) benchmarks/serve_load.py
+	$(PY) benchmarks/cli_startup.py
+	$(PY) benchmarks/study_parallel.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR)

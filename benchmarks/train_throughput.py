@@ -28,8 +28,8 @@ from chextrain.data.catalog import read_catalog
 from chextrain.data.dataset import CatalogDataset, build_cache, make_loader
 from chextrain.data.demo import write_demo
 from chextrain.models.net import CXRNet
-from chextrain.training.runner import auto_workers
-from chextrain.training.supervised import masked_bce
+from chextrain.training.lifecycle import auto_workers
+from chextrain.training.objectives.supervised import masked_bce
 
 
 def peak_rss_mib() -> tuple[float, float]:
@@ -39,8 +39,13 @@ def peak_rss_mib() -> tuple[float, float]:
     return own, children
 
 
-def step_fn(model: CXRNet, opt: torch.optim.Optimizer, device: torch.device, channels_last: bool,
-            dtype: torch.dtype | None):
+def step_fn(
+    model: CXRNet,
+    opt: torch.optim.Optimizer,
+    device: torch.device,
+    channels_last: bool,
+    dtype: torch.dtype | None,
+):
     """One optimiser step on a batch dict, as SupervisedModule.training_step does."""
 
     def step(batch: dict[str, torch.Tensor]) -> None:
@@ -58,8 +63,15 @@ def step_fn(model: CXRNet, opt: torch.optim.Optimizer, device: torch.device, cha
     return step
 
 
-def timed(step, sources: dict[str, Iterator[dict[str, torch.Tensor]]], warmup: int, steps: int, rounds: int,
-          batch: int, device: torch.device) -> dict[str, list[float]]:
+def timed(
+    step,
+    sources: dict[str, Iterator[dict[str, torch.Tensor]]],
+    warmup: int,
+    steps: int,
+    rounds: int,
+    batch: int,
+    device: torch.device,
+) -> dict[str, list[float]]:
     """img/s per source and round. Sources alternate in rounds of `steps` steps, so load from other
     programs on the machine hits each about equally; `warmup` untimed steps first (workers start)."""
     for batches in sources.values():
@@ -115,12 +127,18 @@ def run(args: argparse.Namespace) -> None:
     rows = rows.loc[rows["file"] == "train"].reset_index(drop=True)
     workers = auto_workers("auto") if args.workers is None else args.workers
     cache_dir = tempfile.TemporaryDirectory(prefix="chextrain-cache-")
-    print(f"device {device}, torch threads {torch.get_num_threads()}, loader workers {workers}, "
-          f"{args.backbone}, precision {args.precision}, channels_last {channels_last}")
-    print("ratio = median over rounds of end-to-end / raw speed in the same round; the cache columns "
-          "(pre-resized uint8 images) are measured when the ratio is < 0.9 or with --cache")
-    print(f"{'size':>5} {'batch':>5} {'raw img/s':>10} {'e2e img/s':>10} {'ratio':>6} "
-          f"{'cache img/s':>11} {'ratio':>6} {'peak RSS MiB (main/worker)':>27}")
+    print(
+        f"device {device}, torch threads {torch.get_num_threads()}, loader workers {workers}, "
+        f"{args.backbone}, precision {args.precision}, channels_last {channels_last}"
+    )
+    print(
+        "ratio = median over rounds of end-to-end / raw speed in the same round; the cache columns "
+        "(pre-resized uint8 images) are measured when the ratio is < 0.9 or with --cache"
+    )
+    print(
+        f"{'size':>5} {'batch':>5} {'raw img/s':>10} {'e2e img/s':>10} {'ratio':>6} "
+        f"{'cache img/s':>11} {'ratio':>6} {'peak RSS MiB (main/worker)':>27}"
+    )
     for size in args.sizes:
         for batch in args.batch:
             torch.manual_seed(0)
@@ -134,23 +152,41 @@ def run(args: argparse.Namespace) -> None:
             pin = device.type == "cuda"
             fixed = next(iter(make_loader(ds, batch_size=batch, shuffle=True)))
             e2e_loader = make_loader(ds, batch_size=batch, shuffle=True, num_workers=workers, pin_memory=pin)
-            speed = timed(step, {"raw": repeat(fixed), "e2e": endless(e2e_loader)}, args.warmup, args.steps,
-                          args.rounds, batch, device)
+            speed = timed(
+                step,
+                {"raw": repeat(fixed), "e2e": endless(e2e_loader)},
+                args.warmup,
+                args.steps,
+                args.rounds,
+                batch,
+                device,
+            )
             (raw, _), (e2e, ratio) = summary(speed, "raw"), summary(speed, "e2e")
             cached, cache_ratio = float("nan"), float("nan")
             del e2e_loader
             if args.cache or ratio < 0.9:  # decoding competes with compute: offer the cache
                 cache = build_cache(rows, size, Path(cache_dir.name) / f"cache_{size}.npy")
                 cds = CatalogDataset(rows, image_size=size, cache=cache)
-                cache_loader = make_loader(cds, batch_size=batch, shuffle=True, num_workers=workers,
-                                           pin_memory=pin)
-                speed = timed(step, {"raw": repeat(fixed), "cache": endless(cache_loader)}, args.warmup,
-                              args.steps, args.rounds, batch, device)
+                cache_loader = make_loader(
+                    cds, batch_size=batch, shuffle=True, num_workers=workers, pin_memory=pin
+                )
+                speed = timed(
+                    step,
+                    {"raw": repeat(fixed), "cache": endless(cache_loader)},
+                    args.warmup,
+                    args.steps,
+                    args.rounds,
+                    batch,
+                    device,
+                )
                 cached, cache_ratio = summary(speed, "cache")
                 del cache_loader
             own, child = peak_rss_mib()
-            print(f"{size:>5} {batch:>5} {raw:>10.1f} {e2e:>10.1f} {ratio:>6.2f} {cached:>11.1f} "
-                  f"{cache_ratio:>6.2f} {own:>19.0f} / {child:.0f}", flush=True)
+            print(
+                f"{size:>5} {batch:>5} {raw:>10.1f} {e2e:>10.1f} {ratio:>6.2f} {cached:>11.1f} "
+                f"{cache_ratio:>6.2f} {own:>19.0f} / {child:.0f}",
+                flush=True,
+            )
     cache_dir.cleanup()
     if tmp is not None:
         tmp.cleanup()

@@ -16,18 +16,25 @@ from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
 from chextrain.inference import Predictor
-from chextrain.serve.app import create_app, running_server
-from tests.test_inference import demo_files, routed_bundle, use_demo  # noqa: F401
+from chextrain.serve.app import create_app
+from tests.conftest import demo_files, running_server
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def page(routed_bundle: Path) -> Iterator:  # noqa: F811
+def page(routed_bundle: Path) -> Iterator:
     """A chromium page on the real server (uvicorn on a free loopback port), phone-sized."""
     if not CHROMIUM.exists():
         reason = f"{CHROMIUM} is not installed (apt-get install chromium): the browser test cannot run"
@@ -50,7 +57,7 @@ def page(routed_bundle: Path) -> Iterator:  # noqa: F811
             browser.close()
 
 
-def test_upload_a_phone_photo_shows_findings_and_heatmaps(page, use_demo: Path) -> None:  # noqa: F811
+def test_upload_a_phone_photo_shows_findings_and_heatmaps(page, use_demo: Path) -> None:
     photo = demo_files(use_demo, "natural", "valid")[0]
     assert page.get_attribute("#camera", "capture") == "environment"
     page.set_input_files("#file", str(photo))
@@ -76,14 +83,16 @@ def test_a_document_raises_the_warning_and_a_text_file_an_error(page, tmp_path: 
     doc[10:150:9, 10:110] = 20
     buf = io.BytesIO()
     Image.fromarray(doc).save(buf, format="PNG")
-    page.set_input_files("#file", files=[{"name": "letter.png", "mimeType": "image/png",
-                                          "buffer": buf.getvalue()}])
+    page.set_input_files(
+        "#file", files=[{"name": "letter.png", "mimeType": "image/png", "buffer": buf.getvalue()}]
+    )
     expect(page.locator("#heatmaps img")).to_have_count(5, timeout=60_000)
     warning = page.locator("#ood")
     assert warning.is_visible() and "Warning" in warning.inner_text()
     assert "does not look like" in warning.inner_text()
-    page.set_input_files("#file", files=[{"name": "x.jpg", "mimeType": "image/jpeg",
-                                          "buffer": b"plain text" * 9}])
+    page.set_input_files(
+        "#file", files=[{"name": "x.jpg", "mimeType": "image/jpeg", "buffer": b"plain text" * 9}]
+    )
     expect(page.locator("#error")).to_be_visible(timeout=30_000)
     assert "not an image" in page.inner_text("#error")
     assert not page.locator("#result").is_visible()

@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from chextrain.cli import build_app
-from chextrain.training.runner import train_stage
+from chextrain.training.lifecycle import train_stage
 from chextrain.training.stage import load_stage
 
 STAGE = """\
@@ -45,8 +45,19 @@ def test_help_texts() -> None:
 def test_train_then_evaluate(tmp_path: Path, demo_root: Path) -> None:
     runner = CliRunner()
     out = tmp_path / "run"
-    args = ["train", str(_stage(tmp_path)), "--data", str(demo_root), "--out", str(out), "--no-progress",
-            "--set", "optimizer.lr=3e-4", "--set", "evaluate=[test]"]
+    args = [
+        "train",
+        str(_stage(tmp_path)),
+        "--data",
+        str(demo_root),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--set",
+        "optimizer.lr=3e-4",
+        "--set",
+        "evaluate=[test]",
+    ]
     result = runner.invoke(build_app(), args)
     assert result.exit_code == 0, result.output
     assert "stage tiny finished" in result.output and "test/Standard" in result.output
@@ -55,8 +66,11 @@ def test_train_then_evaluate(tmp_path: Path, demo_root: Path) -> None:
     again = runner.invoke(build_app(), args)
     assert again.exit_code == 0 and "already finished" in again.output
 
-    result = runner.invoke(build_app(), ["evaluate", str(out), "--data", str(demo_root), "--split", "val"],
-                           env={"COLUMNS": "200"})
+    result = runner.invoke(
+        build_app(),
+        ["evaluate", str(out), "--data", str(demo_root), "--split", "val"],
+        env={"COLUMNS": "200"},
+    )
     assert result.exit_code == 0, result.output
     assert "Photos" in result.output and "mcc tuned" in result.output
     assert (out / "predictions_val.parquet").exists() and (out / "metrics_val.json").exists()
@@ -64,8 +78,19 @@ def test_train_then_evaluate(tmp_path: Path, demo_root: Path) -> None:
 
 def test_bad_stage_lists_every_problem(tmp_path: Path, demo_root: Path) -> None:
     path = _stage(tmp_path, STAGE + "optimizer: {name: rmsprop, lr: 0}\nfreeze: all\n")
-    result = CliRunner().invoke(build_app(), ["train", str(path), "--data", str(demo_root), "--out",
-                                              str(tmp_path / "r"), "--set", "batch_size=-1"])
+    result = CliRunner().invoke(
+        build_app(),
+        [
+            "train",
+            str(path),
+            "--data",
+            str(demo_root),
+            "--out",
+            str(tmp_path / "r"),
+            "--set",
+            "batch_size=-1",
+        ],
+    )
     assert result.exit_code == 2
     text = " ".join(result.output.split())
     for field in ("optimizer.name", "optimizer.lr", "freeze", "batch_size"):
@@ -79,20 +104,35 @@ def test_evaluate_refuses_a_folder_without_bundle(tmp_path: Path, demo_root: Pat
 
 
 def _train_cmd(stage: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "chextrain.cli", "train", str(stage), "--data", str(data),
-            "--out", str(out), "--no-progress", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "chextrain.cli",
+        "train",
+        str(stage),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_gives_identical_weights(tmp_path: Path, demo_root: Path) -> None:
-    stage = _stage(tmp_path, STAGE + "epochs: 2\naugment: standard\ncheckpoint_every_n_steps: 2\n"
-                                     "val_every_n_steps: 3\nevaluate: [val]\n")
+    stage = _stage(
+        tmp_path,
+        STAGE + "epochs: 2\naugment: standard\ncheckpoint_every_n_steps: 2\n"
+        "val_every_n_steps: 3\nevaluate: [val]\n",
+    )
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     straight = train_stage(load_stage(stage), demo_root, tmp_path / "straight", progress=False).out_dir
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(stage, demo_root, killed), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _train_cmd(stage, demo_root, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 240
     while not (killed / "checkpoints" / "last.ckpt").exists():
         assert proc.poll() is None and time.time() < deadline, "training ended before its first checkpoint"
@@ -100,8 +140,9 @@ def test_sigkill_mid_epoch_then_resume_gives_identical_weights(tmp_path: Path, d
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "done.json").exists()  # it really died mid-run
-    result = subprocess.run(_train_cmd(stage, demo_root, killed), env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        _train_cmd(stage, demo_root, killed), env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resumed and finished" in result.stdout
     assert json.loads((killed / "done.json").read_text())["resumed"] is True
@@ -113,8 +154,13 @@ def test_ddp_two_cpu_processes(tmp_path: Path, demo_root: Path) -> None:
     stage = _stage(tmp_path, STAGE + "epochs: 1\nevaluate: [test]\n")
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run(_train_cmd(stage, demo_root, out, "--devices", "2"), env=env, capture_output=True,
-                            text=True, timeout=400)
+    result = subprocess.run(
+        _train_cmd(stage, demo_root, out, "--devices", "2"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "distributed_backend=gloo" in result.stderr + result.stdout
     done = json.loads((out / "done.json").read_text())
@@ -126,4 +172,3 @@ def test_ddp_two_cpu_processes(tmp_path: Path, demo_root: Path) -> None:
     assert done["samples_seen_per_rank"] == [per_rank, per_rank]
     assert done["global_step"] == math.ceil(per_rank / 8) < single["global_step"]
     assert (out / "model.safetensors").exists() and (out / "metrics_test.json").exists()
-

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from chextrain.cli import build_app
 from chextrain.data.images import load_image
 from chextrain.labels import SLUGS
-from tests.test_inference import demo_files, plain_bundle, routed_bundle, use_demo  # noqa: F401
+from tests.conftest import demo_files
 
 runner = CliRunner()
 
@@ -48,7 +48,7 @@ def _dicom(path: Path, arr: np.ndarray) -> Path:
 
 
 @pytest.fixture()
-def images(tmp_path: Path, use_demo: Path) -> Path:  # noqa: F811
+def images(tmp_path: Path, use_demo: Path) -> Path:
     """A folder tree: 2 x-rays (JPEG, PNG), 2 photos in a subfolder, a DICOM, a CSV to skip."""
     root = tmp_path / "in"
     (root / "phone").mkdir(parents=True)
@@ -62,7 +62,7 @@ def images(tmp_path: Path, use_demo: Path) -> Path:  # noqa: F811
     return root
 
 
-def test_predict_folder_json_routes_each_image(routed_bundle: Path, images: Path) -> None:  # noqa: F811
+def test_predict_folder_json_routes_each_image(routed_bundle: Path, images: Path) -> None:
     code, out, _ = _run("predict", routed_bundle, images, "--format", "json")
     assert code == 0
     results = {Path(r["name"]).name: r for r in json.loads(out)}
@@ -75,7 +75,7 @@ def test_predict_folder_json_routes_each_image(routed_bundle: Path, images: Path
     assert all(r["ood"]["status"] in ("in-distribution", "out-of-distribution") for r in results.values())
 
 
-def test_unreadable_files_fail_alone_and_set_the_exit_code(routed_bundle: Path, images: Path) -> None:  # noqa: F811
+def test_unreadable_files_fail_alone_and_set_the_exit_code(routed_bundle: Path, images: Path) -> None:
     (images / "broken.jpg").write_bytes((images / "a.jpg").read_bytes()[:300])
     (images / "notes.png").write_text("hello")
     (images / "phone.heic").write_bytes(b"\0\0\0\x18ftypheic" + b"\0" * 64)
@@ -91,7 +91,7 @@ def test_unreadable_files_fail_alone_and_set_the_exit_code(routed_bundle: Path, 
     assert by_name["nothing*.png"]["error"] == "no file matches this pattern"
 
 
-def test_csv_and_table_formats(routed_bundle: Path, images: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_csv_and_table_formats(routed_bundle: Path, images: Path, tmp_path: Path) -> None:
     pattern = str(images / "**" / "*.JPG")
     code, out, _ = _run("predict", routed_bundle, pattern, images / "a.jpg", "--format", "csv")
     assert code == 0
@@ -115,7 +115,7 @@ def test_csv_and_table_formats(routed_bundle: Path, images: Path, tmp_path: Path
     assert code == 2 and "xml" in err
 
 
-def test_domain_tta_batch_size_and_onnx_options(routed_bundle: Path, images: Path) -> None:  # noqa: F811
+def test_domain_tta_batch_size_and_onnx_options(routed_bundle: Path, images: Path) -> None:
     def probs(*extra: str) -> dict[str, dict]:
         code, out, _ = _run("predict", routed_bundle, images, "--format", "json", *extra)
         assert code == 0
@@ -144,8 +144,9 @@ def test_missing_bundle_is_a_clear_error(tmp_path: Path, images: Path) -> None:
 
 
 @pytest.mark.parametrize("method", ["gradcam", "gradient"])
-def test_explain_writes_overlays_a_grid_and_the_prediction(routed_bundle: Path, images: Path,  # noqa: F811
-                                                           tmp_path: Path, method: str) -> None:
+def test_explain_writes_overlays_a_grid_and_the_prediction(
+    routed_bundle: Path, images: Path, tmp_path: Path, method: str
+) -> None:
     out = tmp_path / "explain"
     image = images / "phone" / "IMG_0.JPG"
     code, stdout, _ = _run("explain", routed_bundle, image, "--out", out, "--method", method)
@@ -158,26 +159,26 @@ def test_explain_writes_overlays_a_grid_and_the_prediction(routed_bundle: Path, 
     assert result["method"] == method and result["head"] == "photo"
 
 
-def test_explain_errors(routed_bundle: Path, images: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_explain_errors(routed_bundle: Path, images: Path, tmp_path: Path) -> None:
     code, _, err = _run("explain", routed_bundle, images / "a.jpg", "--out", tmp_path, "--method", "lime")
     assert code == 2 and "lime" in err
     code, _, err = _run("explain", routed_bundle, images / "labels.csv", "--out", tmp_path)
     assert code == 1 and "labels.csv" in err
 
 
-def test_export_then_predict_with_the_onnx_file(routed_bundle: Path, images: Path,  # noqa: F811
-                                                tmp_path: Path) -> None:
+def test_export_then_predict_with_the_onnx_file(routed_bundle: Path, images: Path, tmp_path: Path) -> None:
     target = tmp_path / "m.onnx"
     code, out, _ = _run("export", routed_bundle, "--onnx", target)
     assert code == 0 and target.is_file() and "max |probability difference|" in out
-    code, out, _ = _run("predict", routed_bundle, images / "a.jpg", "--runtime", "onnx", "--onnx", target,
-                        "--format", "json")
+    code, out, _ = _run(
+        "predict", routed_bundle, images / "a.jpg", "--runtime", "onnx", "--onnx", target, "--format", "json"
+    )
     assert code == 0 and json.loads(out)[0]["head"] == "digital"
     code, _, err = _run("export", tmp_path / "missing", "--onnx", target)
     assert code == 2 and "missing" in err
 
 
-def test_serve_binds_loopback_by_default(plain_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+def test_serve_binds_loopback_by_default(plain_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import uvicorn
 
     calls = []
@@ -191,9 +192,56 @@ def test_serve_binds_loopback_by_default(plain_bundle: Path, monkeypatch: pytest
     assert {r.path for r in calls[-1][0].routes} >= {"/", "/api/predict", "/api/explain", "/api/health"}
 
 
-@pytest.mark.parametrize(("command", "says"), [("predict", "router picks the head"), ("explain", "saliency"),
-                                               ("serve", "web page"), ("export", "ONNX")])
+@pytest.mark.parametrize(
+    ("command", "says"),
+    [
+        ("predict", "router picks the head"),
+        ("explain", "saliency"),
+        ("serve", "web page"),
+        ("export", "ONNX"),
+    ],
+)
 def test_help(command: str, says: str) -> None:
     code, out, _ = _run(command, "--help")
     assert code == 0 and f"{command} [OPTIONS]" in out and says in out
     assert ("--domain" in out) == (command != "export")
+
+
+USE_COMMANDS_SCRIPT = """
+import json, sys
+import uvicorn
+from typer.testing import CliRunner
+from chextrain.cli import build_app
+
+uvicorn.run = lambda app, **kw: None  # serve builds its app and would serve it here
+bundle, image, out = sys.argv[1:4]
+codes = [CliRunner().invoke(build_app(), args).exit_code for args in (
+    ["predict", bundle, image, "--format", "json"],
+    ["explain", bundle, image, "--out", out],
+    ["serve", bundle],
+)]
+print(json.dumps({"codes": codes, "modules": sorted(sys.modules)}))
+"""
+
+
+def test_predict_explain_and_serve_never_import_lightning_or_torchvision(
+    plain_bundle: Path, images: Path, tmp_path: Path
+) -> None:
+    """In a fresh interpreter: the three commands on a tiny bundle import neither (a densenet121
+    bundle does import torchvision, whose __init__ imports torchvision.ops and torch._dynamo)."""
+    import subprocess
+    import sys
+
+    args = [str(plain_bundle), str(images / "a.jpg"), str(tmp_path / "explain")]
+    done = subprocess.run(
+        [sys.executable, "-c", USE_COMMANDS_SCRIPT, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["codes"] == [0, 0, 0]
+    modules = set(found["modules"])
+    assert {"torch", "captum", "fastapi"} <= modules  # the commands did their work
+    assert not {m for m in modules if m.split(".")[0] in ("lightning", "pytorch_lightning", "torchvision")}

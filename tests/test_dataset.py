@@ -46,8 +46,13 @@ def test_head_indices() -> None:
 
 def test_item_contents(catalog: pd.DataFrame) -> None:
     rows = catalog.iloc[[0, 1, len(catalog) - 1]]
-    ds = CatalogDataset(rows, image_size=24, policy="ignore", head_names=["x", "p"],
-                        domain_heads={"digital": "x", "photo": "p"})
+    ds = CatalogDataset(
+        rows,
+        image_size=24,
+        policy="ignore",
+        head_names=["x", "p"],
+        domain_heads={"digital": "x", "photo": "p"},
+    )
     targets, mask = apply_policy(rows, "ignore")
     for i in range(len(rows)):
         item = ds[i]

@@ -22,7 +22,7 @@ from chextrain.inference import Predictor, TorchRuntime
 from chextrain.labels import PATHOLOGIES, SLUGS
 from chextrain.models.bundle import load_bundle, save_bundle
 from chextrain.models.net import CXRNet
-from tests.test_inference import KINDS, demo_files, plain_bundle, routed_bundle, use_demo  # noqa: F401
+from tests.conftest import KINDS, demo_files
 
 
 @pytest.fixture()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import pickle
 import struct
+import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -15,6 +16,8 @@ from PIL import Image
 
 from chextrain.data.images import (
     ImageLoadError,
+    ImageTooLargeError,
+    ReaderMissingError,
     TruncatedImageWarning,
     image_size,
     load_image,
@@ -391,3 +394,71 @@ def test_good_image_emits_no_warning(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_image(path)
+
+
+# --- module structure ---------------------------------------------------------------------
+
+
+def _package_imports(module: str) -> set[str]:
+    """Every chextrain module `module`'s source imports, at any depth (functions included)."""
+    import ast
+    import importlib.util
+
+    source = Path(importlib.util.find_spec(module).origin).read_text(encoding="utf-8")
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {name for name in found if name.startswith("chextrain")}
+
+
+def test_decoders_import_one_way_and_share_one_error(tmp_path):
+    assert _package_imports("chextrain.data.decoding") == set()
+    assert _package_imports("chextrain.data.dicom") == {"chextrain.data.decoding"}
+    assert "chextrain.data.dicom" in _package_imports("chextrain.data.images")
+    from chextrain.data import decoding, dicom
+
+    assert ImageLoadError is decoding.ImageLoadError is dicom.ImageLoadError
+    path = _dicom(tmp_path / "d.dcm", np.array([[0, 4095]], dtype=np.uint16))
+    with pytest.raises(ImageLoadError, match="d.dcm: too many pixels"):  # raised in dicom.py
+        load_image(path, max_pixels=1)
+
+
+HEIC = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64  # header of a HEIC photo
+
+
+def test_limits_and_missing_readers_raise_their_own_types(tmp_path, monkeypatch):
+    def refused(load, *args, **kwargs) -> ImageLoadError:
+        with pytest.raises(ImageLoadError) as info:
+            load(*args, **kwargs)
+        return info.value
+
+    too_large = {
+        "header pixels": refused(
+            load_image_bytes, _png_header_only(400, 300, b"x"), "a.png", max_pixels=1000
+        ),
+        "PIL's own limit": refused(
+            load_image_bytes, _png_header_only(20000, 20000, b"x"), "b.png", max_pixels=10**10
+        ),
+        "file bytes": refused(load_image_bytes, b"\xff" * (1 << 21), "c.jpg", max_pixels=1000),
+        "DICOM pixels": refused(
+            load_image, _dicom(tmp_path / "d.dcm", np.zeros((4, 4), np.uint16)), max_pixels=1
+        ),
+    }
+    for case, err in too_large.items():
+        assert type(err) is ImageTooLargeError, case
+    assert "file too large" in too_large["file bytes"].reason  # the messages are unchanged
+    assert too_large["header pixels"].reason.startswith("too many pixels: 400x300")
+    monkeypatch.setitem(sys.modules, "pillow_heif", None)  # as if it were not installed
+    missing = refused(load_image_bytes, HEIC, "photo.heic")
+    assert type(missing) is ReaderMissingError and "chextrain[heic]" in missing.reason
+    others = [
+        refused(load_image_bytes, b"", "e.png"),
+        refused(load_image_bytes, b"not an image at all", "f.png"),
+        refused(load_image_bytes, _png_header_only(0, 5, b"x"), "g.png"),
+    ]
+    assert all(type(err) is ImageLoadError for err in others)
+    assert issubclass(ImageTooLargeError, ImageLoadError) and issubclass(ReaderMissingError, ImageLoadError)
+    assert type(pickle.loads(pickle.dumps(too_large["file bytes"]))) is ImageTooLargeError

@@ -1,12 +1,12 @@
-"""Metrics equal scikit-learn's; thresholds; patient bootstrap; paired differences."""
+"""Metrics equal scikit-learn's; thresholds; the patient bootstrap engine; pairing; paired differences."""
 
 from __future__ import annotations
 
 import math
-import time
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -19,13 +19,12 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from chextrain.evaluation.bootstrap import Bootstrap, difference, estimates, pair_rows
 from chextrain.evaluation.metrics import (
     METRICS,
     MetricsError,
     UndefinedAUCWarning,
     binary_metrics,
-    bootstrap_ci,
-    paired_difference,
     pathology_metrics,
     tune_thresholds,
     weighted_metrics,
@@ -94,8 +93,16 @@ def test_weighted_metrics_equal_sklearn_with_sample_weight(samples: list, thresh
 
 def test_hand_worked_cases() -> None:
     m = binary_metrics(np.array([1, 1, 0, 0]), np.array([0.9, 0.4, 0.6, 0.1]))
-    assert m == {"mcc": 0.0, "auc": 0.75, "precision": 0.5, "recall": 0.5, "f1": 0.5, "accuracy": 0.5,
-                 "support": 4.0, "positives": 2.0}
+    assert m == {
+        "mcc": 0.0,
+        "auc": 0.75,
+        "precision": 0.5,
+        "recall": 0.5,
+        "f1": 0.5,
+        "accuracy": 0.5,
+        "support": 4.0,
+        "positives": 2.0,
+    }
     tie = binary_metrics(np.array([1, 0]), np.array([0.5, 0.5]))  # 0.5 counts as positive
     assert tie["auc"] == 0.5 and tie["recall"] == 1.0 and tie["precision"] == 0.5
     assert math.isclose(tie["f1"], 2 / 3)
@@ -152,11 +159,15 @@ def test_bad_inputs_are_refused() -> None:
     with pytest.raises(MetricsError, match="0/1"):
         binary_metrics(np.array([0, 2]), np.zeros(2))
     with pytest.raises(MetricsError, match="unknown metrics.*'kappa'"):
-        bootstrap_ci(t, p, None, np.arange(4), ["auc", "kappa"])
-    with pytest.raises(MetricsError, match="groups"):
-        bootstrap_ci(t, p, None, np.arange(3))
-    with pytest.raises(MetricsError, match="alpha"):
-        bootstrap_ci(t, p, None, np.arange(4), alpha=1.5)
+        Bootstrap((t, p, None), np.arange(4), 10, 0).values(metrics=["auc", "kappa"])
+    with pytest.raises(MetricsError, match=r"patients must hold one id per row \(4\)"):
+        Bootstrap((t, p, None), np.arange(3), 10, 0)
+    with pytest.raises(MetricsError, match="n_boot must be an integer >= 0; got -1"):
+        Bootstrap((t, p, None), np.arange(4), -1, 0)
+    with pytest.raises(MetricsError, match="probs for edema"):
+        Bootstrap((t, np.where(np.arange(5) == 1, np.inf, p), None), np.arange(4), 10, 0)
+    with pytest.raises(MetricsError, match="missing.*cardiomegaly"):
+        Bootstrap((t, p, None), np.arange(4), 10, 0).values(thresholds={s: 0.5 for s in SLUGS[:4]})
 
 
 @settings(max_examples=60, deadline=None)
@@ -197,72 +208,132 @@ def _demo(n: int = 700, patients: int = 300, seed: int = 0) -> tuple[np.ndarray,
     return targets, probs, mask, rng.integers(0, patients, n).astype(str)
 
 
-def test_bootstrap_is_reproducible_fast_and_contains_the_estimate() -> None:
-    targets, probs, mask, groups = _demo()
-    start = time.perf_counter()
-    ci = bootstrap_ci(targets, probs, mask, groups, n_boot=1000, seed=7)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 4.0, f"1000 resamples x 5 pathologies x 700 images took {elapsed:.2f} s"
-    assert ci == bootstrap_ci(targets, probs, mask, groups, n_boot=1000, seed=7)
-    assert ci != bootstrap_ci(targets, probs, mask, groups, n_boot=1000, seed=8)
+def test_bootstrap_is_reproducible_and_contains_the_estimate() -> None:
+    targets, probs, mask, patients = _demo()
+    arrs = (targets, probs, mask)
+    ci = estimates(Bootstrap(arrs, patients, 1000, seed=7).values())
+    assert ci == estimates(Bootstrap(arrs, patients, 1000, seed=7).values())
+    assert ci != estimates(Bootstrap(arrs, patients, 1000, seed=8).values())
     point = pathology_metrics(targets, probs, mask)
     for key in (*SLUGS, "average"):
-        for name, (low, high) in ci[key].items():
-            assert low <= point[key][name] <= high, (key, name)
-            assert low < high
+        for name, (value, low, high) in ci[key].items():
+            assert math.isclose(value, point[key][name], rel_tol=1e-9, abs_tol=1e-12), (key, name)
+            assert low <= value <= high and low < high, (key, name)
+    none = estimates(Bootstrap(arrs, patients, 0, seed=7).values())  # n_boot 0: point estimates only
+    assert none["edema"]["auc"][0] == ci["edema"]["auc"][0] and math.isnan(none["edema"]["auc"][1])
+
+
+def test_one_resample_equals_scikit_learn_with_patient_weights() -> None:
+    targets, probs, mask, patients = _demo(n=150, patients=40)
+    boot = Bootstrap((targets, probs, mask), patients, 120, seed=7)
+    values = boot.values(metrics=["mcc", "auc", "f1"])
+    assert boot.counts.shape == (120, 40) and (boot.counts.sum(1) == 40).all()  # 40 patients per resample
+    weights = boot.counts[5][boot.inv].astype(float)  # resample 5, rebuilt row by row
+    j = SLUGS.index("edema")
+    keep = mask[:, j] > 0
+    expected = _sklearn(targets[keep, j], probs[keep, j], 0.5, weights[keep])
+    for name in ("mcc", "auc", "f1"):
+        assert values.boot[name][5, j] == pytest.approx(expected[name], abs=1e-12), name
+    rows = np.arange(0, 150, 2)
+    assert np.array_equal(np.concatenate(list(boot.weights(rows))), boot.counts[:, boot.inv[rows]])
 
 
 def test_bootstrap_resamples_patients_not_images() -> None:
     targets, probs, mask, _ = _demo(n=60)
-    one_patient = np.zeros(60, dtype=int)  # a single cluster: every resample is the whole set
-    ci = bootstrap_ci(targets, probs, mask, one_patient, ["auc", "mcc"], n_boot=20)
-    point = pathology_metrics(targets, probs, mask)
-    assert all(math.isclose(ci[s]["auc"][0], point[s]["auc"]) and ci[s]["auc"][0] == ci[s]["auc"][1]
-               for s in SLUGS)
-    pairs = np.arange(60) // 3  # patients of 3 images: resample sizes are multiples of 3
-    sizes = bootstrap_ci(np.ones((60, 5)), probs, None, pairs, {"size": lambda y, p: float(len(y))},
-                         n_boot=40, alpha=0.5)
-    assert all(v % 3 == 0 for v in sizes["edema"]["size"])
+    arrs = (targets, probs, mask)
+    one_patient = estimates(Bootstrap(arrs, np.zeros(60, dtype=int), 50, seed=0).values())
+    for key in (*SLUGS, "average"):  # one cluster: every resample is the whole set
+        value, low, high = one_patient[key]["auc"]
+        assert math.isclose(low, value, rel_tol=1e-12) and math.isclose(high, value, rel_tol=1e-12)
+    # 30 patients, each with 4 copies of one image: by patient, the CI is that of the 30 images
+    # alone; resampling the 120 images independently would make it about half as wide.
+    small_t, small_p, small_m, _ = _demo(n=30, seed=4)
+    ids = np.array([f"p{i:02d}" for i in range(30)])
+    copies = tuple(np.repeat(a, 4, axis=0) for a in (small_t, small_p, small_m))
+
+    def width(arrays: tuple[np.ndarray, ...], patients: np.ndarray) -> float:
+        _, low, high = estimates(Bootstrap(arrays, patients, 400, seed=2).values())["average"]["auc"]
+        return high - low
+
+    by_patient = width(copies, np.repeat(ids, 4))
+    assert math.isclose(by_patient, width((small_t, small_p, small_m), ids), rel_tol=1e-9)
+    assert width(copies, np.arange(120)) < 0.75 * by_patient
 
 
-def test_custom_metric_matches_the_vectorised_one() -> None:
-    targets, probs, mask, groups = _demo(n=120, patients=50)
-    built_in = bootstrap_ci(targets, probs, mask, groups, "auc", n_boot=30, seed=1)
-    custom = bootstrap_ci(targets, probs, mask, groups, {"auc": roc_auc_score}, n_boot=30, seed=1)
-    for key in (*SLUGS, "average"):
-        assert np.allclose(built_in[key]["auc"], custom[key]["auc"], rtol=1e-9)
+def test_pair_rows_match_by_patient_study_image() -> None:
+    std = pd.DataFrame(
+        {"patient": ["a", "a", "b", "a"], "study": ["study1"] * 4, "image": ["v1", "v2", "v1", "v2"]}
+    )
+    photos = pd.DataFrame(
+        {
+            "patient": ["b", "a", "VBSF1", "a", "b"],
+            "study": ["study1"] * 5,
+            "image": ["v1", "v2", "v1", "v2", "v9"],
+        }
+    )
+    i_std, i_photo = pair_rows(std, photos)
+    assert i_photo.tolist() == [0, 1, 3]  # film VBSF1 and the unknown b/v9 stay unpaired
+    assert i_std.tolist() == [2, 1, 1]  # a/study1/v2 twice in std: its first row; two photos of it
+    with pytest.raises(MetricsError, match=r"missing \['study'\]"):
+        pair_rows(std.drop(columns="study"), photos)
 
 
-def test_paired_difference_matches_keys_and_shares_resamples() -> None:
-    targets, probs, mask, groups = _demo(n=300, patients=120)
-    keys = np.array([f"x{i}" for i in range(300)])
-    rng = np.random.default_rng(1)
-    worse = np.clip(probs + rng.normal(0, 0.25, probs.shape), 0, 1)
-    order = rng.permutation(300)[:250]  # photos: a shuffled subset, plus x-rays of their own
-    extra = 5
-    b = (np.r_[targets[order], np.zeros((extra, 5))], np.r_[worse[order], np.full((extra, 5), 0.5)],
-         np.r_[mask[order], np.ones((extra, 5))], np.r_[keys[order], [f"y{i}" for i in range(extra)]],
-         np.r_[groups[order], ["other"] * extra])
-    out = paired_difference((targets, probs, mask, keys, groups), b, ["auc", "mcc"], n_boot=300)
-    keep = np.isin(keys, keys[order])
-    a_only = pathology_metrics(targets[keep], probs[keep], mask[keep])
+def _two_sides(noise: float, seed: int = 1) -> tuple[pd.DataFrame, tuple, np.ndarray, np.ndarray, np.ndarray]:
+    """One table: 240 x-rays (2 per patient), then photos of 180 of them (20 photographed twice,
+    probabilities + noise), then 6 film photos without a source x-ray."""
+    rng = np.random.default_rng(seed)
+    n, film = 240, 6
+    patient = np.array([f"p{i // 2:03d}" for i in range(n)])
+    image = np.array([f"view{i % 2 + 1}_frontal" for i in range(n)])
+    targets = (rng.random((n, 5)) < 0.35).astype(float)
+    probs = np.clip(0.35 * targets + 0.65 * rng.random((n, 5)), 0, 1)
+    shown = np.r_[rng.permutation(n)[:180], np.arange(20)]  # the x-ray each photo shows
+    photo_probs = np.clip(probs[shown] + rng.normal(0, noise, (len(shown), 5)), 0, 1)
+    ids = pd.DataFrame(
+        {
+            "patient": [*patient, *patient[shown], *(f"VBSF{i}" for i in range(film))],
+            "study": "study1",
+            "image": [*image, *image[shown], *["view1_frontal"] * film],
+        }
+    )
+    arrs = (
+        np.r_[targets, targets[shown], np.zeros((film, 5))],
+        np.r_[probs, photo_probs, np.full((film, 5), 0.5)],
+        None,
+    )
+    return ids, arrs, np.arange(n), np.arange(n, len(ids)), shown
+
+
+def test_paired_difference_pairs_by_key_and_shares_resamples() -> None:
+    ids, arrs, xrays, photos, shown = _two_sides(noise=0.25)
+    boot = Bootstrap(arrs, ids["patient"].to_numpy(), 400, seed=0)
+    i_x, i_p = pair_rows(ids.iloc[xrays], ids.iloc[photos])
+    assert i_p.tolist() == list(range(len(shown))) and i_x.tolist() == shown.tolist()  # film unpaired
+    weights = boot.counts[:, boot.inv]  # B x N: a photo is always drawn with its x-ray
+    assert np.array_equal(weights[:, xrays[i_x]], weights[:, photos[i_p]])
+    a = boot.paired(xrays, i_x, boot.values(xrays))
+    b = boot.paired(photos, i_p, boot.values(photos))
+    assert a.n == b.n == 200
+    targets, probs, _ = arrs
+    rows = xrays[i_x]  # x-rays photographed twice count twice; those never photographed not at all
+    expected = pathology_metrics(targets[rows], probs[rows])
+    diff = difference(a, b)
     for s in SLUGS:
-        assert math.isclose(out[s]["auc"]["a"], a_only[s]["auc"]) and out[s]["auc"]["n"] == 250
-        assert out[s]["auc"]["low"] <= out[s]["auc"]["difference"] <= out[s]["auc"]["high"]
-    assert out["average"]["auc"]["low"] > 0  # the noisy "photos" are clearly worse
-    same = paired_difference((targets, probs, mask, keys, groups), (targets, probs, mask, keys, groups),
-                             "auc", n_boot=50)
-    assert all(same[k]["auc"]["difference"] == same[k]["auc"]["low"] == same[k]["auc"]["high"] == 0
-               for k in (*SLUGS, "average"))
+        assert math.isclose(a.point["auc"][SLUGS.index(s)], expected[s]["auc"], rel_tol=1e-9)
+        value, low, high = diff[s]["auc"]
+        assert low <= value <= high
+    assert diff["average"]["auc"][1] > 0  # the noisy photos are clearly worse
+    ids, arrs, xrays, photos, _ = _two_sides(noise=0.0)  # photos identical to their x-rays
+    boot = Bootstrap(arrs, ids["patient"].to_numpy(), 100, seed=0)
+    i_x, i_p = pair_rows(ids.iloc[xrays], ids.iloc[photos])
+    same = difference(boot.paired(xrays, i_x), boot.paired(photos, i_p))
+    assert all(same[k][m] == (0.0, 0.0, 0.0) for k in (*SLUGS, "average") for m in ("auc", "mcc"))
 
 
-def test_paired_difference_refuses_bad_pairs() -> None:
-    targets, probs, mask, groups = _demo(n=10, patients=4)
-    keys = np.array([f"x{i}" for i in range(10)])
-    side = (targets, probs, mask, keys, groups)
-    with pytest.raises(MetricsError, match="not unique"):
-        paired_difference(side, (targets, probs, mask, np.r_[keys[:9], keys[:1]], groups))
-    with pytest.raises(MetricsError, match="no key"):
-        paired_difference(side, (targets, probs, mask, np.char.add(keys, "z"), groups))
-    with pytest.raises(MetricsError, match="different patients"):
-        paired_difference(side, (targets, probs, mask, keys, np.roll(groups, 1)))
+def test_paired_reuses_a_side_whose_rows_are_paired_equally_often() -> None:
+    ids, arrs, xrays, _, _ = _two_sides(noise=0.1)
+    boot = Bootstrap(arrs, ids["patient"].to_numpy(), 50, seed=0)
+    whole = boot.values(xrays)
+    assert boot.paired(xrays, np.repeat(np.arange(len(xrays)), 3), whole) is whole  # 3 photos of each
+    again = boot.paired(xrays, np.arange(len(xrays) - 1), whole)  # one x-ray without a photo
+    assert again is not whole and again.n == len(xrays) - 1

@@ -25,17 +25,17 @@ from chextrain.evaluation.probe import probe
 from chextrain.models.bundle import load_bundle
 from chextrain.models.net import CXRNet
 from chextrain.models.weights import WeightsError, expected_input, init_model, read_checkpoint
+from chextrain.training.lifecycle import apply_expected_input, train_stage
 from chextrain.training.moco import (
     MocoModule,
     batch_shuffle,
     batch_unshuffle,
     concat_all_gather,
-    cosine,
     info_nce,
     momentum_update,
 )
 from chextrain.training.moco_data import MocoCxrAugment, MocoDataset, photo_partners
-from chextrain.training.runner import apply_expected_input, train_stage
+from chextrain.training.optim import cosine
 from chextrain.training.specs import MocoSpec, PhotoAwareSpec
 from chextrain.training.stage import StageError, config_hash, parse_stage
 
@@ -160,8 +160,18 @@ def test_moco_spec_shorthands_and_bad_values() -> None:
     settings = (defaults.queue_size, defaults.momentum, defaults.temperature, defaults.proj_dim)
     assert settings == (65536, 0.999, 0.2, 128)
     with pytest.raises(StageError) as err:
-        parse_stage({**base, "moco": {"queue_size": 0, "temperature": 0, "augmentation": "jitter", "bogus": 1,
-                                      "schedule": "step"}})
+        parse_stage(
+            {
+                **base,
+                "moco": {
+                    "queue_size": 0,
+                    "temperature": 0,
+                    "augmentation": "jitter",
+                    "bogus": 1,
+                    "schedule": "step",
+                },
+            }
+        )
     text = str(err.value)
     for field in ("moco.queue_size", "moco.temperature", "moco.augmentation", "moco.bogus", "moco.schedule"):
         assert field in text, field
@@ -183,10 +193,15 @@ def test_mococxr_augment_is_grey_seeded_and_crops_within_the_scale() -> None:
 
 
 def test_photo_partners_pair_xrays_and_photos_of_the_same_image() -> None:
-    rows = pd.DataFrame({
-        "path": ["x1", "x2", "p1a", "p1b"], "domain": ["digital", "digital", "photo", "photo"],
-        "patient": ["patient1", "patient2", "patient1", "patient1"], "study": ["study1"] * 4,
-        "image": ["view1_frontal"] * 4})
+    rows = pd.DataFrame(
+        {
+            "path": ["x1", "x2", "p1a", "p1b"],
+            "domain": ["digital", "digital", "photo", "photo"],
+            "patient": ["patient1", "patient2", "patient1", "patient1"],
+            "study": ["study1"] * 4,
+            "image": ["view1_frontal"] * 4,
+        }
+    )
     assert photo_partners(rows, rows) == [["p1a", "p1b"], [], ["x1"], ["x1"]]
     assert photo_partners(rows, rows.iloc[1:]) == [["p1a", "p1b"], [], [], []]  # x1 not in the pool
     assert photo_partners(rows.iloc[:0], rows) == []
@@ -219,11 +234,22 @@ def test_photo_aware_views_use_real_photos_then_simulated_ones(demo_root: Path) 
 
 
 def _moco_stage(**extra: object):
-    return parse_stage({"name": "pre", "objective": "moco", "init": "random", "backbone": "tiny",
-                        "data": {"train": ["chexpert", "chexphoto"]}, "image_size": 32, "batch_size": 16,
-                        "max_steps": 4, "num_workers": 0, "optimizer": {"name": "adam", "lr": 1e-3},
-                        "moco": {"queue_size": 48, "momentum": 0.99,
-                                 "augmentation": {"photo_aware": {"p": 0.5}}}, **extra})
+    return parse_stage(
+        {
+            "name": "pre",
+            "objective": "moco",
+            "init": "random",
+            "backbone": "tiny",
+            "data": {"train": ["chexpert", "chexphoto"]},
+            "image_size": 32,
+            "batch_size": 16,
+            "max_steps": 4,
+            "num_workers": 0,
+            "optimizer": {"name": "adam", "lr": 1e-3},
+            "moco": {"queue_size": 48, "momentum": 0.99, "augmentation": {"photo_aware": {"p": 0.5}}},
+            **extra,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -251,8 +277,9 @@ def test_moco_stage_writes_checkpoint_bundle_and_done(moco_run: Path, demo_root:
     assert again.cached and (moco_run / "done.json").read_text() == json.dumps(done, indent=2)
 
 
-def test_an_unfinished_moco_stage_resumes_from_its_checkpoint(moco_run: Path, demo_root: Path,
-                                                               tmp_path: Path) -> None:
+def test_an_unfinished_moco_stage_resumes_from_its_checkpoint(
+    moco_run: Path, demo_root: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "pre"
     shutil.copytree(moco_run, out)
     for name in ("done.json", "model.json", "model.safetensors"):  # as if killed after the last checkpoint
@@ -276,8 +303,17 @@ def test_moco_output_initialises_a_supervised_stage(moco_run: Path, demo_root: P
     assert ckpt.format == "moco" and ckpt.prefix == "encoder_q." and not ckpt.missing and not ckpt.unexpected
     assert "queue" in ckpt.dropped and any(k.startswith("encoder_k.") for k in ckpt.dropped)
     assert "projection_q.0.weight" in ckpt.dropped
-    stage = parse_stage({"name": "ft", "init": "stage:pre", "backbone": "tiny", "max_steps": 1,
-                         "batch_size": 8, "num_workers": 0, "evaluate": []})
+    stage = parse_stage(
+        {
+            "name": "ft",
+            "init": "stage:pre",
+            "backbone": "tiny",
+            "max_steps": 1,
+            "batch_size": 8,
+            "num_workers": 0,
+            "evaluate": [],
+        }
+    )
     result = train_stage(stage, demo_root, tmp_path / "ft", resolve_ref=lambda name: moco_run, progress=False)
     done = json.loads((result.out_dir / "done.json").read_text())
     assert "bundle" in done["init"] and "0 missing" in done["init"]
@@ -285,8 +321,8 @@ def test_moco_output_initialises_a_supervised_stage(moco_run: Path, demo_root: P
 
 
 def test_moco_stage_rejects_supervised_augment_and_empty_data(demo_root: Path, tmp_path: Path) -> None:
-    with pytest.raises(StageError, match="moco.augmentation"):
-        train_stage(_moco_stage(augment="standard"), demo_root, tmp_path / "a", progress=False)
+    with pytest.raises(StageError, match="augment: does not apply to an `objective: moco` stage"):
+        _moco_stage(augment="standard")  # refused when the stage is read, before anything runs
     with pytest.raises(StageError, match="no training rows"):
         train_stage(_moco_stage(data={"train": ["other"]}), demo_root, tmp_path / "b", progress=False)
 
@@ -327,11 +363,12 @@ def test_covidprognosis_file_loads_and_brings_histeq_at_224(tmp_path: Path) -> N
     assert expected_input(tmp_path / "cp.ckpt") == {"preprocessing": {"name": "histeq"}, "image_size": 224}
     stage = parse_stage({"name": "ft", "init": str(tmp_path / "cp.ckpt")})
     adapted = apply_expected_input(stage, stage.init)
-    assert adapted.preprocess.name == "histeq" and adapted.image_size == 224
-    paper = parse_stage({"name": "ft", "init": str(tmp_path / "cp.ckpt"), "preprocess": "imagenet",
-                         "image_size": 320})
+    assert adapted.preprocessing.name == "histeq" and adapted.image_size == 224
+    paper = parse_stage(
+        {"name": "ft", "init": str(tmp_path / "cp.ckpt"), "preprocess": "imagenet", "image_size": 320}
+    )
     kept = apply_expected_input(paper, paper.init)  # the paper's mismatch, on purpose
-    assert kept.preprocess.name == "imagenet" and kept.image_size == 320
+    assert kept.preprocessing.name == "imagenet" and kept.image_size == 320
     with pytest.raises(WeightsError, match="backbone mismatch"):
         init_model(CXRNet("resnet18"), tmp_path / "cp.ckpt")
 
@@ -346,9 +383,9 @@ def test_moco_cxr_file_loads_and_brings_its_mean_and_std(tmp_path: Path) -> None
     assert report.preprocessing["name"] == "meanstd" and report.preprocessing["mean"] == [0.5020] * 3
     assert report.preprocessing["std"] == [0.085585] * 3 and report.image_size == 320
     adapted = apply_expected_input(parse_stage({"name": "ft"}), str(tmp_path / "checkpoint_0019.pth.tar"))
-    assert adapted.preprocess.name == "meanstd" and adapted.preprocess.mean == (0.502, 0.502, 0.502)
+    assert adapted.preprocessing.name == "meanstd" and adapted.preprocessing.mean == (0.502, 0.502, 0.502)
     unknown = apply_expected_input(parse_stage({"name": "ft", "init": "random"}), "random")
-    assert unknown.preprocess.name == "imagenet" and unknown.image_size == 320
+    assert unknown.preprocessing.name == "imagenet" and unknown.image_size == 320
 
 
 class _Payload:
@@ -393,12 +430,20 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         x = torch.full((4, 2), float(rank)) + torch.arange(4.0)[:, None] / 10  # rank-specific rows
         shuffled, unshuffle = batch_shuffle(x, torch.Generator().manual_seed(5))
         uneven = concat_all_gather(torch.full((3 - rank, 2), float(rank)))  # 3 rows, then 2
-        torch.save({"queue": module.queue, "ptr": module.queue_ptr, "keys": module.recorded,
-                    "encoder_q": {n: p.detach() for n, p in module.encoder_q.named_parameters()},
-                    "x": x, "shuffled": shuffled,
-                    "restored": batch_unshuffle(shuffled, unshuffle), "uneven": uneven,
-                    "uneven_shuffle": batch_shuffle(torch.zeros(3 - rank, 2), torch.Generator())[1]},
-                   Path(out) / f"{rank}.pt")
+        torch.save(
+            {
+                "queue": module.queue,
+                "ptr": module.queue_ptr,
+                "keys": module.recorded,
+                "encoder_q": {n: p.detach() for n, p in module.encoder_q.named_parameters()},
+                "x": x,
+                "shuffled": shuffled,
+                "restored": batch_unshuffle(shuffled, unshuffle),
+                "uneven": uneven,
+                "uneven_shuffle": batch_shuffle(torch.zeros(3 - rank, 2), torch.Generator())[1],
+            },
+            Path(out) / f"{rank}.pt",
+        )
     finally:
         dist.destroy_process_group()
 
@@ -438,11 +483,22 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     catalog = assign_splits(read_catalog(root))
     found = {}
     for name, augmentation in (("plain", "mococxr"), ("photo", ["mococxr", "photo_aware"])):
-        stage = parse_stage({"name": name, "objective": "moco", "init": "random", "backbone": "tiny",
-                             "seed": 2, "data": {"train": ["chexpert", "chexphoto"]}, "image_size": 48,
-                             "batch_size": 32,
-                             "epochs": 20, "num_workers": 0, "optimizer": {"name": "adam", "lr": 1e-3},
-                             "moco": {"queue_size": 256, "momentum": 0.99, "augmentation": augmentation}})
+        stage = parse_stage(
+            {
+                "name": name,
+                "objective": "moco",
+                "init": "random",
+                "backbone": "tiny",
+                "seed": 2,
+                "data": {"train": ["chexpert", "chexphoto"]},
+                "image_size": 48,
+                "batch_size": 32,
+                "epochs": 20,
+                "num_workers": 0,
+                "optimizer": {"name": "adam", "lr": 1e-3},
+                "moco": {"queue_size": 256, "momentum": 0.99, "augmentation": augmentation},
+            }
+        )
         out = train_stage(stage, root, root.parent / name, progress=False).out_dir
         found[name] = probe(load_bundle(out)[0], catalog, image_size=48)
     for s in range(3):

@@ -20,9 +20,11 @@ def render(labels: dict, seed: int, view: str = "PA", size=SIZE) -> tuple[np.nda
 
 def column_ctr(info: PhantomInfo) -> float:
     """Cardiothoracic ratio measured the radiologist's way: widest column extents of the masks."""
+
     def width(mask: np.ndarray) -> int:
         cols = np.flatnonzero(mask.any(axis=0))
         return int(cols[-1] - cols[0] + 1)
+
     return width(info.masks["heart"]) / width(info.masks["thorax"])
 
 
@@ -168,12 +170,15 @@ def test_support_devices_are_drawn_when_labelled() -> None:
     assert (b.astype(int) - a).max() > 60  # bright line / electrodes
 
 
-@pytest.mark.parametrize("labels, match", [
-    ({"pneumonia": 1.0}, "unknown label keys"),
-    ({"edema": 2.0}, "edema"),
-    ({"edema": "yes"}, "edema"),
-    ({"edema": 0.5}, "expected 1.0, 0.0, -1.0 or NaN"),
-])
+@pytest.mark.parametrize(
+    "labels, match",
+    [
+        ({"pneumonia": 1.0}, "unknown label keys"),
+        ({"edema": 2.0}, "edema"),
+        ({"edema": "yes"}, "edema"),
+        ({"edema": 0.5}, "expected 1.0, 0.0, -1.0 or NaN"),
+    ],
+)
 def test_bad_labels_are_rejected(labels: dict, match: str) -> None:
     with pytest.raises(PhantomError, match=match):
         render(labels, 0)

@@ -9,6 +9,7 @@ import pytest
 
 from chextrain.data import photo
 from chextrain.data.photo import RECIPES, simulate_photo
+from chextrain.data.pixels import perspective_matrix, to_rgb
 
 SEEDS = range(8)
 
@@ -22,7 +23,7 @@ def _image(h: int = 48, w: int = 64) -> np.ndarray:
 
 def _strength(out: np.ndarray, image: np.ndarray) -> float:
     """Mean absolute difference from the input, in grey levels (RGB outputs vs grey copies)."""
-    ref = photo._rgb(image) if out.ndim == 3 else image
+    ref = to_rgb(image) if out.ndim == 3 else image
     return float(np.abs(out.astype(np.float64) - ref).mean())
 
 
@@ -57,7 +58,7 @@ def test_effect_shape_dtype_and_channels(effect, rgb_out):
     out = effect(grey, np.random.default_rng(0), 2)
     assert out.dtype == np.uint8 and out.flags.writeable
     assert out.shape == ((48, 64, 3) if rgb_out else (48, 64))
-    colour = effect(photo._rgb(grey), np.random.default_rng(0), 2)
+    colour = effect(to_rgb(grey), np.random.default_rng(0), 2)
     assert colour.shape == (48, 64, 3) and colour.dtype == np.uint8
 
 
@@ -112,7 +113,7 @@ def test_glare_sigma_scales_with_image_size():
 
 @pytest.mark.parametrize("level", photo.LEVELS)
 def test_moire_darkening_matches_line_alpha_and_density(level):
-    gap, opacity = photo._MOIRE[level]
+    gap, opacity = photo.MOIRE[level]
     out = photo.moire(np.full((256, 256), 200, np.uint8), np.random.default_rng(0), level)
     expected = 200 * (1 - opacity / (1 + gap)) ** 2  # two masks, lines cover 1 / (1 + gap)
     assert abs(out.mean() - expected) < 0.01 * 200
@@ -147,7 +148,7 @@ def test_jpeg_quality_explicit_and_validated():
 def test_perspective_matrix_maps_the_points():
     src = [(0, 0), (10, 0), (10, 10), (0, 10)]
     dst = [(1, 2), (9, 1), (11, 12), (0, 9)]
-    m = photo._perspective_matrix(src, dst)
+    m = perspective_matrix(src, dst)
     for (x, y), (u, v) in zip(src, dst, strict=True):
         p = m @ np.array([x, y, 1.0])
         assert np.allclose(p[:2] / p[2], (u, v))
@@ -184,11 +185,20 @@ def test_photographic_is_glare_then_moire_then_tilt():
     rng = np.random.default_rng(11)
     manual = photo.tilt(photo.moire(photo.glare_matte(image, rng, 3), rng, 3), rng, 3)
     out = simulate_photo(image, "photographic", 3, np.random.default_rng(11))
-    np.testing.assert_array_equal(out, photo._rgb(manual))
+    np.testing.assert_array_equal(out, to_rgb(manual))
+
+
+def test_phone_recipe_is_phone_modules_function():
+    from chextrain.data import phone
+
+    assert photo.phone is phone.phone  # one definition, re-exported
+    image = _image()
+    manual = phone.phone(image, np.random.default_rng(12), 2)
+    np.testing.assert_array_equal(simulate_photo(image, "phone", 2, np.random.default_rng(12)), manual)
 
 
 def test_rgb_input_and_default_rng():
-    out = simulate_photo(photo._rgb(_image()), "digital")
+    out = simulate_photo(to_rgb(_image()), "digital")
     assert out.shape == (48, 64, 3)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -17,14 +18,17 @@ from chextrain.data.splits import assign_splits
 from chextrain.data.transforms import preprocess
 from chextrain.evaluation.predict import (
     EvaluationError,
+    calibrate_ood_or_none,
     evaluate_run,
     group_metrics,
     predict,
+    predict_rows,
     tune_head_thresholds,
 )
 from chextrain.labels import SLUGS, apply_policy
 from chextrain.models.bundle import save_bundle
 from chextrain.models.net import CXRNet
+from chextrain.ood import calibrate_ood, image_features
 
 DOMAIN_HEADS = {"digital": "xray", "photo": "photo"}
 
@@ -71,13 +75,52 @@ def test_fixed_head_and_router_routing(model: CXRNet, catalog: pd.DataFrame) -> 
         predict(CXRNet("tiny"), rows, head="router", image_size=32)
 
 
+def test_one_pass_gives_the_table_and_ood_calibration_of_separate_passes(
+    model: CXRNet, catalog: pd.DataFrame
+) -> None:
+    """What a stage does (val predictions with OOD features, then calibration) equals separate passes."""
+    rows = catalog.loc[catalog["split"] == "val"].reset_index(drop=True)
+    kwargs = {"domain_heads": DOMAIN_HEADS, "image_size": 32, "batch_size": 4}
+    val = predict_rows(model, rows, ood_features=True, num_workers=2, **kwargs)  # batches from 2 workers
+    calibration = calibrate_ood_or_none(model, val.features)
+    assert calibration is not None and calibration["n"] == len(rows) >= 10
+    # The table: the same rows in the same order as scored in this process, byte for byte.
+    alone = predict(model, rows, num_workers=0, **kwargs)
+    pd.testing.assert_frame_equal(val.table, alone, check_exact=True)
+    assert val.table["path"].tolist() == rows["path"].tolist()
+    assert val.table["prob_edema"].dtype == np.float32
+    assert predict_rows(model, rows, num_workers=0, **kwargs).features is None
+    # The features: those of each decoded image, batched outside any loader.
+    features = image_features(model, [load_image(p) for p in rows["path"]], 32, batch_size=4)
+    assert val.features.dtype == np.float32 and np.array_equal(val.features.astype(np.float64), features)
+    assert calibration == calibrate_ood(model, features)
+    assert calibrate_ood_or_none(model, val.features[:5]) is None  # too few images: uncalibrated
+
+
+def test_inputs_follow_the_model_dtype(model: CXRNet, catalog: pd.DataFrame) -> None:
+    rows = catalog.loc[catalog["split"] == "val"].reset_index(drop=True)
+    kwargs = {"domain_heads": DOMAIN_HEADS, "image_size": 32, "batch_size": 8, "num_workers": 0}
+    double = copy.deepcopy(model).double()  # float32 images into a float64 model would raise
+    got = predict_rows(double, rows, device="cpu", ood_features=True, **kwargs)
+    ref = predict_rows(model, rows, device="cpu", ood_features=True, **kwargs)
+    probs = [f"prob_{s}" for s in SLUGS]
+    assert (got.table[probs].dtypes == np.float32).all()
+    assert np.allclose(got.table[probs].to_numpy(), ref.table[probs].to_numpy(), atol=1e-5)
+    assert np.allclose(got.features, ref.features, rtol=1e-4, atol=1e-5)
+    assert calibrate_ood_or_none(double, got.features) is not None
+
+
 def test_group_metrics_tuned_only_for_single_head_groups() -> None:
     rng = np.random.default_rng(0)
     n = 40
-    table = pd.DataFrame({"dataset": ["chexpert"] * 20 + ["chexphoto"] * 20,
-                          "kind": ["digital"] * 20 + ["natural"] * 20,
-                          "patient": [f"p{i % 10}" for i in range(n)],
-                          "head": ["a"] * 20 + ["b"] * 10 + ["a"] * 10})
+    table = pd.DataFrame(
+        {
+            "dataset": ["chexpert"] * 20 + ["chexphoto"] * 20,
+            "kind": ["digital"] * 20 + ["natural"] * 20,
+            "patient": [f"p{i % 10}" for i in range(n)],
+            "head": ["a"] * 20 + ["b"] * 10 + ["a"] * 10,
+        }
+    )
     for s in SLUGS:
         table[f"target_{s}"] = (rng.random(n) > 0.5).astype(float)
         table[f"prob_{s}"] = rng.random(n)
@@ -92,21 +135,33 @@ def test_group_metrics_tuned_only_for_single_head_groups() -> None:
         assert groups["Standard"]["at_0.5"][s]["auc"] == pytest.approx(roc_auc_score(y, p))
         assert groups["Standard"]["at_0.5"][s]["f1"] == pytest.approx(f1_score(y, p >= 0.5))
         assert groups["Standard"]["tuned"][s]["mcc"] == pytest.approx(
-            matthews_corrcoef(y, p >= thresholds["a"][s]))
+            matthews_corrcoef(y, p >= thresholds["a"][s])
+        )
 
 
 @pytest.fixture(scope="module")
 def bundle(model: CXRNet, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("run")
     thresholds = {"xray": dict.fromkeys(SLUGS, 0.4), "photo": dict.fromkeys(SLUGS, 0.6)}
-    save_bundle(model, run, {"image_size": 32, "domain_heads": DOMAIN_HEADS, "thresholds": thresholds,
-                             "config": {"split": {"by": "patient", "val_fraction": 0.25, "seed": 0,
-                                                  "frontal_only": False}, "policy": "zeros"}})
+    save_bundle(
+        model,
+        run,
+        {
+            "image_size": 32,
+            "domain_heads": DOMAIN_HEADS,
+            "thresholds": thresholds,
+            "config": {
+                "split": {"by": "patient", "val_fraction": 0.25, "seed": 0, "frontal_only": False},
+                "policy": "zeros",
+            },
+        },
+    )
     return run
 
 
-def test_evaluate_run_writes_predictions_and_metrics(bundle: Path, demo_root: Path,
-                                                     catalog: pd.DataFrame) -> None:
+def test_evaluate_run_writes_predictions_and_metrics(
+    bundle: Path, demo_root: Path, catalog: pd.DataFrame
+) -> None:
     doc = evaluate_run(bundle, demo_root, "val")
     table = pd.read_parquet(bundle / "predictions_val.parquet")
     on_disk = json.loads((bundle / "metrics_val.json").read_text())

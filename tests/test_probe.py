@@ -66,10 +66,15 @@ def test_linear_and_knn_probes_separate_separable_features() -> None:
 
 
 def test_pair_similarity_counts_pairs_and_non_pairs() -> None:
-    rows = pd.DataFrame({
-        "domain": ["digital", "digital", "photo", "photo", "photo"],
-        "kind": ["digital", "digital", "natural", "natural", "synthetic-digital"],
-        "patient": ["p1", "p2", "p1", "p2", "p1"], "study": ["study1"] * 5, "image": ["view1_frontal"] * 5})
+    rows = pd.DataFrame(
+        {
+            "domain": ["digital", "digital", "photo", "photo", "photo"],
+            "kind": ["digital", "digital", "natural", "natural", "synthetic-digital"],
+            "patient": ["p1", "p2", "p1", "p2", "p1"],
+            "study": ["study1"] * 5,
+            "image": ["view1_frontal"] * 5,
+        }
+    )
     a, b = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
     features = np.stack([a, b, a, b, -a])  # photos 1-2 copy their x-ray; photo 3 is its opposite
     out = pair_similarity(features, rows)
@@ -119,8 +124,9 @@ def test_probe_run_errors(random_run: Path, demo_root: Path, tmp_path: Path) -> 
         probe_run(tmp_path, demo_root)
 
 
-def test_probe_command_prints_tables_and_writes_probe_json(random_run: Path, demo_root: Path,
-                                                           tmp_path: Path) -> None:
+def test_probe_command_prints_tables_and_writes_probe_json(
+    random_run: Path, demo_root: Path, tmp_path: Path
+) -> None:
     runner = CliRunner()
     result = runner.invoke(build_app(), ["probe", str(random_run), "--data", str(demo_root), "--k", "3"])
     assert result.exit_code == 0, result.output

@@ -13,6 +13,8 @@ import pytest
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, roc_auc_score
 
 from chextrain.evaluation import report, tables
+from chextrain.evaluation.bootstrap import Bootstrap, estimates
+from chextrain.evaluation.predict import arrays
 from chextrain.evaluation.report import ReportError, headline_rows, write_report
 from chextrain.labels import SLUGS
 
@@ -21,9 +23,17 @@ KINDS = ("synthetic-digital", "synthetic-photographic", "natural")
 NOTE = "ImageNet weights absent: random init"
 
 
-def predictions(rng: np.random.Generator, *, n_patients: int, skill: float, photo_skill: float,
-                film: int = 0, head_digital: str = "main", head_photo: str = "main",
-                patient_base: int = 0) -> pd.DataFrame:
+def predictions(
+    rng: np.random.Generator,
+    *,
+    n_patients: int,
+    skill: float,
+    photo_skill: float,
+    film: int = 0,
+    head_digital: str = "main",
+    head_photo: str = "main",
+    patient_base: int = 0,
+) -> pd.DataFrame:
     """A predictions table like predict.predict's: x-rays, 3 photos of each, optional film photos.
 
     probs = sigmoid(skill * (2 target - 1) + noise): higher skill separates classes better.
@@ -34,22 +44,61 @@ def predictions(rng: np.random.Generator, *, n_patients: int, skill: float, phot
         for v in range(1 + (i % 2)):  # one or two x-rays per patient
             image = f"view{v + 1}_frontal"
             target = (rng.random(len(SLUGS)) < 0.4).astype(float)
-            rows.append(dict(dataset="chexpert", domain="digital", kind="digital", patient=patient,
-                             image=image, head=head_digital, target=target, skill=skill))
+            rows.append(
+                dict(
+                    dataset="chexpert",
+                    domain="digital",
+                    kind="digital",
+                    patient=patient,
+                    image=image,
+                    head=head_digital,
+                    target=target,
+                    skill=skill,
+                )
+            )
             for kind in KINDS:
-                rows.append(dict(dataset="chexphoto", domain="photo", kind=kind, patient=patient, image=image,
-                                 head=head_photo, target=target, skill=photo_skill))
+                rows.append(
+                    dict(
+                        dataset="chexphoto",
+                        domain="photo",
+                        kind=kind,
+                        patient=patient,
+                        image=image,
+                        head=head_photo,
+                        target=target,
+                        skill=photo_skill,
+                    )
+                )
     for f in range(film):
         target = (rng.random(len(SLUGS)) < 0.4).astype(float)
-        rows.append(dict(dataset="chexphoto", domain="photo", kind="film", patient=f"VBSF{f:05d}",
-                         image="view1_frontal", head=head_photo, target=target, skill=photo_skill))
+        rows.append(
+            dict(
+                dataset="chexphoto",
+                domain="photo",
+                kind="film",
+                patient=f"VBSF{f:05d}",
+                image="view1_frontal",
+                head=head_photo,
+                target=target,
+                skill=photo_skill,
+            )
+        )
     out = []
     for r in rows:
         logit = r["skill"] * (2 * r["target"] - 1) + rng.normal(0, 1, len(SLUGS))
         prob = 1 / (1 + np.exp(-logit))
-        row = {"path": f"/data/{r['dataset']}/{r['kind']}/{r['patient']}/study1/{r['image']}.jpg",
-               "dataset": r["dataset"], "domain": r["domain"], "kind": r["kind"], "patient": r["patient"],
-               "study": "study1", "image": r["image"], "view": "frontal", "split": "test", "head": r["head"]}
+        row = {
+            "path": f"/data/{r['dataset']}/{r['kind']}/{r['patient']}/study1/{r['image']}.jpg",
+            "dataset": r["dataset"],
+            "domain": r["domain"],
+            "kind": r["kind"],
+            "patient": r["patient"],
+            "study": "study1",
+            "image": r["image"],
+            "view": "frontal",
+            "split": "test",
+            "head": r["head"],
+        }
         for j, s in enumerate(SLUGS):
             row[f"prob_{s}"] = np.float32(prob[j])
             row[f"target_{s}"] = np.float32(r["target"][j])
@@ -66,23 +115,51 @@ def make_study(root: Path, seed: int = 0) -> Path:
     out = root / "study"
     stages = []
 
-    def stage(name: str, label: str, state: str, *, skill: float = 0.0, photo_skill: float = 0.0,
-              budget: dict | None = None, splits: tuple[str, ...] = ("val", "test"), reason: str = "",
-              kind: str = "supervised", notes: tuple[str, ...] = (),
-              heads: tuple[str, str] = ("main", "main")) -> None:
+    def stage(
+        name: str,
+        label: str,
+        state: str,
+        *,
+        skill: float = 0.0,
+        photo_skill: float = 0.0,
+        budget: dict | None = None,
+        splits: tuple[str, ...] = ("val", "test"),
+        reason: str = "",
+        kind: str = "supervised",
+        notes: tuple[str, ...] = (),
+        heads: tuple[str, str] = ("main", "main"),
+    ) -> None:
         folder = out / "stages" / name
         folder.mkdir(parents=True)
         if state == "done":
             for k, split in enumerate(splits):
-                table = predictions(rng, n_patients=40, skill=skill, photo_skill=photo_skill,
-                                    film=6 if split == "test" else 0, head_digital=heads[0],
-                                    head_photo=heads[1], patient_base=1000 * k)
+                table = predictions(
+                    rng,
+                    n_patients=40,
+                    skill=skill,
+                    photo_skill=photo_skill,
+                    film=6 if split == "test" else 0,
+                    head_digital=heads[0],
+                    head_photo=heads[1],
+                    patient_base=1000 * k,
+                )
                 table.to_parquet(folder / f"predictions_{split}.parquet", index=False)
             thresholds = {h: {s: 0.4 + 0.05 * j for j, s in enumerate(SLUGS)} for h in set(heads)}
             (folder / "model.json").write_text(json.dumps({"thresholds": thresholds}))
-        stages.append({"name": name, "label": label, "state": state, "reason": reason, "seconds": 12.5,
-                       "hash": "abc", "dir": str(folder), "budget": budget, "kind": kind,
-                       "notes": list(notes)})
+        stages.append(
+            {
+                "name": name,
+                "label": label,
+                "state": state,
+                "reason": reason,
+                "seconds": 12.5,
+                "hash": "abc",
+                "dir": str(folder),
+                "budget": budget,
+                "kind": kind,
+                "notes": list(notes),
+            }
+        )
 
     stage("baseline", "Baseline", "done", skill=2.0, photo_skill=1.0, notes=(NOTE,))
     stage("mixed", "Mixed Training", "done", skill=1.6, photo_skill=1.5)
@@ -91,10 +168,20 @@ def make_study(root: Path, seed: int = 0) -> Path:
     stage("moco_mixed", "MoCo Mixed Training", "blocked", reason="needs moco (blocked)")
     stage("broken", "Broken Strategy", "failed", reason="RuntimeError: out of memory")
     for digital, skill in ((0, 0.8), (200, 1.2), (400, 1.6)):
-        stage(f"budget_{digital:05d}", f"{digital} digital + {400 - digital} photos", "done", skill=skill,
-              photo_skill=2.0 - skill, budget={"total": 400, "digital": digital}, splits=("test",))
-    (out / "study.json").write_text(json.dumps({"name": "toy", "source": "toy.yaml", "profile": "demo",
-                                                "stages": stages, "notes": [NOTE]}))
+        stage(
+            f"budget_{digital:05d}",
+            f"{digital} digital + {400 - digital} photos",
+            "done",
+            skill=skill,
+            photo_skill=2.0 - skill,
+            budget={"total": 400, "digital": digital},
+            splits=("test",),
+        )
+    (out / "study.json").write_text(
+        json.dumps(
+            {"name": "toy", "source": "toy.yaml", "profile": "demo", "stages": stages, "notes": [NOTE]}
+        )
+    )
     return out
 
 
@@ -147,8 +234,13 @@ def test_csv_tables_have_the_documented_schema(study: tuple[Path, report.ReportP
     assert set(csv(paths, "appendix")["split"]) == {"val", "test"}
     assert list(csv(paths, "budget").columns) == [*COLUMNS, "digital", "total"]
     assert list(csv(paths, "kinds").columns) == ["split", "strategy", "kind", "n", *COLUMNS[2:]]
-    assert list(csv(paths, "thresholds").columns) == ["strategy", "comparison", "threshold", "cutoff",
-                                                      *COLUMNS[2:]]
+    assert list(csv(paths, "thresholds").columns) == [
+        "strategy",
+        "comparison",
+        "threshold",
+        "cutoff",
+        *COLUMNS[2:],
+    ]
     # Budget stages were evaluated on test only: they are in Table 2, not Table 1.
     budget = "0 digital + 400 photos"
     assert budget in set(t2["strategy"]) and budget not in set(t1["strategy"])
@@ -164,8 +256,10 @@ def test_numbers_equal_scikit_learn_on_the_saved_predictions(study: tuple[Path, 
     paired_photos = photos.loc[photos["kind"] != "film"]  # film photos have no source x-ray
     for metric in ("mcc", "auc"):
         for slug in SLUGS:
-            got = {c: value(t2, strategy="Baseline", comparison=c, pathology=slug, metric=metric)["value"]
-                   for c in ("Standard", "Photos", "Standard - Photos")}
+            got = {
+                c: value(t2, strategy="Baseline", comparison=c, pathology=slug, metric=metric)["value"]
+                for c in ("Standard", "Photos", "Standard - Photos")
+            }
             assert got["Standard"] == pytest.approx(sk(std, slug, metric), abs=1e-9)
             assert got["Photos"] == pytest.approx(sk(photos, slug, metric), abs=1e-9)
             # Every x-ray has three photos, so the paired Standard side equals Standard.
@@ -175,13 +269,15 @@ def test_numbers_equal_scikit_learn_on_the_saved_predictions(study: tuple[Path, 
         average = average["value"]
         assert average == pytest.approx(np.mean([sk(std, s, metric) for s in SLUGS]), abs=1e-9)
     for metric in ("f1", "accuracy"):
-        row = value(appendix, split="test", strategy="Baseline", comparison="Photos", pathology="edema",
-                    metric=metric)
+        row = value(
+            appendix, split="test", strategy="Baseline", comparison="Photos", pathology="edema", metric=metric
+        )
         assert row["value"] == pytest.approx(sk(photos, "edema", metric), abs=1e-9)
 
 
-def test_confidence_intervals_hold_the_estimate_and_are_reproducible(study: tuple[Path, report.ReportPaths],
-                                                                     tmp_path: Path) -> None:
+def test_confidence_intervals_hold_the_estimate_and_are_reproducible(
+    study: tuple[Path, report.ReportPaths], tmp_path: Path
+) -> None:
     out, paths = study
     t2 = csv(paths, "table2_test")
     finite = t2.dropna(subset=["ci_low", "ci_high"])
@@ -195,8 +291,12 @@ def test_confidence_intervals_hold_the_estimate_and_are_reproducible(study: tupl
     for name in ("table1_val", "table2_test", "appendix", "budget", "kinds", "thresholds"):
         assert (again.tables / f"{name}.csv").read_bytes() == (paths.tables / f"{name}.csv").read_bytes()
     table = pd.read_parquet(out / "stages" / "mixed" / "predictions_test.parquet")
-    seed3, seed4 = (tables.frame(tables.evaluate_table(table, "Mixed Training", n_boot=200, seed=s,
-                                                       kinds=False).main, COLUMNS) for s in (3, 4))
+    seed3, seed4 = (
+        tables.frame(
+            tables.evaluate_table(table, "Mixed Training", n_boot=200, seed=s, kinds=False).main, COLUMNS
+        )
+        for s in (3, 4)
+    )
     mine = t2.loc[t2["strategy"] == "Mixed Training"].reset_index(drop=True)
     main = seed3.loc[seed3["metric"].isin(["mcc", "auc"]), "ci_low"]
     assert np.allclose(main, mine["ci_low"], equal_nan=True)
@@ -227,40 +327,27 @@ def test_hand_made_predictions_give_exact_values(tmp_path: Path) -> None:
     assert digital_only.kinds == []
 
 
-def test_resamples_match_metrics_bootstrap_ci_and_explicit_resamples() -> None:
-    """One group alone: the shared resamples give bootstrap_ci's intervals exactly (same draws)."""
-    from chextrain.evaluation.metrics import bootstrap_ci
-    from chextrain.evaluation.predict import arrays
-
-    table = side(predictions(np.random.default_rng(1), n_patients=25, skill=1.0, photo_skill=1.0), "chexpert")
-    table = table.reset_index(drop=True)
-    arrs, patients = arrays(table), table["patient"].to_numpy()
-    boot = tables.Resamples(patients, 120, seed=7)
-    values = boot.values(arrs, np.arange(len(table)))
-    found = tables.estimates(values)
-    reference = bootstrap_ci(*arrs, patients, ["mcc", "auc", "f1"], n_boot=120, seed=7)
-    for key in ("edema", "average"):
-        for m in ("mcc", "auc", "f1"):
-            assert found[key][m][1:] == pytest.approx(reference[key][m], abs=1e-12)
-    # Resample 5 rebuilt row by row and scored by scikit-learn with sample weights.
-    weights = boot.counts[5][boot.inv].astype(float)
-    keep = (table["mask_edema"] > 0).to_numpy()
-    y, p = table["target_edema"].to_numpy()[keep], table["prob_edema"].to_numpy()[keep]
-    assert values.boot["mcc"][5, SLUGS.index("edema")] == pytest.approx(
-        matthews_corrcoef(y, p >= 0.5, sample_weight=weights[keep]), abs=1e-12)
+def test_every_group_of_a_table_uses_one_bootstrap_of_its_patients() -> None:
+    """Standard, Photos and each photo kind are scored on the same resamples of the table's patients
+    (film patients included), so the report's numbers are bootstrap.Bootstrap's, exactly."""
+    table = predictions(np.random.default_rng(1), n_patients=25, skill=1.0, photo_skill=1.0, film=4)
+    found = tables.evaluate_table(table, "toy", n_boot=120, seed=7)
+    boot = Bootstrap(arrays(table), table["patient"].to_numpy(), 120, seed=7)
+    rows, kinds = tables.frame(found.main, COLUMNS), tables.frame(found.kinds, ("kind", "n", *COLUMNS))
+    for comparison, dataset in (("Standard", "chexpert"), ("Photos", "chexphoto")):
+        expected = estimates(boot.values(np.flatnonzero(table["dataset"] == dataset)))
+        for key in ("edema", "average"):
+            for m in ("mcc", "auc", "f1"):
+                got = value(rows, comparison=comparison, pathology=key, metric=m)
+                assert (got["value"], got["ci_low"], got["ci_high"]) == expected[key][m], (comparison, key, m)
+    natural = estimates(boot.values(np.flatnonzero(table["kind"] == "natural"), metrics=("auc",)))
+    got = value(kinds, kind="natural", pathology="average", metric="auc")
+    assert (got["value"], got["ci_low"], got["ci_high"]) == natural["average"]["auc"]
 
 
-def test_pairs_match_by_patient_study_image() -> None:
-    std = pd.DataFrame({"patient": ["a", "a", "b"], "study": ["study1"] * 3, "image": ["v1", "v2", "v1"]})
-    photos = pd.DataFrame({"patient": ["b", "a", "VBSF1", "a", "b"], "study": ["study1"] * 5,
-                           "image": ["v1", "v2", "v1", "v2", "v9"]})
-    i_std, i_photo = tables.pair_indices(std, photos)
-    assert i_photo.tolist() == [0, 1, 3]  # film VBSF1 and the unknown b/v9 stay unpaired
-    assert i_std.tolist() == [2, 1, 1]
-
-
-def test_blocked_and_failed_stages_have_reasons_and_no_numbers(study: tuple[Path, report.ReportPaths],
-                                                               ) -> None:
+def test_blocked_and_failed_stages_have_reasons_and_no_numbers(
+    study: tuple[Path, report.ReportPaths],
+) -> None:
     _, paths = study
     missing = {"MoCo pre-training", "MoCo Mixed Training", "Broken Strategy"}
     for name in ("table1_val", "table2_test", "appendix", "budget", "kinds", "thresholds"):
@@ -295,8 +382,12 @@ def test_budget_table_and_tuned_thresholds(study: tuple[Path, report.ReportPaths
     assert sorted(set(budget["digital"])) == [0, 200, 400] and set(budget["total"]) == {400}
     assert set(budget["comparison"]) == {"Standard", "Photos"}
     row = value(budget, digital=200, comparison="Photos", pathology="average", metric="mcc")
-    assert row["value"] == value(t2, strategy=row["strategy"], comparison="Photos", pathology="average",
-                                 metric="mcc")["value"]
+    assert (
+        row["value"]
+        == value(t2, strategy=row["strategy"], comparison="Photos", pathology="average", metric="mcc")[
+            "value"
+        ]
+    )
     test = pd.read_parquet(out / "stages" / "routed" / "predictions_test.parquet")
     thresholds = json.loads((out / "stages" / "routed" / "model.json").read_text())["thresholds"]
     routed = {"strategy": "Mixed + Routed Heads", "comparison": "Photos", "pathology": "edema"}
@@ -310,20 +401,27 @@ def test_budget_table_and_tuned_thresholds(study: tuple[Path, report.ReportPaths
 def test_tuned_thresholds_need_one_head_per_side() -> None:
     table = predictions(np.random.default_rng(2), n_patients=10, skill=1.0, photo_skill=1.0)
     table.loc[table["kind"] == "natural", "head"] = "other"  # e.g. a router sent some photos elsewhere
-    found = tables.evaluate_table(table, "mixed heads", n_boot=0, seed=0,
-                                  thresholds={"main": dict.fromkeys(SLUGS, 0.3)})
+    found = tables.evaluate_table(
+        table, "mixed heads", n_boot=0, seed=0, thresholds={"main": dict.fromkeys(SLUGS, 0.3)}
+    )
     tuned = {(r["comparison"], r["threshold"]) for r in found.thresholds}
     assert tuned == {("Standard", "0.5"), ("Standard", "tuned"), ("Photos", "0.5")}
-    assert found.notes == ["mixed heads, Photos: no tuned thresholds (scored by heads ['main', 'other']; "
-                           "model.json has thresholds for ['main'])"]
+    assert found.notes == [
+        "mixed heads, Photos: no tuned thresholds (scored by heads ['main', 'other']; "
+        "model.json has thresholds for ['main'])"
+    ]
 
 
 def test_photo_kinds_breakdown(study: tuple[Path, report.ReportPaths]) -> None:
     out, paths = study
     kinds = csv(paths, "kinds")
     mine = kinds.loc[(kinds["split"] == "test") & (kinds["strategy"] == "Baseline")]
-    assert list(dict.fromkeys(mine["kind"])) == ["natural", "synthetic-digital", "synthetic-photographic",
-                                                 "film"]
+    assert list(dict.fromkeys(mine["kind"])) == [
+        "natural",
+        "synthetic-digital",
+        "synthetic-photographic",
+        "film",
+    ]
     test = pd.read_parquet(out / "stages" / "baseline" / "predictions_test.parquet")
     natural = side(test, "chexphoto", "natural")
     row = value(mine, kind="natural", pathology="cardiomegaly", metric="auc")
@@ -386,10 +484,20 @@ def test_bad_inputs_raise_report_errors(tmp_path: Path) -> None:
     for bad in (-1, 1.5, True):
         with pytest.raises(ReportError, match="n_boot must be an integer"):
             write_report(out, n_boot=bad)
+    file = out / "stages" / "baseline" / "predictions_test.parquet"
+    bad_target = pd.read_parquet(file)
+    bad_target.loc[0, ["target_edema", "mask_edema"]] = (2.0, 1.0)
+    bad_target.to_parquet(file)
+    with pytest.raises(ReportError, match=r"predictions_test.parquet: targets for edema must be 0/1"):
+        write_report(out, n_boot=0)
+    file.unlink()
     file = out / "stages" / "mixed" / "predictions_val.parquet"
     pd.read_parquet(file).drop(columns=["prob_edema", "patient"]).to_parquet(file)
-    with pytest.raises(ReportError, match=r"predictions_val.parquet: predictions table lacks columns "
-                                          r"\['patient', 'prob_edema'\]"):
+    with pytest.raises(
+        ReportError,
+        match=r"predictions_val.parquet: predictions table lacks columns "
+        r"\['patient', 'prob_edema'\]",
+    ):
         write_report(out, n_boot=0)
     file.write_bytes(b"not a parquet file")
     with pytest.raises(ReportError, match="cannot read the predictions table"):
@@ -411,8 +519,12 @@ def test_html_opens_in_a_headless_browser_without_errors(study: tuple[Path, repo
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
         page = browser.new_page()
-        page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}")
-                if m.type in ("error", "warning") else None)
+        page.on(
+            "console",
+            lambda m: (
+                problems.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning") else None
+            ),
+        )
         page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
         page.on("request", lambda r: None if r.url.startswith(("file:", "data:")) else problems.append(r.url))
         page.goto(paths.html.as_uri())

@@ -22,18 +22,29 @@ from chextrain.data.catalog import read_catalog
 from chextrain.evaluation.metrics import tune_thresholds
 from chextrain.evaluation.predict import arrays
 from chextrain.labels import SLUGS
-from chextrain.training.runner import RunDirError, StageResult, train_stage
+from chextrain.training.lifecycle import RunDirError, StageResult, train_stage
 from chextrain.training.stage import Stage, StageError, load_stage, parse_stage, resolved_config
 
 MIXED = {"train": ["chexpert", "chexphoto"]}
-TWO_HEADS = {"heads": ["chexpert", "chexphoto"],
-             "domain_heads": {"digital": "chexpert", "photo": "chexphoto"}}
+TWO_HEADS = {
+    "heads": ["chexpert", "chexphoto"],
+    "domain_heads": {"digital": "chexpert", "photo": "chexphoto"},
+}
 
 
 def tiny(name: str, **keys: Any) -> Stage:
-    base = {"name": name, "backbone": "tiny", "init": "random", "image_size": 32, "batch_size": 8,
-            "max_steps": 3, "split": {"val_fraction": 0.25}, "num_workers": 0,
-            "checkpoint_every_n_steps": 100, "val_every_n_steps": 3}
+    base = {
+        "name": name,
+        "backbone": "tiny",
+        "init": "random",
+        "image_size": 32,
+        "batch_size": 8,
+        "max_steps": 3,
+        "split": {"val_fraction": 0.25},
+        "num_workers": 0,
+        "checkpoint_every_n_steps": 100,
+        "val_every_n_steps": 3,
+    }
     return parse_stage({**base, **keys})
 
 
@@ -43,25 +54,57 @@ def catalog(demo_root: Path) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def runs(demo_root: Path, catalog: pd.DataFrame,
-         tmp_path_factory: pytest.TempPathFactory) -> dict[str, StageResult]:
+def runs(
+    demo_root: Path, catalog: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, StageResult]:
     out = tmp_path_factory.mktemp("runs")
     results: dict[str, StageResult] = {}
 
     def run(stage: Stage) -> None:
-        results[stage.name] = train_stage(stage, demo_root, out / stage.name, catalog=catalog, progress=False,
-                                          resolve_ref=lambda name: out / name)
+        results[stage.name] = train_stage(
+            stage,
+            demo_root,
+            out / stage.name,
+            catalog=catalog,
+            progress=False,
+            resolve_ref=lambda name: out / name,
+        )
 
     run(tiny("baseline", optimizer={"lr": 1e-3}))
     run(tiny("finetune", init="stage:baseline", data={"train": ["chexphoto"]}, optimizer={"lr": 1e-5}))
-    run(tiny("finetune_last_block", init="stage:baseline", data={"train": ["chexphoto"]},
-             optimizer={"lr": 1e-5}, freeze="last-block"))
+    run(
+        tiny(
+            "finetune_last_block",
+            init="stage:baseline",
+            data={"train": ["chexphoto"]},
+            optimizer={"lr": 1e-5},
+            freeze="last-block",
+        )
+    )
     run(tiny("mixed", data=MIXED, augment={"photo_sim": {"p": 0.5, "recipe": "digital"}}))
     run(tiny("two_heads", data=MIXED, train_heads=["chexpert", "chexphoto"], **TWO_HEADS))
-    run(tiny("chexpert_head", init="stage:two_heads", train_heads=["chexpert"], freeze="encoder",
-             optimizer={"lr": 1e-2}, **TWO_HEADS))
-    run(tiny("router", init="stage:two_heads", data=MIXED, router=True, train_heads=["router"],
-             freeze="encoder", optimizer={"lr": 1e-2}, **TWO_HEADS))
+    run(
+        tiny(
+            "chexpert_head",
+            init="stage:two_heads",
+            train_heads=["chexpert"],
+            freeze="encoder",
+            optimizer={"lr": 1e-2},
+            **TWO_HEADS,
+        )
+    )
+    run(
+        tiny(
+            "router",
+            init="stage:two_heads",
+            data=MIXED,
+            router=True,
+            train_heads=["router"],
+            freeze="encoder",
+            optimizer={"lr": 1e-2},
+            **TWO_HEADS,
+        )
+    )
     run(tiny("new_heads", init="stage:mixed", train_heads=["chexpert"], freeze="encoder", **TWO_HEADS))
     return results
 
@@ -82,9 +125,19 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], prefix: str) ->
 
 def test_baseline_writes_every_output(runs: dict[str, StageResult]) -> None:
     r = runs["baseline"]
-    for name in ("model.safetensors", "model.json", "config.yaml", "done.json", "checkpoints/last.ckpt",
-                 "checkpoints/best.ckpt", "predictions_val.parquet", "predictions_test.parquet",
-                 "metrics_val.json", "metrics_test.json", "logs/csv/metrics.csv"):
+    for name in (
+        "model.safetensors",
+        "model.json",
+        "config.yaml",
+        "done.json",
+        "checkpoints/last.ckpt",
+        "checkpoints/best.ckpt",
+        "predictions_val.parquet",
+        "predictions_test.parquet",
+        "metrics_val.json",
+        "metrics_test.json",
+        "logs/csv/metrics.csv",
+    ):
         assert (r.out_dir / name).exists(), name
     assert list((r.out_dir / "logs" / "tensorboard").glob("events.out.tfevents.*"))
     assert load_stage(r.out_dir / "config.yaml") == tiny("baseline", optimizer={"lr": 1e-3})
@@ -101,12 +154,14 @@ def test_baseline_writes_every_output(runs: dict[str, StageResult]) -> None:
     assert meta["ood"]["threshold"] > 0 and "router" not in meta
 
 
-def test_finished_stage_is_not_redone(runs: dict[str, StageResult], demo_root: Path,
-                                      catalog: pd.DataFrame) -> None:
+def test_finished_stage_is_not_redone(
+    runs: dict[str, StageResult], demo_root: Path, catalog: pd.DataFrame
+) -> None:
     r = runs["baseline"]
     before = (r.out_dir / "model.safetensors").stat().st_mtime_ns
-    again = train_stage(tiny("baseline", optimizer={"lr": 1e-3}), demo_root, r.out_dir, catalog=catalog,
-                        progress=False)
+    again = train_stage(
+        tiny("baseline", optimizer={"lr": 1e-3}), demo_root, r.out_dir, catalog=catalog, progress=False
+    )
     assert again.cached and (r.out_dir / "model.safetensors").stat().st_mtime_ns == before
     assert again.metrics["test/Standard"]["average"] == pytest.approx(r.metrics["test/Standard"]["average"])
     with pytest.raises(RunDirError, match="another configuration"):
@@ -199,8 +254,14 @@ def test_metrics_json_equals_sklearn_on_the_predictions(runs: dict[str, StageRes
 
 def test_bad_stage_setups_fail_clearly(demo_root: Path, catalog: pd.DataFrame, tmp_path: Path) -> None:
     with pytest.raises(StageError, match="no training rows"):
-        train_stage(tiny("f", data={"train": ["chexpert"], "kinds": ["film"]}), demo_root, tmp_path / "f",
-                    catalog=catalog, progress=False)
+        train_stage(
+            tiny("f", data={"train": ["chexpert"], "kinds": ["film"]}),
+            demo_root,
+            tmp_path / "f",
+            catalog=catalog,
+            progress=False,
+        )
     with pytest.raises(StageError, match="refers to another stage"):
-        train_stage(tiny("r", init="stage:baseline"), demo_root, tmp_path / "r", catalog=catalog,
-                    progress=False)
+        train_stage(
+            tiny("r", init="stage:baseline"), demo_root, tmp_path / "r", catalog=catalog, progress=False
+        )

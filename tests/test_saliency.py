@@ -35,8 +35,9 @@ def x() -> torch.Tensor:
 
 
 @pytest.mark.parametrize("method", ["gradient", "gradcam"])
-def test_maps_are_finite_nonnegative_and_differ_per_pathology(model: CXRNet, x: torch.Tensor,
-                                                              method: str) -> None:
+def test_maps_are_finite_nonnegative_and_differ_per_pathology(
+    model: CXRNet, x: torch.Tensor, method: str
+) -> None:
     maps = saliency_maps(model, x, "photo", method)
     assert maps.shape == (1, 5, 48, 48) and maps.dtype == np.float32
     assert np.isfinite(maps).all() and (maps >= 0).all() and maps.max() > 0

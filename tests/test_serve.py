@@ -1,14 +1,18 @@
-"""The web service: predictions, explanations, health, limits, sniffing, JSON errors, load."""
+"""The web service: predictions, explanations, health, limits, sniffing, JSON errors, load.
+
+Each test talks to the real server (uvicorn on a free loopback port, conftest.running_server).
+"""
 
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import re
 import socket
 import struct
+import sys
 import tempfile
+import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,14 +26,21 @@ import chextrain
 from chextrain.data.images import load_image_bytes
 from chextrain.inference import Predictor
 from chextrain.labels import PATHOLOGIES, SLUGS
-from chextrain.serve.app import create_app, running_server
-from tests.test_inference import demo_files, plain_bundle, routed_bundle, use_demo  # noqa: F401
+from chextrain.serve.app import (
+    ApiError,
+    TooManyPixelsError,
+    UnreadableImageError,
+    UnsupportedMediaTypeError,
+    create_app,
+    upload_error,
+)
+from tests.conftest import demo_files, running_server
 
 STATIC = Path(chextrain.__file__).parent / "serve" / "static"
 
 
 @pytest.fixture(scope="module")
-def predictor(routed_bundle: Path) -> Predictor:  # noqa: F811
+def predictor(routed_bundle: Path) -> Predictor:
     return Predictor.from_bundle(routed_bundle)
 
 
@@ -42,7 +53,7 @@ def client(predictor: Predictor) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture(scope="module")
-def photo(use_demo: Path) -> bytes:  # noqa: F811
+def photo(use_demo: Path) -> bytes:
     return demo_files(use_demo, "natural", "valid")[0].read_bytes()
 
 
@@ -82,8 +93,10 @@ def test_predict_a_phone_photo(client: httpx.Client, photo: bytes, predictor: Pr
     body = r.json()
     assert body["head"] == "photo" and body["domain_source"] == "router" and body["p_photo"] > 0.5
     assert list(body["pathologies"]) == list(SLUGS)
-    assert all(0 <= p["prob"] <= 1 and p["positive"] == (p["prob"] >= p["threshold"])
-               for p in body["pathologies"].values())
+    assert all(
+        0 <= p["prob"] <= 1 and p["positive"] == (p["prob"] >= p["threshold"])
+        for p in body["pathologies"].values()
+    )
     assert body["ood"]["status"] in ("in-distribution", "out-of-distribution")
     direct = predictor.predict_images([load_image_bytes(photo)], ["upload"])[0]
     assert body == direct  # the same answer as the library
@@ -114,8 +127,9 @@ def test_explain_returns_a_png_heatmap_per_pathology(client: httpx.Client, photo
 
 def test_corrupt_and_truncated_images_are_422(client: httpx.Client, photo: bytes) -> None:
     corrupt = photo[:20] + bytes(range(256)) * 4
-    assert "cannot be decoded" in _error(client.post("/api/predict", files={"file": ("a.jpg", corrupt)}),
-                                         422, "unreadable-image")
+    assert "cannot be decoded" in _error(
+        client.post("/api/predict", files={"file": ("a.jpg", corrupt)}), 422, "unreadable-image"
+    )
     truncated = photo[: len(photo) // 2]
     r = client.post("/api/predict", files={"file": ("b.jpg", truncated)})
     detail = _error(r, 422, "unreadable-image")
@@ -124,10 +138,12 @@ def test_corrupt_and_truncated_images_are_422(client: httpx.Client, photo: bytes
 
 
 def test_non_images_are_415_whatever_their_name(client: httpx.Client) -> None:
-    for name, data, ctype in [("x-ray.jpg", b"hello, I am text" * 20, "image/jpeg"),
-                              ("scan.png", b"%PDF-1.7\n" + b"0" * 300, "image/png"),
-                              ("anim.gif", b"GIF89a" + b"\0" * 300, "image/gif"),
-                              ("page.jpg", b"<html><script>alert(1)</script></html>", "image/jpeg")]:
+    for name, data, ctype in [
+        ("x-ray.jpg", b"hello, I am text" * 20, "image/jpeg"),
+        ("scan.png", b"%PDF-1.7\n" + b"0" * 300, "image/png"),
+        ("anim.gif", b"GIF89a" + b"\0" * 300, "image/gif"),
+        ("page.jpg", b"<html><script>alert(1)</script></html>", "image/jpeg"),
+    ]:
         r = client.post("/api/predict", files={"file": (name, data, ctype)})
         _error(r, 415, "unsupported-media-type")
 
@@ -140,25 +156,31 @@ def test_uploads_over_the_byte_limit_are_413(client: httpx.Client) -> None:
     _error(client.post("/api/predict", files={"file": ("big.png", just_over)}), 413, "too-large")
 
     def chunks():  # no Content-Length: the streamed size is what is checked
-        yield b"--xyz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n\r\n"
+        yield b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'
         for _ in range(40):
             yield b"\0" * 10_000
 
-    r = client.post("/api/predict", content=chunks(),
-                    headers={"content-type": "multipart/form-data; boundary=xyz"})
+    r = client.post(
+        "/api/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=xyz"}
+    )
     _error(r, 413, "too-large")
     host, port = client.base_url.host, client.base_url.port
     with socket.create_connection((host, port), timeout=30) as s:  # a declared size httpx would not send
-        s.sendall(b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n"
-                  b"Content-Type: multipart/form-data; boundary=x\r\nConnection: close\r\n\r\nxx")
+        s.sendall(
+            b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n"
+            b"Content-Type: multipart/form-data; boundary=x\r\nConnection: close\r\n\r\nxx"
+        )
         reply = b"".join(iter(lambda: s.recv(65536), b""))
     assert reply.startswith(b"HTTP/1.1 413") and b'"error":"too-large"' in reply
 
 
 def test_pixel_bombs_are_413(client: httpx.Client) -> None:
     for w, h in [(30_000, 30_000), (2_000, 1_000)]:  # over PIL's own limit; over the server's 1 MP
-        detail = _error(client.post("/api/predict", files={"file": ("bomb.png", _pixel_bomb(w, h))}),
-                        413, "too-many-pixels")
+        detail = _error(
+            client.post("/api/predict", files={"file": ("bomb.png", _pixel_bomb(w, h))}),
+            413,
+            "too-many-pixels",
+        )
         assert "pixels" in detail
 
 
@@ -167,19 +189,30 @@ def test_missing_field_and_bad_forms(client: httpx.Client, photo: bytes) -> None
     assert "'file'" in detail and "image" in detail
     _error(client.post("/api/predict", data={"note": "hi"}), 400, "bad-request")  # urlencoded, not multipart
     _error(client.post("/api/predict", json={"file": "a.jpg"}), 400, "bad-request")
-    detail = _error(client.post("/api/predict", content=b"garbage", headers={
-        "content-type": "multipart/form-data; boundary=zz"}), 400, "bad-request")
+    detail = _error(
+        client.post(
+            "/api/predict", content=b"garbage", headers={"content-type": "multipart/form-data; boundary=zz"}
+        ),
+        400,
+        "bad-request",
+    )
     assert "malformed multipart" in detail
     empty_form = b"--zz--\r\n"
-    _error(client.post("/api/predict", content=empty_form, headers={
-        "content-type": "multipart/form-data; boundary=zz"}), 422, "missing-field")
+    _error(
+        client.post(
+            "/api/predict", content=empty_form, headers={"content-type": "multipart/form-data; boundary=zz"}
+        ),
+        422,
+        "missing-field",
+    )
     _error(client.get("/api/predict"), 405, "method-not-allowed")
     _error(client.get("/nowhere"), 404, "not-found")
     _error(client.get("/static/..%2F..%2Fapp.py"), 404, "not-found")
 
 
-def test_uploads_never_touch_the_disk(predictor: Predictor, photo: bytes,
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_uploads_never_touch_the_disk(
+    predictor: Predictor, photo: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("the server tried to create a temporary file")
 
@@ -217,16 +250,78 @@ def test_create_app_rejects_unknown_method(predictor: Predictor) -> None:
         create_app(predictor, explain_method="lime")
 
 
+HEIC = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64  # header of a HEIC photo
+
+
+def test_heic_without_its_reader_is_415(client: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pillow_heif", None)  # as if it were not installed
+    detail = _error(
+        client.post("/api/predict", files={"file": ("a.heic", HEIC)}), 415, "unsupported-media-type"
+    )
+    assert "chextrain[heic]" in detail
+
+
+def test_reader_errors_map_to_statuses_by_type(monkeypatch: pytest.MonkeyPatch) -> None:
+    from chextrain.data.images import ImageLoadError, ImageTooLargeError, ReaderMissingError, load_image_bytes
+
+    def refused(data: bytes, max_pixels: int = 1_000_000) -> ImageLoadError:
+        with pytest.raises(ImageLoadError) as info:
+            load_image_bytes(data, "upload", max_pixels=max_pixels, truncated="error")
+        return info.value
+
+    assert upload_error(refused(_pixel_bomb(2_000, 1_000))) is TooManyPixelsError
+    assert upload_error(refused(_pixel_bomb(30_000, 30_000), 10**10)) is TooManyPixelsError  # PIL's own limit
+    assert upload_error(refused(_png(np.zeros((8, 8), np.uint8))[:40])) is UnreadableImageError
+    too_many_bytes = refused(b"\xff" * (1 << 21), 1000)
+    assert type(too_many_bytes) is ImageTooLargeError and upload_error(too_many_bytes) is TooManyPixelsError
+    monkeypatch.setitem(sys.modules, "pillow_heif", None)
+    no_reader = refused(HEIC)
+    assert type(no_reader) is ReaderMissingError and upload_error(no_reader) is UnsupportedMediaTypeError
+    # by type, never by text: a plain ImageLoadError is unreadable whatever its reason says
+    assert (
+        upload_error(ImageLoadError("x", "too many pixels; install the optional reader"))
+        is UnreadableImageError
+    )
+    assert upload_error(ImageTooLargeError("x", "anything")) is TooManyPixelsError
+    assert upload_error(ReaderMissingError("x", "anything")) is UnsupportedMediaTypeError
+    statuses = {
+        cls: (cls.status, cls.code)
+        for cls in (TooManyPixelsError, UnsupportedMediaTypeError, UnreadableImageError)
+    }
+    assert statuses == {
+        TooManyPixelsError: (413, "too-many-pixels"),
+        UnsupportedMediaTypeError: (415, "unsupported-media-type"),
+        UnreadableImageError: (422, "unreadable-image"),
+    }
+    assert all(issubclass(cls, ApiError) for cls in statuses)
+
+
 @pytest.mark.slow
-def test_load_on_loopback_has_no_errors_and_consistent_answers(plain_bundle: Path) -> None:  # noqa: F811
-    spec = importlib.util.spec_from_file_location(
-        "serve_load", Path(__file__).parents[1] / "benchmarks" / "serve_load.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    with tempfile.TemporaryDirectory() as tmp:
-        payloads = bench.demo_payloads(Path(tmp), 64)
+def test_load_on_loopback_has_no_errors_and_consistent_answers(plain_bundle: Path, use_demo: Path) -> None:
+    """40 uploads from 8 concurrent clients: no error, and each answer equals that image's own."""
+    files = demo_files(use_demo, "digital", "valid")[:2] + demo_files(use_demo, "natural", "valid")[:2]
+    payloads = [f.read_bytes() for f in files]
+    predictor = Predictor.from_bundle(plain_bundle)
+    expected = [predictor.predict_images([load_image_bytes(p)], ["upload"])[0] for p in payloads]
+    answers: dict[int, dict] = {}
+    errors: list[str] = []
+
+    def client(first: int, url: str) -> None:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            for i in range(first, 40, 8):
+                r = c.post("/api/predict", files={"file": ("a.jpg", payloads[i % len(payloads)])})
+                if r.status_code == 200:
+                    answers[i] = r.json()
+                else:
+                    errors.append(f"{i}: {r.status_code} {r.text[:200]}")
+
     with running_server(create_app(Predictor.from_bundle(plain_bundle))) as url:
         assert url.startswith("http://127.0.0.1:")
-        stats = bench.run_load(url, payloads, requests=40, clients=8)
-    assert stats["requests"] == 40 and stats["errors"] == []
-    assert 0 < stats["p50_ms"] <= stats["p95_ms"]
+        threads = [threading.Thread(target=client, args=(k, url)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == [] and sorted(answers) == list(range(40))
+    for i, answer in answers.items():
+        assert answer == expected[i % len(payloads)]

@@ -14,8 +14,8 @@ from chextrain.training.stage import (
     load_stage,
     parse_stage,
     resolved_config,
-    stage_refs,
 )
+from chextrain.training.study import stage_deps
 
 
 def test_defaults_are_the_papers() -> None:
@@ -25,7 +25,7 @@ def test_defaults_are_the_papers() -> None:
     assert (s.batch_size, s.epochs, s.image_size) == (16, 3, 320)
     assert s.data.train == ["chexpert"] and s.heads == ["shared"] and s.train_heads == ["shared"]
     assert s.domain_heads == {"digital": "shared", "photo": "shared"}
-    assert s.preprocess.name == "imagenet" and s.title == "baseline"
+    assert s.preprocessing.name == "imagenet" and s.title == "baseline"
 
 
 def test_issue_example_yaml_loads(tmp_path: Path) -> None:
@@ -39,15 +39,23 @@ def test_issue_example_yaml_loads(tmp_path: Path) -> None:
         "seed: 0\n"
     )
     s = load_stage(path)
-    assert s.optimizer.lr == 1e-5 and s.freeze == "last-block" and stage_refs(s) == ["baseline"]
+    assert s.optimizer.lr == 1e-5 and s.freeze == "last-block" and stage_deps(s) == ["baseline"]
     assert s.augment.build() == [PhotoSim(p=0.5, recipe="phone", level=1)]
 
 
 def test_overrides_are_yaml_parsed_and_nested(tmp_path: Path) -> None:
     path = tmp_path / "s.yaml"
     path.write_text("name: b\noptimizer: {lr: 1.0e-4}\n")
-    s = load_stage(path, ["optimizer.lr=1e-5", "data.train=[chexpert, chexphoto]", "split.by=image",
-                          "devices=2", "augment=standard"])
+    s = load_stage(
+        path,
+        [
+            "optimizer.lr=1e-5",
+            "data.train=[chexpert, chexphoto]",
+            "split.by=image",
+            "devices=2",
+            "augment=standard",
+        ],
+    )
     assert s.optimizer.lr == 1e-5 and s.data.train == ["chexpert", "chexphoto"] and s.split.by == "image"
     assert s.devices == 2 and s.augment.build() == [StandardAugment()]
 
@@ -59,9 +67,19 @@ def test_bad_override_is_named(bad: str) -> None:
 
 
 def test_every_bad_field_is_listed_with_location_and_allowed_values() -> None:
-    data = {"name": "x", "optimizer": {"name": "adamx", "lr": -1, "betas": 1}, "freeze": "all",
-            "optimiser": {}, "epochs": 0, "precision": "8", "devices": "many", "backbone": "vgg",
-            "augment": {"photo_sim": {"recipe": "tv"}}, "data": {"train": ["mimic"]}, "policy": "maybe"}
+    data = {
+        "name": "x",
+        "optimizer": {"name": "adamx", "lr": -1, "betas": 1},
+        "freeze": "all",
+        "optimiser": {},
+        "epochs": 0,
+        "precision": "8",
+        "devices": "many",
+        "backbone": "vgg",
+        "augment": {"photo_sim": {"recipe": "tv"}},
+        "data": {"train": ["mimic"]},
+        "policy": "maybe",
+    }
     with pytest.raises(StageError) as err:
         parse_stage(data, source="bad.yaml")
     text = str(err.value)
@@ -85,8 +103,15 @@ def test_every_bad_field_is_listed_with_location_and_allowed_values() -> None:
 
 def test_cross_field_problems_are_listed_one_per_line() -> None:
     with pytest.raises(StageError) as err:
-        parse_stage({"name": "x", "heads": ["a", "b"], "domain_heads": {"digital": "a", "photo": "c"},
-                     "train_heads": ["a", "router"], "epochs": None})
+        parse_stage(
+            {
+                "name": "x",
+                "heads": ["a", "b"],
+                "domain_heads": {"digital": "a", "photo": "c"},
+                "train_heads": ["a", "router"],
+                "epochs": None,
+            }
+        )
     lines = str(err.value).splitlines()
     assert "  domain_heads.photo: 'c' is not one of heads ['a', 'b']" in lines
     assert "  train_heads: 'router' is not one of ['a', 'b']" in lines
@@ -131,3 +156,32 @@ def test_resolved_config_round_trips_and_hash_is_stable() -> None:
     assert config_hash(s) == config_hash(renamed)
     # An upstream stage's hash is part of this one's.
     assert config_hash(s, {"baseline": "a"}) != config_hash(s, {"baseline": "b"})
+
+
+def test_stage_type_follows_the_objective_and_foreign_keys_are_refused_when_read() -> None:
+    supervised, moco = parse_stage({"name": "s"}), parse_stage({"name": "m", "objective": "moco"})
+    assert (type(supervised).__name__, type(moco).__name__) == ("SupervisedStage", "MocoStage")
+    assert "moco" not in resolved_config(supervised) and "augment" not in resolved_config(moco)
+    with pytest.raises(StageError) as err:
+        parse_stage({"name": "s", "moco": {"queue_size": 8}}, source="s.yaml")
+    assert "moco: does not apply to an `objective: supervised` stage (only to moco)" in str(err.value)
+    for key, value in [
+        ("augment", "standard"),
+        ("freeze", "encoder"),
+        ("evaluate", ["test"]),
+        ("train_heads", ["shared"]),
+    ]:
+        with pytest.raises(StageError, match=f"{key}: does not apply to an `objective: moco` stage"):
+            parse_stage({"name": "m", "objective": "moco", key: value})
+    with pytest.raises(
+        StageError, match=r"objective: expected one of \['supervised', 'moco'\] \(got 'byol'\)"
+    ):
+        parse_stage({"name": "x", "objective": "byol"})
+
+
+def test_old_preprocess_key_is_still_read_with_a_deprecation_message() -> None:
+    with pytest.warns(FutureWarning, match="`preprocess` is deprecated: write `preprocessing`"):
+        old = parse_stage({"name": "x", "preprocess": "histeq"})
+    assert old == parse_stage({"name": "x", "preprocessing": "histeq"}) and old.preprocessing.name == "histeq"
+    with pytest.raises(StageError, match="give only `preprocessing`"):
+        parse_stage({"name": "x", "preprocess": "histeq", "preprocessing": "imagenet"})

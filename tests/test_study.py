@@ -1,7 +1,6 @@
 """Study runner: DAG order, caching, invalidation, blocked and failed stages (fake trainer)."""
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,31 +65,29 @@ def test_order_respects_dependencies():
     assert study.deps == {"c": ["b"], "a": [], "b": ["a"], "solo": [], "pre": [], "after_pre": ["pre"]}
 
 
-def test_runs_caches_and_blocks(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "chextrain.training.moco", None)  # an install without MoCo
+def test_runs_caches_and_blocks(tmp_path):
     study = parse_study(STUDY)
-    train = FakeTrain()
+    train = FakeTrain(fail={"pre"})
     state = run(study, tmp_path, train)
-    assert sorted(train.calls) == ["a", "b", "c", "solo"]
+    assert sorted(train.calls) == ["a", "b", "c", "pre", "solo"]
     assert states(state) == {
         "a": "done",
         "b": "done",
         "c": "done",
         "solo": "done",
-        "pre": "blocked",
+        "pre": "failed",
         "after_pre": "blocked",
     }
     reasons = {s["name"]: s["reason"] for s in state["stages"]}
-    assert reasons["pre"].startswith("needs moco")
-    assert reasons["after_pre"].startswith("needs pre")
+    assert reasons["pre"] == "RuntimeError: boom in pre"
+    assert reasons["after_pre"] == "needs pre (failed)"
     assert {s["name"]: s for s in study_status(tmp_path / "out")}["a"]["metrics"] == {
         "test/auc": 0.5,
         "test/mcc": 0.1,
     }
-    again = FakeTrain()
+    again = FakeTrain(fail={"pre"})
     run(study, tmp_path, again)
-    assert again.calls == []  # everything cached
-    monkeypatch.delitem(sys.modules, "chextrain.training.moco")
+    assert again.calls == ["pre"]  # everything else cached; the failed stage is tried again
     with_moco = FakeTrain()
     state = run(study, tmp_path, with_moco)
     assert with_moco.calls == ["pre", "after_pre"] and states(state)["after_pre"] == "done"

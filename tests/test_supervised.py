@@ -10,8 +10,9 @@ from sklearn.metrics import roc_auc_score
 
 from chextrain.labels import SLUGS
 from chextrain.models.net import CXRNet
+from chextrain.training.objectives.supervised import SupervisedModule, masked_bce, validation_metrics
+from chextrain.training.optim import make_optimizer
 from chextrain.training.specs import OptimizerSpec
-from chextrain.training.supervised import SupervisedModule, make_optimizer, masked_bce, validation_metrics
 
 
 def _batch(n: int = 6, heads: list[int] | None = None) -> dict[str, torch.Tensor]:
@@ -29,8 +30,9 @@ def _batch(n: int = 6, heads: list[int] | None = None) -> dict[str, torch.Tensor
 def test_masked_bce_is_bce_mean_and_ignores_masked_entries() -> None:
     g = torch.Generator().manual_seed(1)
     logits, target = torch.randn(4, 5, generator=g), (torch.rand(4, 5, generator=g) > 0.5).float()
-    assert torch.allclose(masked_bce(logits, target, torch.ones(4, 5)),
-                          F.binary_cross_entropy_with_logits(logits, target))
+    assert torch.allclose(
+        masked_bce(logits, target, torch.ones(4, 5)), F.binary_cross_entropy_with_logits(logits, target)
+    )
     mask = torch.ones(4, 5)
     mask[0, 2] = mask[3, 4] = 0
     changed = logits.clone()
@@ -60,15 +62,17 @@ def test_mixed_batch_routes_each_sample_through_its_head() -> None:
 
 def test_optimizer_holds_only_trainable_params_at_the_stage_lr() -> None:
     model = CXRNet("tiny", heads=("a", "b"), router=True)
-    module = SupervisedModule(model, optimizer=OptimizerSpec(name="sgd", lr=1e-5, momentum=0.5),
-                              freeze="encoder", train_heads=["a"])
+    module = SupervisedModule(
+        model, optimizer=OptimizerSpec(name="sgd", lr=1e-5, momentum=0.5), freeze="encoder", train_heads=["a"]
+    )
     opt = module.configure_optimizers()
     params = {id(p) for g in opt.param_groups for p in g["params"]}
     assert params == {id(p) for p in model.heads["a"].parameters()}
     assert isinstance(opt, torch.optim.SGD)
     assert opt.param_groups[0]["lr"] == 1e-5 and opt.param_groups[0]["momentum"] == 0.5
-    assert isinstance(make_optimizer(list(model.heads["a"].parameters()), OptimizerSpec(name="adamw")),
-                      torch.optim.AdamW)
+    assert isinstance(
+        make_optimizer(list(model.heads["a"].parameters()), OptimizerSpec(name="adamw")), torch.optim.AdamW
+    )
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log")

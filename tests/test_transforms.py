@@ -33,7 +33,8 @@ def test_imagenet_preprocess_matches_torchvision_recipe(image: np.ndarray) -> No
     x = preprocess(image, 32)
     small = np.asarray(Image.fromarray(image).resize((32, 32), Image.Resampling.BILINEAR), np.float32) / 255
     ref = (torch.from_numpy(small)[None] - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(
-        IMAGENET_STD)[:, None, None]
+        IMAGENET_STD
+    )[:, None, None]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and x.is_contiguous()
     assert torch.allclose(x, ref, atol=1e-6)
 
@@ -66,11 +67,13 @@ def test_meanstd_and_spec_validation(image: np.ndarray) -> None:
         Preprocessing(name="imagenet", mean=0.1, std=0.2)
     with pytest.raises(ValueError, match="std must be > 0"):
         Preprocessing(name="meanstd", mean=0.5, std=0)
-    with pytest.raises(ValueError, match="unknown normalisation 'zscore'"):
+    with pytest.raises(ValueError, match="unknown preprocessing name 'zscore'"):
         as_preprocessing("zscore")
     # The bundle's dict form (weights.py writes name/mean/std) reads back.
-    assert as_preprocessing({"name": "imagenet", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}) \
+    assert (
+        as_preprocessing({"name": "imagenet", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)})
         == Preprocessing()
+    )
 
 
 def test_pad_resize_keeps_aspect_ratio() -> None:
@@ -117,8 +120,10 @@ def test_photo_sim_probability_and_grey_output(image: np.ndarray) -> None:
     out = always(image, np.random.default_rng(0))
     assert out.shape == image.shape and out.dtype == np.uint8 and not np.array_equal(out, image)
     assert np.array_equal(out, always(image, np.random.default_rng(0)))
-    hits = sum(not np.array_equal(PhotoSim(p=0.5, recipe="digital")(image, np.random.default_rng(s)), image)
-               for s in range(40))
+    hits = sum(
+        not np.array_equal(PhotoSim(p=0.5, recipe="digital")(image, np.random.default_rng(s)), image)
+        for s in range(40)
+    )
     assert 10 <= hits <= 30
 
 

@@ -6,7 +6,7 @@ happen outside the graph exactly as with PyTorch:
     probs     B x heads x C   sigmoid probabilities of all heads
     p_photo   B               the router's P(photo) (only when the model has a router)
     features  B x D           OOD features: pooled statistics of tapped blocks, then the
-                              encoder's features (see inference.ScoringNet)
+                              encoder's features (see ood.ScoringNet)
 The bundle's meta (pathologies, heads, thresholds, domain heads, preprocessing, image size,
 OOD calibration) and the SHA-256 of its weights go into the model's metadata_props under
 `chextrain`, so a runtime can refuse an ONNX file made from other weights.
@@ -29,9 +29,10 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from chextrain.inference import ScoringNet
+from chextrain.fileio import atomic_write_bytes
 from chextrain.models.bundle import META_FILE, WEIGHTS_FILE
 from chextrain.models.net import CXRNet
+from chextrain.ood import ScoringNet, run_batch
 
 ONNX_FILE = "model.onnx"  # looked for next to a bundle's model.json
 METADATA_KEY = "chextrain"
@@ -58,8 +59,15 @@ def weights_sha256(bundle: str | Path) -> str:
     return digest.hexdigest()
 
 
-def export_onnx(model: CXRNet, meta: Mapping[str, Any], out: str | Path | None = None, *,
-                opset: int = DEFAULT_OPSET, image_size: int | None = None, sha256: str = "") -> bytes:
+def export_onnx(
+    model: CXRNet,
+    meta: Mapping[str, Any],
+    out: str | Path | None = None,
+    *,
+    opset: int = DEFAULT_OPSET,
+    image_size: int | None = None,
+    sha256: str = "",
+) -> bytes:
     """Export `model` (all heads + router + features) to ONNX; write it to `out` if given.
 
     image_size defaults to the bundle's; the batch axis is dynamic. Returns the model's bytes.
@@ -71,19 +79,38 @@ def export_onnx(model: CXRNet, meta: Mapping[str, Any], out: str | Path | None =
     names = output_names(model)
     buf = io.BytesIO()
     with torch.no_grad():
-        torch.onnx.export(wrapper, (torch.zeros(1, 3, size, size),), buf, dynamo=False, opset_version=opset,
-                          input_names=["image"], output_names=names,
-                          dynamic_axes={n: {0: "batch"} for n in ["image", *names]})
+        torch.onnx.export(
+            wrapper,
+            (torch.zeros(1, 3, size, size),),
+            buf,
+            dynamo=False,
+            opset_version=opset,
+            input_names=["image"],
+            output_names=names,
+            dynamic_axes={n: {0: "batch"} for n in ["image", *names]},
+        )
     proto = onnx.load_from_string(buf.getvalue())
-    keep = ("pathologies", "slugs", "architecture", "image_size", "preprocessing", "thresholds",
-            "domain_heads", "ood", "stage")
-    info = {k: meta[k] for k in keep if k in meta} | {"onnx_image_size": size, "outputs": names,
-                                                      "weights_sha256": sha256}
+    keep = (
+        "pathologies",
+        "slugs",
+        "architecture",
+        "image_size",
+        "preprocessing",
+        "thresholds",
+        "domain_heads",
+        "ood",
+        "stage",
+    )
+    info = {k: meta[k] for k in keep if k in meta} | {
+        "onnx_image_size": size,
+        "outputs": names,
+        "weights_sha256": sha256,
+    }
     onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(info)})
     data = proto.SerializeToString()
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_bytes(data)
+        atomic_write_bytes(out, data)
     return data
 
 
@@ -125,8 +152,13 @@ class OnnxRuntime:
         return out
 
 
-def onnx_runtime_for_bundle(model: CXRNet, meta: Mapping[str, Any], bundle: str | Path,
-                            onnx_path: str | Path | None = None, threads: int | None = None) -> OnnxRuntime:
+def onnx_runtime_for_bundle(
+    model: CXRNet,
+    meta: Mapping[str, Any],
+    bundle: str | Path,
+    onnx_path: str | Path | None = None,
+    threads: int | None = None,
+) -> OnnxRuntime:
     """An OnnxRuntime for a loaded bundle: `onnx_path`, the bundle's model.onnx, or an in-memory export.
 
     Refuses a file whose recorded weights digest or image size differs from the bundle's.
@@ -141,16 +173,19 @@ def onnx_runtime_for_bundle(model: CXRNet, meta: Mapping[str, Any], bundle: str 
         raise ExportError(f"ONNX file {path} does not exist")
     info = read_onnx_metadata(path)
     if info.get("weights_sha256") != sha:
-        raise ExportError(f"ONNX file {path} was exported from other weights than the bundle {folder} "
-                          "(weights digest differs): export it again with `chextrain export`")
+        raise ExportError(
+            f"ONNX file {path} was exported from other weights than the bundle {folder} "
+            "(weights digest differs): export it again with `chextrain export`"
+        )
     if int(info.get("onnx_image_size", -1)) != int(meta["image_size"]):
-        raise ExportError(f"ONNX file {path} takes {info.get('onnx_image_size')} px images; the bundle "
-                          f"preprocesses to {meta['image_size']} px")
+        raise ExportError(
+            f"ONNX file {path} takes {info.get('onnx_image_size')} px images; the bundle "
+            f"preprocesses to {meta['image_size']} px"
+        )
     return OnnxRuntime(path, threads=threads)
 
 
 def max_prob_difference(model: CXRNet, runtime: OnnxRuntime, x: torch.Tensor) -> float:
     """max |sigmoid probability difference| between PyTorch and onnxruntime on x B x 3 x S x S."""
-    with torch.inference_mode():
-        ref = torch.sigmoid(model.eval().forward_all(x)["logits"]).numpy()  # B x heads x C
+    ref = run_batch(ScoringNet(model.eval()), x)[0]  # B x heads x C
     return float(np.abs(runtime(x.numpy())["probs"] - ref).max())

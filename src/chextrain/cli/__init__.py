@@ -1,7 +1,10 @@
 """The `chextrain` command line: a Typer app whose commands live in the modules of this package.
 
 Each module in COMMAND_MODULES exposes `register(app: typer.Typer) -> None`, which adds its
-commands (or a sub-app such as `data`). Commands stay thin: parse, call the library, print.
+commands (or a sub-app such as `data`). Commands stay thin: check the arguments (cli/checks.py),
+import the library code that does the work, call it, print. At module level a command module
+imports typer, rich and the standard library only (tests/test_imports.py), so building the app for
+`chextrain --help` or a mistyped argument costs no torch, pandas or Lightning import.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ def build_app() -> typer.Typer:
         no_args_is_help=True,
         add_completion=False,
         pretty_exceptions_enable=False,
+        rich_markup_mode=None,  # click's plain help: no rich/markdown renderer to import for --help
     )
     for name in COMMAND_MODULES:
         importlib.import_module(f"chextrain.cli.{name}").register(app)

@@ -1,18 +1,21 @@
-"""`chextrain data ...`: check a data root, generate the demo dataset."""
+"""`chextrain data ...`: check a data root, generate the demo dataset.
+
+The catalog code (pandas) is imported inside the command, after the root is known to be a folder.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from chextrain.cli import print_error
-from chextrain.data.catalog import CatalogError
-from chextrain.data.check import check_root
-from chextrain.labels import SLUGS
+from chextrain.cli import checks, print_error
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
 
 SHOWN_PROBLEMS = 20
 
@@ -36,13 +39,23 @@ def check(
     ),
 ) -> None:
     """Summarise every official CSV under ROOT and report problems (exit code 1 if any)."""
-    try:
-        report = check_root(root, check_files=not no_files, verify_images=verify_images)
-    except CatalogError as exc:
+    from rich.console import Console
+
+    def show(exc: object) -> None:
         if as_json:
             typer.echo(json.dumps({"root": str(root), "ok": False, "error": str(exc)}))
         else:
             print_error(exc)
+
+    with checks.reported(show=show):
+        checks.data_root(root)
+    from chextrain.data.catalog import CatalogError
+    from chextrain.data.check import check_root
+
+    try:
+        report = check_root(root, check_files=not no_files, verify_images=verify_images)
+    except CatalogError as exc:
+        show(exc)
         raise typer.Exit(2) from exc
     if as_json:
         typer.echo(json.dumps(report, indent=2))
@@ -54,6 +67,10 @@ def check(
 
 def print_report(report: dict, console: Console) -> None:
     """Rich tables: one row per dataset file, label prevalence, then the problems found."""
+    from rich.table import Table
+
+    from chextrain.labels import SLUGS
+
     table = Table(title=f"Data under {report['root']}")
     for column in ("dataset", "file", "rows", "patients", "studies", "kinds", "views"):
         table.add_column(column, justify="right" if column in ("rows", "patients", "studies") else "left")

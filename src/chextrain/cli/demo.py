@@ -6,7 +6,8 @@ import time
 from pathlib import Path
 
 import typer
-from rich.console import Console
+
+from chextrain.cli import checks
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "studies"
 DEMO_SIZES = {"digital": 1000, "photos": 1000, "valid": 100, "size": 128}
@@ -34,6 +35,10 @@ def demo(
     seed: int = typer.Option(0, help="Seed of the demo data."),
 ) -> None:
     """Generate the demo dataset, run the study with its demo profile, write and print the report."""
+    from rich.console import Console
+
+    with checks.reported():
+        checks.readable(study_file, "study")
     from chextrain.cli.study import print_status
     from chextrain.data.demo import write_demo
     from chextrain.evaluation.report import headline_table, write_report

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
 RECIPE_HELP = (
     "digital (CheXphoto's random digital, grey), photographic (glare, moire, tilt), phone (monitor in a room)"
@@ -32,6 +31,7 @@ def photo_sim(
     """
     import numpy as np
     from PIL import Image
+    from rich.console import Console
 
     from chextrain.data.images import ImageLoadError, load_image
     from chextrain.data.photo import RECIPES, simulate_photo

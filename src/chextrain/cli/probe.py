@@ -1,19 +1,19 @@
-"""`chextrain probe`: how good is a run's encoder? Linear probe, kNN and photo/x-ray feature closeness."""
+"""`chextrain probe`: how good is a run's encoder? Linear probe, kNN and photo/x-ray feature closeness.
+
+Arguments are checked first; the probe code (torch, scikit-learn) is imported inside the command.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from chextrain.cli import print_error
-from chextrain.data.catalog import CatalogError
-from chextrain.evaluation.probe import METHODS, PROBE_FILE, ProbeError, probe_run
-from chextrain.labels import SLUGS
-from chextrain.models.weights import WeightsError
+from chextrain.cli import checks, print_error
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 
 def register(app: typer.Typer) -> None:
@@ -35,6 +35,19 @@ def probe(
     Prints the AUC per pathology on SPLIT (all images, x-rays, photos) and the mean cosine
     similarity of the features of an x-ray and a photo of it vs of another x-ray; writes RUN/probe.json.
     """
+    from rich.console import Console
+    from rich.table import Table
+
+    with checks.reported():  # in probe_run's order: bundle, data root, k and c
+        checks.bundle(run)
+        checks.data_root(data)
+        if k < 1 or c <= 0:
+            raise checks.ArgumentError(f"k must be >= 1 and c (inverse L2 strength) > 0; got k={k}, c={c}")
+    from chextrain.data.catalog import CatalogError
+    from chextrain.evaluation.probe import METHODS, PROBE_FILE, ProbeError, probe_run
+    from chextrain.labels import SLUGS
+    from chextrain.models.weights import WeightsError
+
     try:
         document = probe_run(run, data, split=split, k=k, c=c, batch_size=batch_size, num_workers=num_workers)
     except (ProbeError, WeightsError, CatalogError, ValueError) as exc:
@@ -43,8 +56,10 @@ def probe(
     console = Console()
     for method in METHODS:
         per_group = document["auc"][method]
-        title = (f"{run.name}: {method} probe AUC on {split} (trained on {document['n_train']} "
-                 f"{document['train_split']} images, {document['num_features']} features)")
+        title = (
+            f"{run.name}: {method} probe AUC on {split} (trained on {document['n_train']} "
+            f"{document['train_split']} images, {document['num_features']} features)"
+        )
         table = Table(title=title)
         table.add_column("pathology")
         for group in per_group:
@@ -57,12 +72,15 @@ def probe(
 
 
 def _pairs_table(pairs: dict[str, Any], split: str) -> Table:
+    from rich.table import Table
+
     table = Table(title=f"feature cosine similarity (centred) of x-ray/photo pairs on {split}")
     for column in ("photos", "same x-ray", "other x-ray", "gap", "pairs"):
         table.add_column(column, justify="left" if column == "photos" else "right")
     for name, entry in [("all", pairs), *pairs["by_kind"].items()]:
-        table.add_row(name, _fmt(entry["pair"]), _fmt(entry["non_pair"]), _fmt(entry["gap"]),
-                      str(entry["n_pairs"]))
+        table.add_row(
+            name, _fmt(entry["pair"]), _fmt(entry["non_pair"]), _fmt(entry["gap"]), str(entry["n_pairs"])
+        )
     return table
 
 

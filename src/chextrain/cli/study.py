@@ -1,21 +1,28 @@
-"""`chextrain study ...`: run a study of stages, show its status, write its report."""
+"""`chextrain study ...`: run a study of stages, show its status, write its report.
+
+Arguments are checked first (cli/checks.py); the study, training and report code are imported
+inside the commands only.
+"""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from chextrain.cli import print_error
-from chextrain.training.stage import StageError
+from chextrain.cli import checks, print_error
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
 
 STATE_STYLE = {
     "done": "green",
     "running": "yellow",
     "pending": "white",
+    "queued": "cyan",
     "failed": "red",
     "blocked": "magenta",
 }
@@ -45,8 +52,35 @@ def run(
     overrides: list[str] = typer.Option(None, "--set", help="variable=value or stage key=value; repeatable."),
     no_report: bool = typer.Option(False, "--no-report", help="Do not write the report at the end."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars (logs only)."),
+    executor: str = typer.Option(
+        "inline", "--executor", help="inline (one after another here), local (--slots processes) or slurm."
+    ),
+    slots: int = typer.Option(1, "--slots", help="--executor local: stages running at once."),
+    gpus_per_stage: int = typer.Option(
+        None, "--gpus-per-stage", help="--executor local: GPUs of each stage (default: its devices, or 1)."
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="--executor slurm: print the jobs, submit nothing."
+    ),
 ) -> None:
-    """Run the stages of STUDY_FILE in dependency order; finished ones are skipped, killed ones resume."""
+    """Run the stages of STUDY_FILE in dependency order; finished ones are skipped, killed ones resume.
+
+    With --executor local or slurm, independent stages run at once (see README: "Running the study
+    on a cluster"); --executor slurm returns after submitting and prints the job ids.
+    """
+    from rich.console import Console
+
+    with checks.reported():
+        checks.choice(executor, ("inline", "local", "slurm"), "--executor")
+        checks.readable(study_file, "study")
+        checks.overrides(overrides or [])
+        if slots < 1:
+            raise checks.ArgumentError(f"--slots {slots}: expected 1 or more")
+        if gpus_per_stage is not None and gpus_per_stage < 0:
+            raise checks.ArgumentError(f"--gpus-per-stage {gpus_per_stage}: expected 0 or more")
+        if dry_run and executor != "slurm":
+            raise checks.ArgumentError("--dry-run goes with --executor slurm")
+    from chextrain.training.stage import StageError
     from chextrain.training.study import load_study
     from chextrain.training.study_run import run_study
 
@@ -57,14 +91,18 @@ def run(
         print_error(err)
         raise typer.Exit(2) from err
     t0 = time.time()
-    state = run_study(
-        study,
-        data,
-        out,
-        only=only or None,
-        progress=not no_progress,
-        log=lambda line: console.print(line, markup=False, highlight=False),
-    )
+    log = lambda line: console.print(line, markup=False, highlight=False)  # noqa: E731
+    try:
+        if executor == "slurm":
+            _submit(study, data, out, only or None, dry_run, log, console)
+            return
+        if executor == "local":
+            state = _run_local(study, data, out, only or None, slots, gpus_per_stage, log)
+        else:
+            state = run_study(study, data, out, only=only or None, progress=not no_progress, log=log)
+    except StageError as err:  # e.g. --only naming no stage of the study
+        print_error(err)
+        raise typer.Exit(2) from err
     console.print(f"study {study.name!r} finished in {(time.time() - t0) / 60:.1f} min")
     print_status(state["stages"], console)
     if not no_report:
@@ -73,12 +111,66 @@ def run(
         raise typer.Exit(1)
 
 
+def _run_local(
+    study: Any,
+    data: Path,
+    out: Path,
+    only: list[str] | None,
+    slots: int,
+    gpus_per_stage: int | None,
+    log: Any,
+) -> dict:
+    import torch
+
+    from chextrain.training.executors import ExecutorError, run_local
+
+    visible = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        return run_local(
+            study,
+            data,
+            out,
+            slots=slots,
+            only=only,
+            gpus_per_stage=gpus_per_stage,
+            visible_gpus=visible,
+            log=log,
+        )
+    except ExecutorError as err:
+        print_error(err)
+        raise typer.Exit(2) from err
+
+
+def _submit(
+    study: Any, data: Path, out: Path, only: list[str] | None, dry_run: bool, log: Any, console: Console
+) -> None:
+    from chextrain.training.executors import submit_slurm
+
+    try:
+        jobs = submit_slurm(study, data, out, only=only, dry_run=dry_run, log=log)
+    except (OSError, RuntimeError) as err:  # no sbatch here, or the scheduler refused the job
+        print_error(f"could not submit to SLURM: {err}")
+        raise typer.Exit(1) from err
+    if dry_run:
+        console.print(f"{len(jobs)} job(s) would be submitted (dry run: nothing was)")
+    else:
+        console.print(f"{len(jobs)} job(s) submitted; follow them with `chextrain study status {out}`")
+
+
 def status(out: Path = typer.Argument(..., help="Study output folder.")) -> None:
-    """Show each stage's state (done / running / pending / failed / blocked), time and headline metrics."""
+    """Show each stage's state (pending / queued / running / done / failed / blocked), time and metrics.
+
+    Stages submitted to SLURM show what the scheduler says of their jobs.
+    """
+    from rich.console import Console
+
+    with checks.reported():
+        checks.file_exists(out / "study.json", f"{out}: no study.json (not a study output folder?)")
+    from chextrain.training.executors import scheduler_status
     from chextrain.training.study_run import study_status
 
     try:
-        stages = study_status(out)
+        stages = scheduler_status(study_status(out), out)
     except FileNotFoundError as err:
         print_error(err)
         raise typer.Exit(2) from err
@@ -90,10 +182,16 @@ def report(
     n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples for the confidence intervals."),
 ) -> None:
     """Write report.md, report.html and tables/*.csv from the saved predictions (never retrains)."""
+    from rich.console import Console
+
     _report(out, Console(), n_boot=n_boot)
 
 
 def _report(out: Path, console: Console, n_boot: int = 1000) -> None:
+    with checks.reported():
+        checks.file_exists(
+            out / "study.json", f"{out}: no study.json (expected a folder written by `chextrain study run`)"
+        )
     from chextrain.evaluation.report import ReportError, headline_table, write_report
 
     try:
@@ -108,8 +206,11 @@ def _report(out: Path, console: Console, n_boot: int = 1000) -> None:
 
 def print_status(stages: list[dict], console: Console) -> None:
     """A rich table of the stages."""
+    from rich.table import Table
+
     table = Table(title="Stages")
-    for column in ("stage", "strategy", "state", "time", "headline", "reason"):
+    jobs = any(s.get("job_id") for s in stages)
+    for column in ("stage", "strategy", "state", *(["job"] if jobs else []), "time", "headline", "reason"):
         table.add_column(column)
     for s in stages:
         style = STATE_STYLE.get(s["state"], "white")
@@ -119,6 +220,11 @@ def print_status(stages: list[dict], console: Console) -> None:
             s["name"],
             s.get("label", ""),
             f"[{style}]{s['state']}[/{style}]",
+            *(
+                [str(s.get("job_id") or "") + (f" {s['scheduler']}" if s.get("scheduler") else "")]
+                if jobs
+                else []
+            ),
             seconds,
             head,
             s.get("reason", ""),

@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from chextrain.cli import print_error
 
@@ -27,11 +25,22 @@ def synth(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Generate synthetic x-rays and photos of them, laid out exactly like the real releases."""
+    from rich.console import Console
+    from rich.table import Table
+
     from chextrain.data.demo import DemoError, write_demo
 
     try:
-        summary = write_demo(out, digital=digital, photos=photos, valid=valid, size=size, seed=seed,
-                             workers=workers, progress=progress)
+        summary = write_demo(
+            out,
+            digital=digital,
+            photos=photos,
+            valid=valid,
+            size=size,
+            seed=seed,
+            workers=workers,
+            progress=progress,
+        )
     except DemoError as exc:
         print_error(exc)
         raise typer.Exit(2) from exc
@@ -40,9 +49,10 @@ def synth(
         table.add_column(column, justify="right" if column in ("rows", "patients") else "left")
     for key, path in summary.csvs.items():
         prefix = key + "/"
-        kinds = ", ".join(f"{k[len(prefix):]} {n}" for k, n in summary.kinds.items() if k.startswith(prefix))
-        table.add_row(str(path.relative_to(summary.root)), str(summary.rows[key]), str(summary.patients[key]),
-                      kinds)
+        kinds = ", ".join(f"{k[len(prefix) :]} {n}" for k, n in summary.kinds.items() if k.startswith(prefix))
+        table.add_row(
+            str(path.relative_to(summary.root)), str(summary.rows[key]), str(summary.patients[key]), kinds
+        )
     console = Console()
     console.print(table)
     console.print(f"{summary.images} images in {summary.seconds:.1f} s with {summary.workers} worker(s)")

@@ -1,19 +1,21 @@
-"""`chextrain train` (one stage, resumable) and `chextrain evaluate` (a finished run on a split)."""
+"""`chextrain train` (one stage, resumable) and `chextrain evaluate` (a finished run on a split).
+
+The arguments are checked first (cli/checks.py); training and evaluation code, and torch with
+them, are imported inside the commands only.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from chextrain.cli import print_error
-from chextrain.evaluation.predict import EvaluationError, evaluate_run
-from chextrain.labels import SLUGS
-from chextrain.models.weights import WeightsError
-from chextrain.training.runner import RunDirError, train_stage
-from chextrain.training.stage import StageError, load_stage
+from chextrain.cli import checks, print_error
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
 
 DATA_HELP = "Folder holding the CheXpert-*/CheXphoto-* release folders."
 
@@ -34,20 +36,39 @@ def train(
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar or model summary."),
 ) -> None:
     """Train one stage into OUT: checkpoints, logs, model.safetensors + model.json, predictions, metrics."""
+    from rich.console import Console
+
     err = Console(stderr=True)
-    extra = [*overrides, *([f"devices={devices}"] if devices else []),
-             *([f"num_nodes={num_nodes}"] if num_nodes else [])]
+
+    def show(exc: object) -> None:
+        err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+
+    extra = [
+        *overrides,
+        *([f"devices={devices}"] if devices else []),
+        *([f"num_nodes={num_nodes}"] if num_nodes else []),
+    ]
+    with checks.reported(show=show):
+        checks.readable(stage_file, "stage")
+        checks.overrides(extra)
+    from chextrain.models.weights import WeightsError
+    from chextrain.training.lifecycle import RunDirError, train_stage
+    from chextrain.training.stage import StageError, load_stage
+
     try:
         stage = load_stage(stage_file, extra)
         result = train_stage(stage, data, out, progress=not no_progress)
     except (StageError, RunDirError, WeightsError) as exc:
-        err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        show(exc)
         raise typer.Exit(2) from exc
     if result.rank != 0:
         return
     console = Console()
-    state = "already finished (nothing redone)" if result.cached else (
-        "resumed and finished" if result.resumed else "finished")
+    state = (
+        "already finished (nothing redone)"
+        if result.cached
+        else ("resumed and finished" if result.resumed else "finished")
+    )
     console.print(f"stage [bold]{stage.name}[/bold] {state} in {result.duration:.0f} s: {result.out_dir}")
     print_metrics(console, result.metrics, f"{stage.title}: average over the 5 pathologies (threshold 0.5)")
 
@@ -61,6 +82,17 @@ def evaluate(
     num_workers: int = typer.Option(0, "--num-workers", help="Loader worker processes."),
 ) -> None:
     """Score RUN on a split: writes predictions_<split>.parquet and metrics_<split>.json, prints a table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    with checks.reported():
+        if split not in ("val", "test"):
+            raise checks.ArgumentError(f"split {split!r}: expected 'val' or 'test'")
+        checks.bundle(run)
+    from chextrain.evaluation.predict import EvaluationError, evaluate_run
+    from chextrain.labels import SLUGS
+    from chextrain.models.weights import WeightsError
+
     try:
         document = evaluate_run(run, data, split, head, batch_size=batch_size, num_workers=num_workers)
     except (EvaluationError, WeightsError, ValueError) as exc:
@@ -75,8 +107,17 @@ def evaluate(
             table.add_column(key, justify="right")
         for slug in [*SLUGS, "average"]:
             m, tuned = group["at_0.5"][slug], (group.get("tuned") or {}).get(slug, {})
-            table.add_row(slug, _fmt(m["auc"]), _fmt(m["mcc"]), _fmt(tuned.get("mcc")), _fmt(m["precision"]),
-                          _fmt(m["recall"]), _fmt(m["f1"]), _fmt(m["accuracy"]), _fmt(m["positives"], 0))
+            table.add_row(
+                slug,
+                _fmt(m["auc"]),
+                _fmt(m["mcc"]),
+                _fmt(tuned.get("mcc")),
+                _fmt(m["precision"]),
+                _fmt(m["recall"]),
+                _fmt(m["f1"]),
+                _fmt(m["accuracy"]),
+                _fmt(m["positives"], 0),
+            )
         console.print(table)
     suffix = f"{split}_{head}" if head else split
     console.print(f"wrote {run / f'predictions_{suffix}.parquet'} and {run / f'metrics_{suffix}.json'}")
@@ -84,6 +125,8 @@ def evaluate(
 
 def print_metrics(console: Console, metrics: dict, title: str) -> None:
     """One row per evaluated group: average AUC, MCC, F1."""
+    from rich.table import Table
+
     if not metrics:
         return
     table = Table(title=title)
@@ -91,8 +134,9 @@ def print_metrics(console: Console, metrics: dict, title: str) -> None:
         table.add_column(column, justify="left" if column == "split/group" else "right")
     for name, per in metrics.items():
         avg = per.get("average", {})
-        table.add_row(name, _fmt(avg.get("auc")), _fmt(avg.get("mcc")), _fmt(avg.get("f1")),
-                      _fmt(avg.get("support"), 0))
+        table.add_row(
+            name, _fmt(avg.get("auc")), _fmt(avg.get("mcc")), _fmt(avg.get("f1")), _fmt(avg.get("support"), 0)
+        )
     console.print(table)
 
 

@@ -1,4 +1,9 @@
-"""`chextrain predict | explain | serve | export`: use a trained bundle."""
+"""`chextrain predict | explain | serve | export`: use a trained bundle.
+
+Each command checks its arguments (cli/checks.py) before it imports torch or the inference code,
+so a wrong path or option is reported at once; `predict`, `explain` and `serve` never import
+Lightning, and with a model that needs no torchvision backbone not torchvision either.
+"""
 
 from __future__ import annotations
 
@@ -10,21 +15,28 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
-from rich import box
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
-from chextrain.cli import print_error
-from chextrain.labels import SLUGS
+from chextrain.cli import checks, print_error
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".dcm", ".dicom",
-                            ".heic", ".heif"})
+if TYPE_CHECKING:
+    from rich.console import Console
+
+
+if TYPE_CHECKING:
+    from chextrain.inference import Predictor
+
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".dcm", ".dicom", ".heic", ".heif"}
+)
 FORMATS: tuple[str, ...] = ("table", "json", "csv")
+# The library's choices (inference.DOMAINS, inference.RUNTIMES, evaluation.saliency.METHODS), here so
+# that a wrong one is refused before torch is imported; tests/test_cli_checks.py keeps them equal.
+DOMAINS: tuple[str, ...] = ("auto", "digital", "photo")
+RUNTIMES: tuple[str, ...] = ("torch", "onnx")
+METHODS: tuple[str, ...] = ("gradient", "gradcam")
 PROGRESS_MIN_FILES = 32  # fewer files: no progress bar
 TABLE_HEADERS = ("eff.", "edema", "atel.", "cons.", "card.")  # SLUGS, shortened for 80 columns
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -32,8 +44,11 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 BUNDLE_ARG = typer.Argument(..., help="A bundle: the folder holding model.json + model.safetensors.")
 DOMAIN_OPT = typer.Option("auto", "--domain", help="auto (the router picks the head), digital or photo.")
 RUNTIME_OPT = typer.Option("torch", "--runtime", help="torch (eager PyTorch) or onnx (onnxruntime).")
-ONNX_OPT = typer.Option(None, "--onnx", help="ONNX file for --runtime onnx (default: BUNDLE/model.onnx, "
-                                             "else an export made in memory).")
+ONNX_OPT = typer.Option(
+    None,
+    "--onnx",
+    help="ONNX file for --runtime onnx (default: BUNDLE/model.onnx, else an export made in memory).",
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -49,7 +64,14 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _predictor(bundle: Path, runtime: str, domain: str, onnx: Path | None = None):
+def check_bundle_options(bundle: Path, runtime: str, domain: str) -> None:
+    """What Predictor.from_bundle refuses first, in its order, checked without importing it."""
+    checks.choice(runtime, RUNTIMES, "runtime")
+    checks.bundle(bundle)
+    checks.choice(domain, DOMAINS, "domain")
+
+
+def _predictor(bundle: Path, runtime: str, domain: str, onnx: Path | None = None) -> Predictor:
     from chextrain.inference import Predictor
 
     try:
@@ -91,12 +113,16 @@ def collect_inputs(args: Sequence[str]) -> tuple[list[Path], list[dict[str, str]
 
 def _chunks(items: list[Path], size: int) -> Iterator[list[Path]]:
     for i in range(0, len(items), size):
-        yield items[i:i + size]
+        yield items[i : i + size]
 
 
-def run_predictions(predictor: Any, files: list[Path], *, batch_size: int, tta: bool,
-                    show_progress: bool) -> list[dict[str, Any]]:
+def run_predictions(
+    predictor: Predictor, files: list[Path], *, batch_size: int, tta: bool, show_progress: bool
+) -> list[dict[str, Any]]:
     """Load and predict `files` in batches; a file that cannot be read gets {"name", "error"}."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
     from chextrain.data.images import ImageLoadError, load_image
 
     out: list[dict[str, Any]] = []
@@ -125,9 +151,22 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 def csv_text(results: list[dict[str, Any]]) -> str:
     """One CSV row per image: routing, OOD, then probability and decision per pathology."""
+    from chextrain.labels import SLUGS
+
     buf = io.StringIO()
-    head = ["name", "error", "head", "domain", "domain_source", "p_photo", "router_uncertain", "ood_status",
-            "ood_score", "ood_threshold", "flagged"]
+    head = [
+        "name",
+        "error",
+        "head",
+        "domain",
+        "domain_source",
+        "p_photo",
+        "router_uncertain",
+        "ood_status",
+        "ood_score",
+        "ood_threshold",
+        "flagged",
+    ]
     writer = csv.writer(buf, lineterminator="\n")
     per = [f"{s}_{k}" for s in SLUGS for k in ("prob", "threshold", "positive")]
     writer.writerow(head + per + ["warnings"])
@@ -136,9 +175,19 @@ def csv_text(results: list[dict[str, Any]]) -> str:
             writer.writerow([r["name"], r["error"]] + [""] * (len(head) - 2 + 3 * len(SLUGS) + 1))
             continue
         ood = r["ood"]
-        row = [r["name"], "", r["head"], r["domain"] or "", r["domain_source"], _fmt(r["p_photo"], 6),
-               int(r["router_uncertain"]), ood["status"], _fmt(ood["score"], 6), _fmt(ood["threshold"], 6),
-               int(r["flagged"])]
+        row = [
+            r["name"],
+            "",
+            r["head"],
+            r["domain"] or "",
+            r["domain_source"],
+            _fmt(r["p_photo"], 6),
+            int(r["router_uncertain"]),
+            ood["status"],
+            _fmt(ood["score"], 6),
+            _fmt(ood["threshold"], 6),
+            int(r["flagged"]),
+        ]
         for s in SLUGS:
             p = r["pathologies"][s]
             row += [_fmt(p["prob"], 6), _fmt(p["threshold"], 6), int(p["positive"])]
@@ -158,15 +207,24 @@ def _short_names(names: list[str]) -> tuple[str, list[str]]:
 
 def print_table(results: list[dict[str, Any]], console: Console) -> None:
     """A rich table: file, head, P(photo), OOD, then each pathology's probability (+ = positive)."""
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+
+    empty = [""] * len(TABLE_HEADERS)  # one cell per pathology
     common, names = _short_names([r["name"] for r in results])
-    table = Table(title="chextrain predict (+ = at or above the head's threshold)", box=box.SIMPLE_HEAD,
-                  pad_edge=False, caption=f"files under {escape(common)}" if common else None)
+    table = Table(
+        title="chextrain predict (+ = at or above the head's threshold)",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        caption=f"files under {escape(common)}" if common else None,
+    )
     table.add_column("file", overflow="fold", min_width=8)
     for column in ("head", "P(ph)", "OOD", *TABLE_HEADERS):
         table.add_column(column, no_wrap=True, justify="right" if column in TABLE_HEADERS else "left")
     for r, name in zip(results, names, strict=True):
         if "error" in r:
-            table.add_row(escape(name), "[red]failed[/red]", "", "", *[""] * len(SLUGS))
+            table.add_row(escape(name), "[red]failed[/red]", "", "", *empty)
             continue
         ood = {"uncalibrated": "n/a", "in-distribution": "ok"}.get(r["ood"]["status"], "[red]FLAG[/red]")
         p_photo = _fmt(r["p_photo"], 2) + (" [red]?[/red]" if r["router_uncertain"] else "")
@@ -179,8 +237,9 @@ def print_table(results: list[dict[str, Any]], console: Console) -> None:
         for w in r.get("warnings", []):
             console.print(f"[yellow]warning[/yellow] {escape(name)}: {escape(w)}")
     if any(r.get("ood", {}).get("status") == "uncalibrated" for r in results):
-        console.print("note: this bundle has no OOD calibration, so out-of-distribution images are "
-                      "not flagged")
+        console.print(
+            "note: this bundle has no OOD calibration, so out-of-distribution images are not flagged"
+        )
 
 
 def predict(
@@ -195,8 +254,11 @@ def predict(
     out: Path | None = typer.Option(None, "--out", help="Write the json/csv/table here instead of stdout."),
 ) -> None:
     """Predict the five findings for images; the router picks the head (exit code 1 if any file failed)."""
-    if output_format not in FORMATS:
-        raise _fail(f"--format {output_format!r} is not one of {list(FORMATS)}")
+    from rich.console import Console
+
+    with checks.reported():
+        checks.choice(output_format, FORMATS, "--format")
+        check_bundle_options(bundle, runtime, domain)
     files, problems = collect_inputs(paths)
     predictor = _predictor(bundle, runtime, domain, onnx)
     show = len(files) >= PROGRESS_MIN_FILES
@@ -223,31 +285,38 @@ def explain(
     bundle: Path = BUNDLE_ARG,
     image: Path = typer.Argument(..., help="The image to explain."),
     out: Path = typer.Option(..., "--out", help="Folder for the overlays, the grid and the prediction JSON."),
-    method: str = typer.Option("gradcam", "--method",
-                               help="gradcam (last block) or gradient (vanilla, the paper's)."),
+    method: str = typer.Option(
+        "gradcam", "--method", help="gradcam (last block) or gradient (vanilla, the paper's)."
+    ),
     domain: str = DOMAIN_OPT,
 ) -> None:
     """Write a saliency overlay per pathology and a grid of all five, titled with the probabilities."""
-    import torch
+    from rich.console import Console
+    from rich.markup import escape
 
+    with checks.reported():
+        checks.choice(method, METHODS, "--method")
+        check_bundle_options(bundle, "torch", domain)
     from chextrain.data.images import ImageLoadError, load_image
-    from chextrain.evaluation.saliency import METHODS, saliency_maps, save_explanation
 
-    if method not in METHODS:
-        raise _fail(f"--method {method!r} is not one of {list(METHODS)}")
-    predictor = _predictor(bundle, "torch", domain)
     try:
         pixels = load_image(image, truncated="error")
     except ImageLoadError as err:
         raise _fail(str(err), 1) from None
+    import torch
+
+    from chextrain.evaluation.saliency import saliency_maps, save_explanation
+
+    predictor = _predictor(bundle, "torch", domain)
     result = predictor.predict_images([pixels], [str(image)])[0]
     with torch.enable_grad():
         x = predictor.inputs(pixels)  # 1 x 3 x S x S
         maps = saliency_maps(predictor.model, x, result["head"], method)[0]  # 5 x S x S
     probs = [p["prob"] for p in result["pathologies"].values()]
     title = f"{image.name}: head {result['head']}, {method}" + (" (FLAGGED)" if result["flagged"] else "")
-    paths = save_explanation(pixels, maps, probs, out, image.stem, resize=predictor.preprocessing.resize,
-                             title=title)
+    paths = save_explanation(
+        pixels, maps, probs, out, image.stem, resize=predictor.preprocessing.resize, title=title
+    )
     (out / f"{image.stem}.json").write_text(json.dumps({**result, "method": method}, indent=2) + "\n")
     console = Console()
     for w in result["warnings"]:
@@ -267,6 +336,11 @@ def serve(
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
 ) -> None:
     """Serve the web page and the JSON API (/api/predict, /api/explain, /api/health, /docs)."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    with checks.reported():
+        check_bundle_options(bundle, runtime, domain)
     import torch
     import uvicorn
 
@@ -278,20 +352,30 @@ def serve(
     app = create_app(predictor, max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels)
     console = Console(stderr=True)
     if host not in LOOPBACK:
-        console.print(f"[yellow]warning[/yellow]: binding {host}: the service is reachable from other "
-                      "machines and has no authentication")
+        console.print(
+            f"[yellow]warning[/yellow]: binding {host}: the service is reachable from other "
+            "machines and has no authentication"
+        )
     console.print(f"serving {escape(str(bundle))} ({predictor.runtime.name}) on http://{host}:{port}/")
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 
 def export(
     bundle: Path = BUNDLE_ARG,
-    onnx: Path = typer.Option(..., "--onnx", help="The ONNX file to write (BUNDLE/model.onnx is found by "
-                                                  "predict/serve --runtime onnx)."),
+    onnx: Path = typer.Option(
+        ...,
+        "--onnx",
+        help="The ONNX file to write (BUNDLE/model.onnx is found by predict/serve --runtime onnx).",
+    ),
     opset: int = typer.Option(17, "--opset", min=17, help="ONNX opset."),
     check: bool = typer.Option(True, "--check/--no-check", help="Compare with PyTorch on random inputs."),
 ) -> None:
     """Export all heads, the router and the features to ONNX (dynamic batch axis), meta included."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    with checks.reported():
+        checks.bundle(bundle)
     import torch
 
     from chextrain.export import OnnxRuntime, export_onnx, max_prob_difference, weights_sha256

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from chextrain.data.images import load_image
 from chextrain.data.transforms import Augment, Preprocessing, augment, preprocess, resize
+from chextrain.fileio import atomic_write
 from chextrain.labels import Policy, apply_policy
 
 DOMAIN_INDEX: dict[str, int] = {"digital": 0, "photo": 1}
@@ -65,7 +66,7 @@ class CatalogDataset(Dataset):
     Args:
         rows: catalog rows (schema in docs/architecture.md); their order defines `index`.
         image_size: side S of the square network input.
-        preprocessing: norm name, Preprocessing or its dict (see transforms.preprocess).
+        preprocessing: a Preprocessing, its name or its dict (see transforms.preprocess).
         policy: uncertainty policy for targets and mask (labels.apply_policy).
         head_names / domain_heads / head: how each row picks its head (see head_indices).
         augment: augmentation callables applied before preprocessing (training only).
@@ -138,25 +139,31 @@ class CatalogDataset(Dataset):
         }
 
 
-def build_cache(rows: pd.DataFrame, size: int, path: Path | None = None,
-                resize_mode: str = "stretch") -> np.ndarray:
+def build_cache(
+    rows: pd.DataFrame, size: int, path: Path | None = None, resize_mode: str = "stretch"
+) -> np.ndarray:
     """Decode and resize every row's image once: N x size x size uint8, row-aligned (the `cache`).
 
-    With `path`, the array is written there as .npy and returned memory-mapped read-only, so
-    loader workers share it through the page cache instead of each holding a copy.
+    With `path`, the array is written there atomically as .npy and returned memory-mapped
+    read-only, so loader workers share it through the page cache instead of each holding a copy.
     """
     dataset = CatalogDataset(rows, image_size=size)
-    if path is None:
-        out = np.empty((len(dataset), size, size), dtype=np.uint8)
-    else:
-        shape = (len(dataset), size, size)
-        out = np.lib.format.open_memmap(Path(path), mode="w+", dtype=np.uint8, shape=shape)
-    for i in range(len(dataset)):
-        out[i] = resize(dataset.load(i), size, resize_mode)
-    if path is None:
+    shape = (len(dataset), size, size)
+
+    def fill(out: np.ndarray) -> np.ndarray:
+        for i in range(len(dataset)):
+            out[i] = resize(dataset.load(i), size, resize_mode)
         return out
-    out.flush()
-    del out
+
+    if path is None:
+        return fill(np.empty(shape, dtype=np.uint8))
+
+    def write(tmp: Path) -> None:
+        out = fill(np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape))
+        out.flush()
+        del out
+
+    atomic_write(path, write)  # a killed build leaves no half-filled cache behind
     return np.load(Path(path), mmap_mode="r")
 
 
@@ -168,8 +175,9 @@ class EpochSampler(Sampler[tuple[int, int]]):
     next pass over that epoch start after its first `skip` indices (a mid-epoch restart).
     """
 
-    def __init__(self, n: int, *, shuffle: bool = True, seed: int = 0, rank: int = 0,
-                 world_size: int = 1) -> None:
+    def __init__(
+        self, n: int, *, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1
+    ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must lie in [0, world_size={world_size})")
         self.n, self.shuffle, self.seed = n, shuffle, seed

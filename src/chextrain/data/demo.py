@@ -42,14 +42,23 @@ from PIL import Image
 from chextrain.data.demo_labels import CHEXPERT_DIR, CHEXPHOTO_DIR, DemoError, Photo, Sampler, Xray, patients
 from chextrain.data.phantom import render_xray
 from chextrain.data.photo import simulate_photo
+from chextrain.fileio import atomic_write_bytes
 from chextrain.labels import CHEXPERT_COLUMNS
 
 FIRST_VALID_PATIENT = 64541
 PHOTO_SHARE = 10507 / 32521  # each of Nokia, synthetic digital, synthetic photographic; iPhone the rest
-PHONES = {"nokia": ("HMD Global", "Nokia 6.1", 0.1), "iphone": ("Apple", "iPhone 8", 0.3),
-          "oneplus": ("OnePlus", "ONEPLUS A6003", 0.3)}  # Make, Model, P(EXIF-rotated)
-PHOTO_FOLDERS = ("natural/nokia", "natural/iphone", "natural/oneplus", "synthetic/digital",
-                 "synthetic/photographic")
+PHONES = {
+    "nokia": ("HMD Global", "Nokia 6.1", 0.1),
+    "iphone": ("Apple", "iPhone 8", 0.3),
+    "oneplus": ("OnePlus", "ONEPLUS A6003", 0.3),
+}  # Make, Model, P(EXIF-rotated)
+PHOTO_FOLDERS = (
+    "natural/nokia",
+    "natural/iphone",
+    "natural/oneplus",
+    "synthetic/digital",
+    "synthetic/photographic",
+)
 JPEG_QUALITY = 90
 
 
@@ -77,12 +86,12 @@ def _orientation(rng: np.random.Generator, device: str) -> int:
     return 6 if rng.random() < PHONES[device][2] else 1
 
 
-def _plan(digital: int, photos: int, valid: int, size: int,
-          seed: int) -> tuple[list[list[Xray]], list[Xray]]:
+def _plan(digital: int, photos: int, valid: int, size: int, seed: int) -> tuple[list[list[Xray]], list[Xray]]:
     """Sample every CSV row and attach the photos to the x-rays they show."""
     if digital < 1 or photos < 0 or valid < 0:
-        raise DemoError(f"counts must be digital >= 1, photos >= 0, valid >= 0; "
-                        f"got {digital}, {photos}, {valid}")
+        raise DemoError(
+            f"counts must be digital >= 1, photos >= 0, valid >= 0; got {digital}, {photos}, {valid}"
+        )
     if not 32 <= size <= 2048:
         raise DemoError(f"size {size} must be 32..2048 px")
     if seed < 0:
@@ -91,8 +100,10 @@ def _plan(digital: int, photos: int, valid: int, size: int,
     n_iphone = photos - 3 * n_each
     n_sources = max(n_each, n_iphone)
     if n_sources > digital:
-        raise DemoError(f"{photos} photos need {n_sources} CheXpert train x-rays to photograph; "
-                        f"digital is {digital} (raise --digital or lower --photos)")
+        raise DemoError(
+            f"{photos} photos need {n_sources} CheXpert train x-rays to photograph; "
+            f"digital is {digital} (raise --digital or lower --photos)"
+        )
     rng = np.random.default_rng(seed)
     sampler = Sampler(rng, size)
     train = patients(sampler, digital, 1, "train", valid=False)
@@ -107,20 +118,35 @@ def _plan(digital: int, photos: int, valid: int, size: int,
     iphone = {sources[j].rel for j in rng.choice(len(sources), size=n_iphone, replace=False)}
     for j, x in enumerate(sources):
         if j < n_each:
-            x.photos.append(Photo(_photo_rel(x.rel, "train", "natural/nokia"), "phone", "nokia",
-                                   _orientation(rng, "nokia")))
+            x.photos.append(
+                Photo(
+                    _photo_rel(x.rel, "train", "natural/nokia"), "phone", "nokia", _orientation(rng, "nokia")
+                )
+            )
             x.photos.append(Photo(_photo_rel(x.rel, "train", "synthetic/digital"), "digital"))
             x.photos.append(Photo(_photo_rel(x.rel, "train", "synthetic/photographic"), "photographic"))
         if x.rel in iphone:
-            x.photos.append(Photo(_photo_rel(x.rel, "train", "natural/iphone"), "phone", "iphone",
-                                   _orientation(rng, "iphone")))
+            x.photos.append(
+                Photo(
+                    _photo_rel(x.rel, "train", "natural/iphone"),
+                    "phone",
+                    "iphone",
+                    _orientation(rng, "iphone"),
+                )
+            )
     for x in test:
-        x.photos.extend([
-            Photo(_photo_rel(x.rel, "valid", "natural/oneplus"), "phone", "oneplus",
-                   _orientation(rng, "oneplus")),
-            Photo(_photo_rel(x.rel, "valid", "synthetic/digital"), "digital"),
-            Photo(_photo_rel(x.rel, "valid", "synthetic/photographic"), "photographic"),
-        ])
+        x.photos.extend(
+            [
+                Photo(
+                    _photo_rel(x.rel, "valid", "natural/oneplus"),
+                    "phone",
+                    "oneplus",
+                    _orientation(rng, "oneplus"),
+                ),
+                Photo(_photo_rel(x.rel, "valid", "synthetic/digital"), "digital"),
+                Photo(_photo_rel(x.rel, "valid", "synthetic/photographic"), "photographic"),
+            ]
+        )
     return train, test
 
 
@@ -133,8 +159,9 @@ def _rng(seed: int, key: str) -> np.random.Generator:
 def _save(image: np.ndarray, path: Path, exif: bytes | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image)).save(buf, "JPEG", quality=JPEG_QUALITY,
-                                                      **({"exif": exif} if exif else {}))
+    Image.fromarray(np.ascontiguousarray(image)).save(
+        buf, "JPEG", quality=JPEG_QUALITY, **({"exif": exif} if exif else {})
+    )
     path.write_bytes(buf.getvalue())
 
 
@@ -150,7 +177,7 @@ def _natural(image: np.ndarray, photo: Photo, rng: np.random.Generator) -> np.nd
     h, w = image.shape
     canvas = np.zeros((max(h, round(w * 4 / 3)), w), dtype=np.uint8)  # H x W
     top = (canvas.shape[0] - h) // 2
-    canvas[top:top + h] = image
+    canvas[top : top + h] = image
     out = simulate_photo(canvas, "phone", 1, rng)  # H x W x 3
     return np.rot90(out, 1) if photo.orientation == 6 else out  # Orientation 6: viewers turn it back
 
@@ -178,7 +205,7 @@ def _run(xrays: list[Xray], root: Path, seed: int, workers: int, progress: bool)
 
     total = sum(1 + len(x.photos) for x in xrays)
     step = max(1, min(32, math.ceil(len(xrays) / (8 * workers))))
-    chunks = [xrays[i:i + step] for i in range(0, len(xrays), step)]
+    chunks = [xrays[i : i + step] for i in range(0, len(xrays), step)]
     columns = (TextColumn("writing demo images"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     if workers == 1 or len(chunks) == 1:
         with Progress(*columns, disable=not progress) as bar:
@@ -202,7 +229,7 @@ def _write_csv(path: Path, rows: list[tuple[str, ...]]) -> None:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(CHEXPERT_COLUMNS)
     writer.writerows(rows)
-    path.write_bytes(buf.getvalue().encode("utf-8"))
+    atomic_write_bytes(path, buf.getvalue().encode("utf-8"))  # a CSV is never seen half-written
 
 
 def _int_cells(cells: tuple[str, ...]) -> tuple[str, ...]:
@@ -210,8 +237,17 @@ def _int_cells(cells: tuple[str, ...]) -> tuple[str, ...]:
     return cells[:4] + tuple(c[:-2] if c.endswith(".0") else c for c in cells[4:])
 
 
-def write_demo(out: Path, *, digital: int, photos: int, valid: int = 234, size: int = 320, seed: int = 0,
-               workers: int | None = None, progress: bool = True) -> DemoSummary:
+def write_demo(
+    out: Path,
+    *,
+    digital: int,
+    photos: int,
+    valid: int = 234,
+    size: int = 320,
+    seed: int = 0,
+    workers: int | None = None,
+    progress: bool = True,
+) -> DemoSummary:
     """Write CheXpert-v1.0-small/ and CheXphoto-v1.0/ under `out` in the official layouts.
 
     Args:
@@ -255,8 +291,16 @@ def write_demo(out: Path, *, digital: int, photos: int, valid: int = 234, size: 
             kinds[f"{key}/{kind}"] = kinds.get(f"{key}/{kind}", 0) + 1
     for key in sorted(csvs, key=lambda k: k == "chexpert/train"):  # CSVs after images, CheXpert train
         _write_csv(csvs[key], files[key])  # last: a tree with its train.csv is complete
-    return DemoSummary(root=out, csvs=csvs, rows=rows, patients=patients, kinds=kinds,
-                       images=sum(rows.values()), seconds=time.perf_counter() - t0, workers=n_workers)
+    return DemoSummary(
+        root=out,
+        csvs=csvs,
+        rows=rows,
+        patients=patients,
+        kinds=kinds,
+        images=sum(rows.values()),
+        seconds=time.perf_counter() - t0,
+        workers=n_workers,
+    )
 
 
 def _folder(rel: str) -> str:

@@ -32,13 +32,17 @@ OTHER_LABELS: dict[str, tuple[float, float, float]] = {
     "Fracture": (0.0405, 0.0112, 0.0029),
     "Support Devices": (0.5192, 0.0275, 0.0048),
 }
-VALID_POSITIVE = {"Pleural Effusion": 67 / 234, "Edema": 45 / 234, "Atelectasis": 80 / 234,
-                  "Consolidation": 33 / 234, "Cardiomegaly": 68 / 234}
+VALID_POSITIVE = {
+    "Pleural Effusion": 67 / 234,
+    "Edema": 45 / 234,
+    "Atelectasis": 80 / 234,
+    "Consolidation": 33 / 234,
+    "Cardiomegaly": 68 / 234,
+}
 
 
 class DemoError(ValueError):
     """Bad arguments to write_demo (counts, size, seed)."""
-
 
 
 @dataclass(frozen=True)
@@ -77,8 +81,9 @@ class Sampler:
 
     def __init__(self, rng: np.random.Generator, size: int) -> None:
         self.rng, self.size, stats = rng, size, _stats()
-        states = np.array([[np.nan if s == "blank" else float(s) for s in j["states"]]
-                           for j in stats["joint_counts"]])
+        states = np.array(
+            [[np.nan if s == "blank" else float(s) for s in j["states"]] for j in stats["joint_counts"]]
+        )
         counts = np.array([j["count"] for j in stats["joint_counts"]], dtype=float)
         self.joint, self.joint_p = states, counts / counts.sum()
         q = stats["age_quantiles"]
@@ -102,8 +107,9 @@ class Sampler:
         if valid:  # 234 images of 200 patients: a lateral in about 1 study in 6
             return ["view1_frontal"] + (["view2_lateral"] if self.rng.random() < 0.17 else [])
         n = 1 + int(self.rng.choice(len(VIEWS_P), p=VIEWS_P))
-        return ["view1_frontal"] + [f"view{j}_{'lateral' if self.rng.random() < LATERAL_P[j] else 'frontal'}"
-                                    for j in range(2, n + 1)]
+        return ["view1_frontal"] + [
+            f"view{j}_{'lateral' if self.rng.random() < LATERAL_P[j] else 'frontal'}" for j in range(2, n + 1)
+        ]
 
     def train_labels(self) -> dict[str, float]:
         """All 14 label columns (by name) for one study, encoded 1 / 0 / -1 / NaN."""
@@ -130,8 +136,13 @@ class Sampler:
         lateral = rel.endswith("_lateral.jpg")
         ap_pa = "" if lateral else str(self.rng.choice(self.ap_pa[0], p=self.ap_pa[1]))
         view = "lateral" if lateral or ap_pa in ("LL", "RL") else ap_pa
-        cells = (sex, str(int(round(age))), "Lateral" if lateral else "Frontal", ap_pa,
-                 *(_cell(labels[c]) for c in LABEL_COLUMNS))
+        cells = (
+            sex,
+            str(int(round(age))),
+            "Lateral" if lateral else "Frontal",
+            ap_pa,
+            *(_cell(labels[c]) for c in LABEL_COLUMNS),
+        )
         slugs = {s: labels[NAME_OF[s]] for s in SLUGS} | {"support_devices": labels["Support Devices"]}
         return Xray(rel, cells, view, slugs, self.shape())
 
@@ -155,5 +166,3 @@ def patients(sampler: Sampler, n_images: int, first: int, split: str, valid: boo
         total += len(images)
         pid += 1
     return out
-
-

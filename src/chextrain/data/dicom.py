@@ -1,18 +1,29 @@
 """DICOM decoding for chextrain.data.images: modality LUT, VOI LUT / windowing, MONOCHROME1.
 
-pydicom is imported only when a DICOM file is met.
+pydicom is imported only when a DICOM file is met. Errors and the uint8 scaling come from
+data/decoding.py; this module never imports data/images.py (which imports it).
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
+from typing import IO, Any
 
 import numpy as np
 
-from chextrain.data.images import ImageLoadError, _check_pixels, _minmax, scale_to_uint8
+from chextrain.data.decoding import ImageLoadError, check_pixel_count, minmax_to_uint8, scale_to_uint8
 
 
-def read_dicom(fp, name: str, stop_before_pixels: bool = False):
+def read_dicom(fp: IO[bytes], name: str, stop_before_pixels: bool = False) -> Any:
+    """Parse a DICOM file object with pydicom (a `pydicom.Dataset`); `name` is used in errors.
+
+    `force=True` also reads files without the 128-byte preamble. `stop_before_pixels` reads the
+    header only (for `image_size`).
+
+    Raises:
+        ImageLoadError: the file is not DICOM pydicom can parse.
+    """
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -22,7 +33,7 @@ def read_dicom(fp, name: str, stop_before_pixels: bool = False):
         raise ImageLoadError(name, f"corrupt DICOM file ({e})") from None
 
 
-def _dicom_luts():
+def _dicom_luts() -> tuple[Callable[..., np.ndarray], Callable[..., np.ndarray]]:
     """apply_modality_lut and apply_voi_lut from wherever this pydicom version keeps them."""
     try:
         from pydicom.pixels import apply_modality_lut, apply_voi_lut  # pydicom >= 3
@@ -40,7 +51,7 @@ def decode_dicom(data: bytes, name: str, max_pixels: int) -> np.ndarray:
         rows, cols = int(ds.Rows), int(ds.Columns)
     except (AttributeError, TypeError, ValueError):
         raise ImageLoadError(name, "DICOM file has no valid Rows/Columns") from None
-    _check_pixels(name, (cols, rows), max_pixels)
+    check_pixel_count(name, (cols, rows), max_pixels)
     try:
         arr = ds.pixel_array
     except Exception as e:  # pydicom raises many types; say which transfer syntax failed
@@ -62,7 +73,7 @@ def decode_dicom(data: bytes, name: str, max_pixels: int) -> np.ndarray:
     return 255 - out if photometric == "MONOCHROME1" else out
 
 
-def _dicom_grey(arr: np.ndarray, ds) -> np.ndarray:
+def _dicom_grey(arr: np.ndarray, ds: Any) -> np.ndarray:
     """Apply the modality and VOI transforms, then map the VOI output range to 0-255."""
     apply_modality_lut, apply_voi_lut = _dicom_luts()
     values = apply_modality_lut(arr, ds)
@@ -70,7 +81,7 @@ def _dicom_grey(arr: np.ndarray, ds) -> np.ndarray:
         values = values.astype(np.int64)  # VOI LUT sequences index with integers
     has_window = ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
     if not (has_window or ds.get("VOILUTSequence")):
-        return scale_to_uint8(values) if values.min() >= 0 else _minmax(values.astype(np.float64))
+        return scale_to_uint8(values) if values.min() >= 0 else minmax_to_uint8(values.astype(np.float64))
     out = apply_voi_lut(values, ds).astype(np.float64)
     # Map the VOI output range (not the image's own min/max) to 0-255: the range is what the
     # transform gives over its whole input domain.
@@ -83,5 +94,5 @@ def _dicom_grey(arr: np.ndarray, ds) -> np.ndarray:
     ends = apply_voi_lut(domain, ds)
     lo, hi = float(np.min(ends)), float(np.max(ends))
     if hi <= lo:
-        return _minmax(out)
+        return minmax_to_uint8(out)
     return np.rint(np.clip((out - lo) / (hi - lo), 0.0, 1.0) * 255.0).astype(np.uint8)

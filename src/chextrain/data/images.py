@@ -17,20 +17,52 @@ Every reader (dataset, predict, web upload, `data check`) goes through `load_ima
   `LOAD_TRUNCATED_IMAGES` is never touched: the missing end-of-image marker is appended to
   an in-memory copy instead, which is what that flag does internally. Other truncated
   formats cannot be partly recovered and always raise.
-- Every failure is an `ImageLoadError(ValueError)` naming the file and the reason.
+- Every failure is an `ImageLoadError(ValueError)` naming the file and the reason; over the
+  pixel or byte limit it is an `ImageTooLargeError`, a missing optional reader a `ReaderMissingError`.
+
+DICOM is decoded by data/dicom.py; what both decoders share (`ImageLoadError`, the pixel-count
+guard, `scale_to_uint8`) lives in data/decoding.py. Imports go images -> dicom -> decoding only;
+The errors and `scale_to_uint8` are re-exported here, the import point for callers.
 """
 
 from __future__ import annotations
 
 import io
-import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from chextrain.data.decoding import (
+    ImageLoadError,
+    ImageTooLargeError,
+    ReaderMissingError,
+    check_pixel_count,
+    scale_to_uint8,
+)
+from chextrain.data.dicom import decode_dicom, read_dicom
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "PIL_FORMATS",
+    "READABLE",
+    "SUPPORTED",
+    "TRUNCATED_OPTIONS",
+    "ImageLoadError",
+    "ImageTooLargeError",
+    "ReaderMissingError",
+    "TruncatedImageWarning",
+    "image_size",
+    "load_image",
+    "load_image_bytes",
+    "scale_to_uint8",
+    "sniff_format",
+    "verify_image",
+]
 
 DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000; a 4608 x 3456 phone photo is 16 M
 TRUNCATED_OPTIONS: tuple[str, ...] = ("warn", "error")
@@ -49,16 +81,6 @@ _ORIENTATION = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
-
-
-class ImageLoadError(ValueError):
-    """An image could not be opened; `name` is the file, `reason` says why."""
-
-    def __init__(self, name: str, reason: str | None = None) -> None:
-        # One-argument form keeps the error re-raisable by torch DataLoader workers.
-        super().__init__(name if reason is None else f"{name}: {reason}")
-        self.name = name
-        self.reason = reason if reason is not None else name
 
 
 class TruncatedImageWarning(UserWarning):
@@ -125,8 +147,6 @@ def image_size(path: str | Path) -> tuple[int, int]:
                 if not _is_dicom(head, name):
                     raise
             f.seek(0)
-        from chextrain.data.dicom import read_dicom  # a cycle-free, lazy import
-
         ds = read_dicom(f, name, stop_before_pixels=True)
         if "Rows" not in ds or "Columns" not in ds:
             raise ImageLoadError(name, "DICOM file has no image (Rows/Columns missing)")
@@ -175,13 +195,11 @@ def _check_file_size(name: str, size: int, max_pixels: int) -> None:
         raise ImageLoadError(name, "empty file (0 bytes)")
     limit = 8 * max_pixels + (1 << 20)  # more than any uncompressed image of max_pixels holds
     if size > limit:
-        raise ImageLoadError(name, f"file too large ({size:,} bytes) for max_pixels={max_pixels:,}")
+        raise ImageTooLargeError(name, f"file too large ({size:,} bytes) for max_pixels={max_pixels:,}")
 
 
 def _decode(data: bytes, name: str, max_pixels: int, truncated: str) -> np.ndarray:
     """Sniff the content of `data` and decode it to uint8 H x W."""
-    from chextrain.data.dicom import decode_dicom  # a cycle-free, lazy import
-
     if not data:
         raise ImageLoadError(name, "empty file (0 bytes)")
     if data[128:132] == b"DICM":
@@ -195,7 +213,7 @@ def _decode(data: bytes, name: str, max_pixels: int, truncated: str) -> np.ndarr
             return decode_dicom(data, name, max_pixels)
         raise
     with im:
-        _check_pixels(name, im.size, max_pixels)
+        check_pixel_count(name, im.size, max_pixels)
         try:
             _load(im)
         except OSError as e:
@@ -211,13 +229,13 @@ def _decode(data: bytes, name: str, max_pixels: int, truncated: str) -> np.ndarr
     return np.ascontiguousarray(grey)
 
 
-def _open_pil(fp, name: str, head: bytes) -> Image.Image:
+def _open_pil(fp: IO[bytes], name: str, head: bytes) -> Image.Image:
     """Image.open restricted to the accepted formats, with errors translated."""
     formats = PIL_FORMATS + (("HEIF",) if _is_heif(head) else ())
     try:
         return Image.open(fp, formats=formats)
     except Image.DecompressionBombError as e:
-        raise ImageLoadError(name, f"too many pixels ({e})") from None
+        raise ImageTooLargeError(name, f"too many pixels ({e})") from None
     except UnidentifiedImageError:
         kind = sniff_format(head)
         if kind in ("JPEG", "PNG", "TIFF", "BMP", "WEBP"):
@@ -229,18 +247,6 @@ def _open_pil(fp, name: str, head: bytes) -> Image.Image:
         raise ImageLoadError(name, reason) from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise ImageLoadError(name, f"corrupt image header ({e})") from None
-
-
-def _check_pixels(name: str, size: tuple[int, int], max_pixels: int) -> None:
-    w, h = size
-    if w <= 0 or h <= 0:
-        raise ImageLoadError(name, f"image has no pixels ({w}x{h})")
-    if w * h > max_pixels:
-        raise ImageLoadError(
-            name,
-            f"too many pixels: {w}x{h} = {w * h:,} > max_pixels={max_pixels:,} "
-            "(refused as a possible decompression bomb; raise max_pixels to read it)",
-        )
 
 
 def _load(im: Image.Image) -> None:
@@ -299,40 +305,6 @@ def _to_grey(im: Image.Image, name: str) -> np.ndarray:
         raise ImageLoadError(name, f"unsupported pixel mode {mode} ({e})") from None
 
 
-def scale_to_uint8(a: np.ndarray) -> np.ndarray:
-    """Scale a high-depth grey array to uint8 without clipping.
-
-    Non-negative integers are divided by the smallest common bit depth that holds their
-    maximum (8, 10, 12, 14, 16, 24 or 32 bits), so 12-bit data stored in 16 bits uses the
-    full range and relative brightness between images is kept. Floats in [0, 1] are
-    multiplied by 255. Anything else (negative values, other floats) is min-max scaled.
-    """
-    a = np.asarray(a)
-    if a.dtype.kind == "f":
-        a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-        if a.size and a.min() >= 0.0 and a.max() <= 1.0:
-            return np.rint(a * 255.0).astype(np.uint8)
-        return _minmax(a)
-    if a.dtype.kind not in "iub":
-        raise ValueError(f"cannot scale array of dtype {a.dtype} to uint8")
-    if a.size == 0:
-        return a.astype(np.uint8)
-    lo, hi = int(a.min()), int(a.max())
-    if lo < 0:
-        return _minmax(a.astype(np.float64))
-    bits = next((b for b in (8, 10, 12, 14, 16, 24, 32) if hi < 2**b), 64)
-    if bits == 8:
-        return a.astype(np.uint8)
-    return np.rint(a.astype(np.float64) * (255.0 / (2**bits - 1))).astype(np.uint8)
-
-
-def _minmax(a: np.ndarray) -> np.ndarray:
-    lo, hi = float(a.min()), float(a.max())
-    if not math.isfinite(hi - lo) or hi <= lo:
-        return np.zeros(a.shape, dtype=np.uint8)
-    return np.rint((a - lo) * (255.0 / (hi - lo))).astype(np.uint8)
-
-
 # --- format sniffing --------------------------------------------------------------------
 
 
@@ -380,7 +352,7 @@ def _register_heif(name: str) -> None:
     try:
         from pillow_heif import register_heif_opener
     except ImportError:
-        raise ImageLoadError(
+        raise ReaderMissingError(
             name, "HEIC/HEIF image; install the optional reader with `pip install chextrain[heic]`"
         ) from None
     register_heif_opener()

@@ -24,14 +24,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from chextrain.data.phantom_frame import EXTRA_SLUGS, F32, _draw_patient, _lerp
-from chextrain.data.phantom_views import CTR_RANGES, _frontal, _lateral
+from chextrain.data.phantom_frame import EXTRA_SLUGS, F32, draw_patient, lerp
+from chextrain.data.phantom_views import CTR_RANGES, draw_frontal, draw_lateral
 from chextrain.labels import SLUGS
 
 __all__ = ["CTR_RANGES", "EXTRA_SLUGS", "VIEWS", "PhantomError", "PhantomInfo", "render_xray"]
 
-VIEWS: dict[str, str] = {"pa": "PA", "ap": "AP", "frontal": "PA", "lateral": "lateral", "ll": "lateral",
-                         "rl": "lateral"}
+VIEWS: dict[str, str] = {
+    "pa": "PA",
+    "ap": "AP",
+    "frontal": "PA",
+    "lateral": "lateral",
+    "ll": "lateral",
+    "rl": "lateral",
+}
 
 
 class PhantomError(ValueError):
@@ -89,8 +95,12 @@ def _states(labels: Mapping[str, object]) -> dict[str, str]:
 def _shape(size: tuple[int, int] | int) -> tuple[int, int]:
     shape = (size, size) if isinstance(size, int | np.integer) else size
     ok = isinstance(shape, tuple | list) and len(shape) == 2
-    if not (ok and all(isinstance(n, int | np.integer) and not isinstance(n, bool) and 16 <= n <= 8192
-                       for n in shape)):
+    if not (
+        ok
+        and all(
+            isinstance(n, int | np.integer) and not isinstance(n, bool) and 16 <= n <= 8192 for n in shape
+        )
+    ):
         raise PhantomError(f"size {size!r} must be an int or (height, width) of ints, each 16..8192 px")
     return int(shape[0]), int(shape[1])
 
@@ -98,18 +108,19 @@ def _shape(size: tuple[int, int] | int) -> tuple[int, int]:
 def _expose(dens: np.ndarray, t: np.ndarray, grain: np.ndarray) -> np.ndarray:
     """Film/detector response: gain, offset, gamma, heel effect and quantum noise -> uint8."""
     H, W = dens.shape
-    heel = _lerp(-0.06, 0.06, t[3]) * (np.arange(H, dtype=F32)[:, None] / H - 0.5)
-    x = dens * _lerp(0.85, 1.2, t[0]) + _lerp(-0.06, 0.06, t[1]) + heel
-    x = np.clip(x, 0.0, 1.0) ** _lerp(0.8, 1.25, t[2]) + grain * _lerp(0.008, 0.03, t[4])
+    heel = lerp(-0.06, 0.06, t[3]) * (np.arange(H, dtype=F32)[:, None] / H - 0.5)
+    x = dens * lerp(0.85, 1.2, t[0]) + lerp(-0.06, 0.06, t[1]) + heel
+    x = np.clip(x, 0.0, 1.0) ** lerp(0.8, 1.25, t[2]) + grain * lerp(0.008, 0.03, t[4])
     if t[5] < 0.6:  # lead side marker in a top corner
         mh, mw = max(2, H // 28), max(2, W // 36)
-        y0, x0 = int(_lerp(0.03, 0.08, t[6]) * H), int((0.06 if t[7] < 0.5 else 0.88) * W)
-        x[y0:y0 + mh, x0:x0 + mw] = 0.95
+        y0, x0 = int(lerp(0.03, 0.08, t[6]) * H), int((0.06 if t[7] < 0.5 else 0.88) * W)
+        x[y0 : y0 + mh, x0 : x0 + mw] = 0.95
     return (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def render_xray(labels: Mapping[str, object], view: str, rng: np.random.Generator,
-                size: tuple[int, int] | int) -> tuple[np.ndarray, PhantomInfo]:
+def render_xray(
+    labels: Mapping[str, object], view: str, rng: np.random.Generator, size: tuple[int, int] | int
+) -> tuple[np.ndarray, PhantomInfo]:
     """Render one synthetic radiograph whose signs follow `labels`.
 
     Args:
@@ -127,18 +138,24 @@ def render_xray(labels: Mapping[str, object], view: str, rng: np.random.Generato
     if name is None:
         raise PhantomError(f"view {view!r} is not one of {sorted(VIEWS)}")
     shape = _shape(size)
-    p = _draw_patient(rng, shape)
+    p = draw_patient(rng, shape)
     t = rng.random(8)
     grain = rng.standard_normal(shape, dtype=F32)
     if name == "lateral":
-        A, cv, geo, masks, k, extra = _lateral(st, p, shape)
+        A, cv, geo, masks, k, extra = draw_lateral(st, p, shape)
     else:
-        A, cv, geo, masks, k, extra = _frontal(st, p, shape, ap=name == "AP")
+        A, cv, geo, masks, k, extra = draw_frontal(st, p, shape, ap=name == "AP")
     heart_w, thorax_w = _extent(geo["heart"], cv.u) * p.s, _extent(geo["thorax"], cv.u) * p.s
     info = PhantomInfo(
-        view=name, shape=shape, ctr=heart_w / max(thorax_w, 1e-6), heart_width=heart_w, thorax_width=thorax_w,
-        strength={s: float(k[s]) for s in SLUGS}, masks={**geo, **masks},
-        params={"scale": p.s, "cx": p.cx, "cy": p.cy, "rotation_deg": math.degrees(p.rot), **extra})
+        view=name,
+        shape=shape,
+        ctr=heart_w / max(thorax_w, 1e-6),
+        heart_width=heart_w,
+        thorax_width=thorax_w,
+        strength={s: float(k[s]) for s in SLUGS},
+        masks={**geo, **masks},
+        params={"scale": p.s, "cx": p.cx, "cy": p.cy, "rotation_deg": math.degrees(p.rot), **extra},
+    )
     return _expose(A, t, grain), info
 
 

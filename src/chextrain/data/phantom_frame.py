@@ -1,9 +1,9 @@
 """The patient frame and shape primitives of the phantom renderer (data/phantom.py).
 
-`_draw_patient` draws the patient-to-patient variation shared by both views (size, position,
-rotation, noise fields and the per-sign uniforms) in a fixed order; `_Canvas` maps every pixel
-into the patient frame (u across the chest, v down); the soft-mask primitives (`_ramp`,
-`_ellipse`, `_segment`, `_bands`) draw anti-aliased shapes in that frame.
+`draw_patient` draws the patient-to-patient variation shared by both views (size, position,
+rotation, noise fields and the per-sign uniforms) in a fixed order; `Canvas` maps every pixel
+into the patient frame (u across the chest, v down); the soft-mask primitives (`ramp`,
+`ellipse`, `segment_distance`, `bands`) draw anti-aliased shapes in that frame.
 """
 
 from __future__ import annotations
@@ -20,39 +20,43 @@ EXTRA_SLUGS: tuple[str, ...] = ("support_devices",)  # drawn when 1.0: a central
 F32 = np.float32
 
 
-def _lerp(lo: float, hi: float, t: float) -> float:
+def lerp(lo: float, hi: float, t: float) -> float:
+    """The value a fraction `t` of the way from `lo` to `hi` (turns a uniform into a range)."""
     return lo + (hi - lo) * float(t)
 
 
-def _ramp(x: np.ndarray, w: float) -> np.ndarray:
+def ramp(x: np.ndarray, w: float) -> np.ndarray:
     """Linear soft edge from 0 (x <= -w) to 1 (x >= w): anti-aliased shape boundaries."""
     y = x * (0.5 / w)
     y += 0.5
     return np.clip(y, 0.0, 1.0, out=y)
 
 
-def _ellipse(u: np.ndarray, v: np.ndarray, c: tuple[float, float], a: tuple[float, float], w: float,
-             tilt: float = 0.0) -> np.ndarray:
+def ellipse(
+    u: np.ndarray, v: np.ndarray, c: tuple[float, float], a: tuple[float, float], w: float, tilt: float = 0.0
+) -> np.ndarray:
     """Soft mask of an ellipse centred at c with half-axes a, its first axis turned by tilt rad."""
     du, dv = u - c[0], v - c[1]
     if tilt:
         co, si = math.cos(tilt), math.sin(tilt)
         du, dv = du * co + dv * si, dv * co - du * si
     r = np.sqrt((du / a[0]) ** 2 + (dv / a[1]) ** 2)
-    return _ramp((1.0 - r) * min(a), w)
+    return ramp((1.0 - r) * min(a), w)
 
 
-def _segment(u: np.ndarray, v: np.ndarray, p: tuple[float, float], q: tuple[float, float]) -> np.ndarray:
+def segment_distance(
+    u: np.ndarray, v: np.ndarray, p: tuple[float, float], q: tuple[float, float]
+) -> np.ndarray:
     """Distance from every pixel to the segment p-q."""
     du, dv = q[0] - p[0], q[1] - p[1]
     t = np.clip(((u - p[0]) * du + (v - p[1]) * dv) * (1.0 / (du * du + dv * dv + 1e-9)), 0.0, 1.0)
     return np.sqrt((u - p[0] - t * du) ** 2 + (v - p[1] - t * dv) ** 2)
 
 
-def _bands(x: np.ndarray, period: float, half: float, w: float) -> np.ndarray:
+def bands(x: np.ndarray, period: float, half: float, w: float) -> np.ndarray:
     """Soft periodic bands of half-width `half` every `period` along x (ribs, vertebrae, lines)."""
     y = x * (1.0 / period)
-    return _ramp(half - np.abs(y - np.floor(y) - 0.5) * period, w)
+    return ramp(half - np.abs(y - np.floor(y) - 0.5) * period, w)
 
 
 def _noise(rng: np.random.Generator, shape: tuple[int, int], cell: float) -> np.ndarray:
@@ -64,7 +68,7 @@ def _noise(rng: np.random.Generator, shape: tuple[int, int], cell: float) -> np.
 
 
 @dataclass
-class _Patient:
+class Patient:
     """Patient-to-patient variation shared by both views, drawn before any sign."""
 
     s: float  # half thorax width in pixels
@@ -77,23 +81,24 @@ class _Patient:
     signs: dict[str, np.ndarray]  # uniforms per pathology, drawn whatever the label
 
 
-def _draw_patient(rng: np.random.Generator, shape: tuple[int, int]) -> _Patient:
+def draw_patient(rng: np.random.Generator, shape: tuple[int, int]) -> Patient:
+    """Draw one patient for an H x W image; the same number of draws in the same order every time."""
     H, W = shape
     r = rng.random(40)
-    s = min(W, H / 1.15) * _lerp(0.36, 0.43, r[0])
-    hv = _lerp(0.9, 1.1, r[1])
-    cx = W * (0.5 + _lerp(-0.04, 0.04, r[2]))
-    cy = H * _lerp(0.42, 0.48, r[3]) + 0.15 * s * hv
+    s = min(W, H / 1.15) * lerp(0.36, 0.43, r[0])
+    hv = lerp(0.9, 1.1, r[1])
+    cx = W * (0.5 + lerp(-0.04, 0.04, r[2]))
+    cy = H * lerp(0.42, 0.48, r[3]) + 0.15 * s * hv
     rot = math.radians(float(np.clip(rng.normal(0.0, 3.0), -7.0, 7.0)))
     noise = (_noise(rng, shape, 0.35 * s), _noise(rng, shape, 0.12 * s), _noise(rng, shape, 0.035 * s))
     signs = {k: rng.random(12) for k in (*SLUGS, *EXTRA_SLUGS)}
-    return _Patient(s, cx, cy, rot, hv, r[4:], noise, signs)
+    return Patient(s, cx, cy, rot, hv, r[4:], noise, signs)
 
 
-class _Canvas:
+class Canvas:
     """The patient frame of every pixel, and pixel boxes around regions of it (for speed)."""
 
-    def __init__(self, p: _Patient, shape: tuple[int, int]) -> None:
+    def __init__(self, p: Patient, shape: tuple[int, int]) -> None:
         self.p, self.shape = p, shape
         self.co, self.si = math.cos(p.rot), math.sin(p.rot)
         xs = np.arange(shape[1], dtype=F32)[None, :] + (0.5 - p.cx)
@@ -116,4 +121,5 @@ class _Canvas:
         return slice(y0, max(y0, y1)), slice(x0, max(x0, x1))
 
     def uv(self, b: tuple[slice, slice]) -> tuple[np.ndarray, np.ndarray]:
+        """The frame coordinates (u, v) of the pixels in box `b`."""
         return self.u[b], self.v[b]

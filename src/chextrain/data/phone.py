@@ -3,9 +3,9 @@
 Each effect is a small function `effect(image, rng, level=1, ...) -> new uint8 array` for one
 physical cause: the screen and its bezel, the room around it, a hand-held projective warp,
 uneven light, vignetting, lens and motion blur, sensor noise, a colour cast, exposure and JPEG
-re-compression. data/photo.py composes them into the `phone` recipe. Images and levels follow
-data/photo.py: uint8 H x W or H x W x 3, same size out, levels 1-4, pixel parameters at
-REFERENCE_SIZE scaled to the image.
+re-compression; `phone` composes them into the phone recipe that data/photo.py's
+`simulate_photo` runs. Images and levels follow data/photo.py: uint8 H x W or H x W x 3, same
+size out, levels 1-4, pixel parameters at REFERENCE_SIZE scaled to the image.
 """
 
 from __future__ import annotations
@@ -17,7 +17,36 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from scipy import ndimage
 
-from chextrain.data.pixels import _check, _check_level, _coeffs, _expand, _rgb, _scale, _u8, _warp
+from chextrain.data.pixels import (
+    check_image,
+    check_level,
+    expand_field,
+    perspective_coeffs,
+    reference_scale,
+    round_to_uint8,
+    to_rgb,
+    warp_to_quad,
+)
+
+
+def phone(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.ndarray:
+    """A phone photo of the x-ray on a monitor in a room (RGB): simulate_photo's `phone` recipe.
+
+    screen_border -> room_scene -> uneven_lighting with vignette (one pass) -> defocus or
+    motion blur -> sensor_noise -> colour_cast -> brightness_contrast -> jpeg_recompress.
+    """
+    x = screen_border(to_rgb(check_image(image)), rng, level)
+    x = room_scene(x, rng, level)
+    h, w = x.shape[:2]
+    gain, add = _lighting(h, w, rng, level)  # uneven_lighting and vignette in one pass
+    x = round_to_uint8(
+        x.astype(np.float32) * (gain * _vignette_gain(h, w, rng, level))[..., None] + add[..., None]
+    )
+    x = defocus_blur(x, rng, level) if rng.random() < 0.5 else motion_blur(x, rng, level)
+    x = sensor_noise(x, rng, level)
+    x = colour_cast(x, rng, level)
+    x = brightness_contrast(x, rng, level)
+    return jpeg_recompress(x, rng, level)
 
 
 def screen_border(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.ndarray:
@@ -26,7 +55,7 @@ def screen_border(image: np.ndarray, rng: np.random.Generator, level: int = 1) -
     With probability 0.3 (more at higher levels) the x-ray is shrunk by a margin up to
     0.15 L of the screen and placed at a random spot on the black screen.
     """
-    image, level = _check(image), _check_level(level)
+    image, level = check_image(image), check_level(level)
     h, w = image.shape[:2]
     bezel = min(int(round(rng.uniform(0.015, 0.045) * max(h, w))), (min(h, w) - 1) // 2)
     bezel_grey, screen_grey = int(rng.uniform(15, 50)), int(rng.uniform(0, 12))
@@ -53,7 +82,7 @@ def room_scene(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> n
     The monitor goes through a full projective warp (scale, shear, rotation, perspective);
     its sides are 88-96 % of the frame's at level 1 and 52-84 % at level 4. Returns RGB.
     """
-    image, level = _check(image), _check_level(level)
+    image, level = check_image(image), check_level(level)
     h, w = image.shape[:2]
     scene = _room_background(h, w, rng, level)
     quad = _random_quad(rng, w, h, level, rng.uniform(1 - 0.12 * level, 1 - 0.04 * level))
@@ -64,8 +93,8 @@ def room_scene(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> n
     neck_poly = [(x0 - neck / 2, y0), (x0 + neck / 2, y0), (x0 + neck / 3, base_y), (x0 - neck / 3, base_y)]
     draw.polygon(neck_poly, fill=grey)
     draw.ellipse([x0 - 2.5 * neck, base_y - neck / 3, x0 + 2.5 * neck, base_y + neck / 3], fill=grey)
-    face = Image.fromarray(_rgb(image)).transform(
-        (w, h), Image.Transform.PERSPECTIVE, _coeffs(quad, w, h), Image.Resampling.BILINEAR
+    face = Image.fromarray(to_rgb(image)).transform(
+        (w, h), Image.Transform.PERSPECTIVE, perspective_coeffs(quad, w, h), Image.Resampling.BILINEAR
     )
     mask = Image.new("L", (w, h), 0)
     ImageDraw.Draw(mask).polygon([tuple(p) for p in quad], fill=255)
@@ -75,15 +104,15 @@ def room_scene(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> n
 
 def projective_warp(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.ndarray:
     """A hand-held camera's projective warp (scale, shear, rotation, perspective), black fill."""
-    image, level = _check(image), _check_level(level)
+    image, level = check_image(image), check_level(level)
     h, w = image.shape[:2]
     quad = _random_quad(rng, w, h, level, rng.uniform(1 - 0.06 * level, 1 + 0.02 * level))
-    return _warp(image, [tuple(p) for p in quad], Image.Resampling.BILINEAR)
+    return warp_to_quad(image, [tuple(p) for p in quad], Image.Resampling.BILINEAR)
 
 
 def colour_cast(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.ndarray:
     """White-balance cast (warm/cool, green/magenta), hue rotation, saturation change. RGB."""
-    image, level = _check(image), _check_level(level)
+    image, level = check_image(image), check_level(level)
     warm, tint = rng.normal(0, 0.05 * level), rng.normal(0, 0.02 * level)
     gains = np.diag([1 + warm, 1 + tint, 1 - warm])
     a = math.radians(rng.uniform(-6, 6) * level)  # hue: rotation about the grey axis
@@ -93,35 +122,35 @@ def colour_cast(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> 
     luma = np.tile([0.299, 0.587, 0.114], (3, 1))
     m = gains @ hue @ ((1 - sat) * luma + sat * np.eye(3))
     matrix = tuple(float(v) for row in m for v in (*row, 0.0))  # PIL's 3 x 4 colour matrix
-    return np.array(Image.fromarray(_rgb(image)).convert("RGB", matrix=matrix))
+    return np.array(Image.fromarray(to_rgb(image)).convert("RGB", matrix=matrix))
 
 
 def brightness_contrast(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.ndarray:
     """Exposure: x * gain + offset, gain 1 +- 0.075 L, offset +- 10 L grey levels (a LUT)."""
-    image, level = _check(image), _check_level(level)
+    image, level = check_image(image), check_level(level)
     gain, offset = 1 + rng.uniform(-0.075, 0.075) * level, rng.uniform(-10, 10) * level
-    lut = _u8(np.arange(256, dtype=np.float32) * gain + offset)
+    lut = round_to_uint8(np.arange(256, dtype=np.float32) * gain + offset)
     return lut[image]
 
 
 def uneven_lighting(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.ndarray:
     """Room light: a linear gain gradient across the frame plus a broad additive reflection."""
-    image, level = _check(image), _check_level(level)
+    image, level = check_image(image), check_level(level)
     gain, add = _lighting(image.shape[0], image.shape[1], rng, level)
-    return _u8(image.astype(np.float32) * _expand(gain, image) + _expand(add, image))
+    return round_to_uint8(image.astype(np.float32) * expand_field(gain, image) + expand_field(add, image))
 
 
 def vignette(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.ndarray:
     """Lens vignetting: gain 1 - k r^2 about a jittered optical centre, k up to 0.1 L."""
-    image, level = _check(image), _check_level(level)
+    image, level = check_image(image), check_level(level)
     gain = _vignette_gain(image.shape[0], image.shape[1], rng, level)
-    return _u8(image.astype(np.float32) * _expand(gain, image))
+    return round_to_uint8(image.astype(np.float32) * expand_field(gain, image))
 
 
 def defocus_blur(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.ndarray:
     """Out-of-focus lens: Gaussian blur, sigma U(0.5, 1) * 3 L px at the reference size."""
-    image, level = _check(image), _check_level(level)
-    sigma = rng.uniform(0.5, 1.0) * 3.0 * level * _scale(image)
+    image, level = check_image(image), check_level(level)
+    sigma = rng.uniform(0.5, 1.0) * 3.0 * level * reference_scale(image)
     return np.array(Image.fromarray(image).filter(ImageFilter.GaussianBlur(sigma)))
 
 
@@ -130,8 +159,8 @@ def motion_blur(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> 
 
     The line kernel is splatted bilinearly, so sub-pixel lengths still blur a little.
     """
-    image, level = _check(image), _check_level(level)
-    length = rng.uniform(0.5, 1.0) * 6.0 * level * _scale(image)
+    image, level = check_image(image), check_level(level)
+    length = rng.uniform(0.5, 1.0) * 6.0 * level * reference_scale(image)
     angle = rng.uniform(0, math.pi)
     t = np.linspace(-length / 2, length / 2, 2 * int(math.ceil(length)) + 3)
     px, py = t * math.cos(angle), t * math.sin(angle)
@@ -145,7 +174,7 @@ def motion_blur(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> 
     kernel[kernel < 1e-4 * kernel.max()] = 0.0  # ndimage skips zero taps: cost ~ line length
     kernel /= kernel.sum()
     kernel = kernel[..., None] if image.ndim == 3 else kernel
-    return _u8(ndimage.correlate(image, kernel, output=np.float32, mode="nearest"))
+    return round_to_uint8(ndimage.correlate(image, kernel, output=np.float32, mode="nearest"))
 
 
 def sensor_noise(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.ndarray:
@@ -154,7 +183,7 @@ def sensor_noise(image: np.ndarray, rng: np.random.Generator, level: int = 1) ->
     Per-pixel luma noise; RGB images also get half-resolution chroma noise (sigma / 2), as a
     phone's demosaicing and denoising leave colour noise coarser than luma noise.
     """
-    image, level = _check(image), _check_level(level)
+    image, level = check_image(image), check_level(level)
     h, w = image.shape[:2]
     sigma = np.float32(rng.uniform(0.25, 1.0) * 0.025 * level * 255.0)
     noise = rng.standard_normal((h, w), dtype=np.float32)
@@ -166,14 +195,14 @@ def sensor_noise(image: np.ndarray, rng: np.random.Generator, level: int = 1) ->
         chroma += noise[..., None]
         noise = chroma
     noise += image
-    return _u8(noise)
+    return round_to_uint8(noise)
 
 
 def jpeg_recompress(
     image: np.ndarray, rng: np.random.Generator, level: int = 1, quality: int | None = None
 ) -> np.ndarray:
     """JPEG re-compression in memory; quality 92-99 at level 1 down to 70-90 at level 4."""
-    image, level = _check(image), _check_level(level)
+    image, level = check_image(image), check_level(level)
     if quality is None:
         quality = int(rng.integers(max(70, 100 - 8 * level), 100 - 3 * (level - 1)))
     if not 1 <= quality <= 100:

@@ -17,9 +17,10 @@ Recipes (`simulate_photo`):
   projective warp, uneven light, lens blur and vignetting, sensor noise, a colour cast,
   exposure changes and JPEG re-compression (RGB).
 
-This module holds the recipes and CheXphoto's released effects; the phone-photo effects live
-in data/phone.py and the shared pixel helpers in data/pixels.py. Every effect is re-exported
-here, so `chextrain.data.photo` stays the one import point.
+This module holds `simulate_photo` and CheXphoto's released effects; the phone-photo effects
+and the `phone` recipe composed of them live in data/phone.py, the shared pixel helpers in
+data/pixels.py. Every effect and `phone` are re-exported here, so `chextrain.data.photo` stays
+the one import point.
 """
 
 from __future__ import annotations
@@ -30,13 +31,12 @@ import numpy as np
 from PIL import Image, ImageEnhance
 
 from chextrain.data.phone import (
-    _lighting,
-    _vignette_gain,
     brightness_contrast,
     colour_cast,
     defocus_blur,
     jpeg_recompress,
     motion_blur,
+    phone,
     projective_warp,
     room_scene,
     screen_border,
@@ -47,26 +47,45 @@ from chextrain.data.phone import (
 from chextrain.data.pixels import (
     LEVELS,
     REFERENCE_SIZE,
-    _check,
-    _check_level,
-    _expand,
-    _perspective_matrix,
-    _rgb,
-    _scale,
-    _u8,
-    _warp,
+    check_image,
+    check_level,
+    expand_field,
+    perspective_matrix,
+    reference_scale,
+    round_to_uint8,
+    to_rgb,
+    warp_to_quad,
 )
 
 __all__ = [
-    "LEVELS", "RECIPES", "REFERENCE_SIZE", "simulate_photo", "phone",
-    "contrast", "brightness", "random_digital", "glare_matte", "moire", "tilt",
-    "screen_border", "room_scene", "projective_warp", "colour_cast", "brightness_contrast", "uneven_lighting",
-    "vignette", "defocus_blur", "motion_blur", "sensor_noise", "jpeg_recompress",
+    "LEVELS",
+    "RECIPES",
+    "REFERENCE_SIZE",
+    "simulate_photo",
+    "phone",
+    "contrast",
+    "brightness",
+    "random_digital",
+    "glare_matte",
+    "moire",
+    "tilt",
+    "screen_border",
+    "room_scene",
+    "projective_warp",
+    "colour_cast",
+    "brightness_contrast",
+    "uneven_lighting",
+    "vignette",
+    "defocus_blur",
+    "motion_blur",
+    "sensor_noise",
+    "jpeg_recompress",
 ]
 
 RECIPES: tuple[str, ...] = ("digital", "photographic", "phone")
 
-_MOIRE = {1: (20.0, 0.05), 2: (4.5, 0.15), 3: (2.5, 0.35), 4: (1.0, 0.5)}  # level: (gap px, opacity)
+# level: (gap between lines in px at REFERENCE_SIZE, line opacity), CheXphoto's moire settings
+MOIRE: dict[int, tuple[float, float]] = {1: (20.0, 0.05), 2: (4.5, 0.15), 3: (2.5, 0.35), 4: (1.0, 0.5)}
 
 
 def simulate_photo(
@@ -77,8 +96,8 @@ def simulate_photo(
     `digital` returns the input's layout (grey stays grey); `photographic` and `phone`
     return RGB H x W x 3. The same `rng` seed gives identical bytes.
     """
-    image = _check(image)
-    level = _check_level(level)
+    image = check_image(image)
+    level = check_level(level)
     if recipe not in RECIPES:
         raise ValueError(f"unknown photo recipe {recipe!r}; expected one of {list(RECIPES)}")
     rng = np.random.default_rng() if rng is None else rng
@@ -86,22 +105,8 @@ def simulate_photo(
         return random_digital(image, rng, level)
     if recipe == "photographic":
         # Grey in, grey effects: run them on one channel and make RGB at the end (same bytes).
-        return _rgb(tilt(moire(glare_matte(image, rng, level), rng, level), rng, level))
+        return to_rgb(tilt(moire(glare_matte(image, rng, level), rng, level), rng, level))
     return phone(image, rng, level)
-
-
-def phone(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.ndarray:
-    """A phone photo of the x-ray on a monitor in a room (RGB), the strongest recipe."""
-    x = screen_border(_rgb(_check(image)), rng, level)
-    x = room_scene(x, rng, level)
-    h, w = x.shape[:2]
-    gain, add = _lighting(h, w, rng, level)  # uneven_lighting and vignette in one pass
-    x = _u8(x.astype(np.float32) * (gain * _vignette_gain(h, w, rng, level))[..., None] + add[..., None])
-    x = defocus_blur(x, rng, level) if rng.random() < 0.5 else motion_blur(x, rng, level)
-    x = sensor_noise(x, rng, level)
-    x = colour_cast(x, rng, level)
-    x = brightness_contrast(x, rng, level)
-    return jpeg_recompress(x, rng, level)
 
 
 # --- CheXphoto's released effects ---------------------------------------------------------
@@ -109,12 +114,12 @@ def phone(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.nda
 
 def contrast(image: np.ndarray, factor: float) -> np.ndarray:
     """PIL ImageEnhance.Contrast: blend with the mean grey; factor > 1 raises contrast."""
-    return np.array(ImageEnhance.Contrast(Image.fromarray(_check(image))).enhance(factor))
+    return np.array(ImageEnhance.Contrast(Image.fromarray(check_image(image))).enhance(factor))
 
 
 def brightness(image: np.ndarray, factor: float) -> np.ndarray:
     """PIL ImageEnhance.Brightness: scale towards black; factor > 1 brightens."""
-    return np.array(ImageEnhance.Brightness(Image.fromarray(_check(image))).enhance(factor))
+    return np.array(ImageEnhance.Brightness(Image.fromarray(check_image(image))).enhance(factor))
 
 
 def random_digital(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.ndarray:
@@ -123,7 +128,7 @@ def random_digital(image: np.ndarray, rng: np.random.Generator, level: int = 1) 
     Up factor 1 + 0.2 f + U(-0.01, 0.01), down 1 / (1 + 0.4 f + U(-0.01, 0.01)), with
     f = 0.5 at level 1 and f = level above (the official code's jitter at every level).
     """
-    level = _check_level(level)
+    level = check_level(level)
     f = 0.5 if level == 1 else float(level)
 
     def factor() -> float:
@@ -139,16 +144,16 @@ def glare_matte(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> 
 
     sigma = 50 L px (reference size), peak alpha 100 L / 255 capped at (150 + 20 L) / 255.
     """
-    image, level = _check(image), _check_level(level)
+    image, level = check_image(image), check_level(level)
     h, w = image.shape[:2]
     cx, cy = rng.uniform(0, w), rng.uniform(0, h)
-    sigma = 50.0 * level * _scale(image)
+    sigma = 50.0 * level * reference_scale(image)
     dx2, dy2 = (np.arange(w, dtype=np.float32) - cx) ** 2, (np.arange(h, dtype=np.float32) - cy) ** 2
     # peak 1 at the pixel nearest the centre (normalised in the exponent: no 0 / 0 when tiny)
     g = np.outer(np.exp((dy2.min() - dy2) / (2 * sigma**2)), np.exp((dx2.min() - dx2) / (2 * sigma**2)))
     alpha = np.floor(np.minimum(100.0 * level * g, 150.0 + 20.0 * level)) / 255.0
     x = image.astype(np.float32)
-    return _u8(x + (255.0 - x) * _expand(alpha, image))
+    return round_to_uint8(x + (255.0 - x) * expand_field(alpha, image))
 
 
 def moire(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.ndarray:
@@ -158,15 +163,13 @@ def moire(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.nda
     spread 0.5, rotated, offset by U(0, 100) px, drawn on a 2x upsampled image that is then
     downsampled. The masks are evaluated analytically per pixel (no drawing, no loops).
     """
-    image, level = _check(image), _check_level(level)
-    gap, opacity = _MOIRE[level]
+    image, level = check_image(image), check_level(level)
+    gap, opacity = MOIRE[level]
     h, w = image.shape[:2]
-    s = _scale(image)
+    s = reference_scale(image)
     H2, W2 = 2 * h, 2 * w
     D = 2.0 * max(H2, W2)  # the mask is large enough to cover the image when rotated
-    fan = _perspective_matrix(
-        [(0, 0), (D, 0), (D, D), (0, D)], [(0, 0.25 * D), (D, 0), (D, D), (0, 0.75 * D)]
-    )
+    fan = perspective_matrix([(0, 0), (D, 0), (D, D), (0, D)], [(0, 0.25 * D), (D, 0), (D, D), (0, 0.75 * D)])
     xs = np.arange(W2, dtype=np.float32) + 0.5
     ys = np.arange(H2, dtype=np.float32)[:, None] + 0.5
     keep = np.ones((H2, W2), dtype=np.float32)
@@ -183,7 +186,7 @@ def moire(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.nda
         row -= np.floor(row)  # position within the period; the first 1 / (1 + gap) is a dark line
         keep *= np.where(row < 1.0 / (1.0 + gap), np.float32(1.0 - opacity), np.float32(1.0))
     keep = 0.25 * (keep[0::2, 0::2] + keep[1::2, 0::2] + keep[0::2, 1::2] + keep[1::2, 1::2])  # 2x down
-    return _u8(image.astype(np.float32) * _expand(keep, image))
+    return round_to_uint8(image.astype(np.float32) * expand_field(keep, image))
 
 
 def tilt(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.ndarray:
@@ -191,7 +194,7 @@ def tilt(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.ndar
 
     Bicubic, black outside the quadrilateral, as in CheXphoto.
     """
-    image, level = _check(image), _check_level(level)
+    image, level = check_image(image), check_level(level)
     h, w = image.shape[:2]
     d = 0.05 * level
     quad = [
@@ -200,4 +203,4 @@ def tilt(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.ndar
         (w * rng.uniform(1 - d, 1), h * rng.uniform(1 - d, 1)),
         (w * rng.uniform(0, d), h * rng.uniform(1 - d, 1)),
     ]
-    return _warp(image, quad, Image.Resampling.BICUBIC)
+    return warp_to_quad(image, quad, Image.Resampling.BICUBIC)

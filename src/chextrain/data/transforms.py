@@ -1,6 +1,8 @@
 """Preprocessing (the paper's: resize to S x S, grey -> 3 channels, ImageNet mean/std) and augmentation.
 
-`Preprocessing` is the spec stored in bundles, so inference repeats exactly what training did.
+Names: the spec is a `Preprocessing` (`as_preprocessing` builds one from a name or a dict; bundles
+store it under `preprocessing`), and `preprocess(image, size, preprocessing)` applies it, so
+inference repeats exactly what training did.
 Augmentations are small callables `(image uint8 H x W, rng) -> image uint8 H x W` that take an
 explicit `numpy.random.Generator`; they run on the decoded image before `preprocess`.
 """
@@ -21,7 +23,7 @@ from chextrain.data.photo import simulate_photo
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-NORMS: tuple[str, ...] = ("imagenet", "histeq", "meanstd")
+NORMS: tuple[str, ...] = ("imagenet", "histeq", "meanstd")  # the values of Preprocessing.name
 
 
 class Preprocessing(BaseModel):
@@ -73,12 +75,12 @@ class Preprocessing(BaseModel):
 
 
 def as_preprocessing(spec: str | Preprocessing | Mapping[str, Any]) -> Preprocessing:
-    """Accept a norm name, a Preprocessing, or its dict form (as read from a bundle)."""
+    """Accept a name from NORMS, a Preprocessing, or its dict form (as read from a bundle)."""
     if isinstance(spec, Preprocessing):
         return spec
     if isinstance(spec, str):
         if spec not in NORMS:
-            raise ValueError(f"unknown normalisation {spec!r}; expected one of {list(NORMS)}")
+            raise ValueError(f"unknown preprocessing name {spec!r}; expected one of {list(NORMS)}")
         return Preprocessing(name=spec)
     return Preprocessing.model_validate(dict(spec))
 
@@ -126,14 +128,18 @@ def histeq(image: np.ndarray, bins: int = 256) -> np.ndarray:
     return histeq_lut(image, bins)[image]
 
 
-def preprocess(image: np.ndarray, size: int,
-               norm: str | Preprocessing | Mapping[str, Any] = "imagenet") -> torch.Tensor:
-    """Decoded image (uint8 H x W, or H x W x 3) -> network input float32 3 x size x size."""
-    spec = as_preprocessing(norm)
+def preprocess(
+    image: np.ndarray, size: int, preprocessing: str | Preprocessing | Mapping[str, Any] = "imagenet"
+) -> torch.Tensor:
+    """Decoded image (uint8 H x W, or H x W x 3) -> network input float32 3 x size x size.
+
+    `preprocessing` is anything as_preprocessing accepts (a name, a Preprocessing, a bundle's dict).
+    """
+    spec = as_preprocessing(preprocessing)
     small = resize(to_grey(image), size, spec.resize)  # S x S uint8
     values = histeq_lut(small) if spec.name == "histeq" else np.arange(256, dtype=np.float32) / 255.0
     mean, std = spec.stats()
-    lut = ((values[None, :] - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[:, None])
+    lut = (values[None, :] - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[:, None]
     out = np.empty((3, *small.shape), dtype=np.float32)  # 3 x S x S
     for c in range(3):  # one table lookup per channel: resize, scale and normalise in a pass
         np.take(lut[c].astype(np.float32), small, out=out[c])
@@ -174,8 +180,9 @@ class StandardAugment:
         cos, sin = math.cos(angle) / zoom, math.sin(angle) / zoom
         ox, oy = cx + tx, cy + ty
         coeffs = (cos, sin, cx - cos * ox - sin * oy, -sin, cos, cy + sin * ox - cos * oy)
-        warped = Image.fromarray(image).transform((w, h), Image.Transform.AFFINE, coeffs,
-                                                  resample=Image.Resampling.BILINEAR, fillcolor=0)
+        warped = Image.fromarray(image).transform(
+            (w, h), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR, fillcolor=0
+        )
         lut = np.clip((np.arange(256) - 127.5) * gain + 127.5 + offset, 0, 255).round().astype(np.uint8)
         return lut[np.asarray(warped)]
 

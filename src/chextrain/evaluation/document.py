@@ -19,14 +19,18 @@ from chextrain.evaluation.tables import COMPARISONS, DIFFERENCE, PHOTOS, STANDAR
 from chextrain.labels import NAME_OF, SLUGS
 
 SPLITS: dict[str, str] = {"val": "validation (patient-level holdout)", "test": "test (official valid sets)"}
-BUDGET_NOTE = ("Figure 5 scores every budget model on both official validation sets (CheXpert valid "
-               "and CheXphoto valid); the paper's code scored its internal holdout instead, so the numbers "
-               "are not directly comparable with the paper's figure.")
-METHOD = ("Standard = CheXpert x-rays; Photos = CheXphoto photos, every kind pooled; Standard - Photos = "
-          "the paired difference over (x-ray, photo of that x-ray) pairs matched by patient/study/image "
-          "(film photos have no source x-ray and are not paired), with both sides on the same bootstrap "
-          "resamples. MCC, precision, recall, F1 and accuracy at threshold 0.5 (the paper's). "
-          "Validation = the patient-level holdout; test = the official valid sets.")
+BUDGET_NOTE = (
+    "Figure 5 scores every budget model on both official validation sets (CheXpert valid "
+    "and CheXphoto valid); the paper's code scored its internal holdout instead, so the numbers "
+    "are not directly comparable with the paper's figure."
+)
+METHOD = (
+    "Standard = CheXpert x-rays; Photos = CheXphoto photos, every kind pooled; Standard - Photos = "
+    "the paired difference over (x-ray, photo of that x-ray) pairs matched by patient/study/image "
+    "(film photos have no source x-ray and are not paired), with both sides on the same bootstrap "
+    "resamples. MCC, precision, recall, F1 and accuracy at threshold 0.5 (the paper's). "
+    "Validation = the patient-level holdout; test = the official valid sets."
+)
 FILES = [
     "tables/table1_val.csv, tables/table2_test.csv: strategy, comparison, pathology, metric, value, ci_low, "
     "ci_high",
@@ -80,17 +84,26 @@ def summary(df: pd.DataFrame, split: str) -> list[str]:
         if len(ranked) > 1:
             second = ranked.iloc[1]
             known = math.isfinite(best.ci_low) and math.isfinite(second.ci_high)
-            verdict = ("no CIs computed" if not known else "the 95% CIs overlap, so the ranking is uncertain"
-                       if best.ci_low <= second.ci_high else "the 95% CIs do not overlap")
+            verdict = (
+                "no CIs computed"
+                if not known
+                else "the 95% CIs overlap, so the ranking is uncertain"
+                if best.ci_low <= second.ci_high
+                else "the 95% CIs do not overlap"
+            )
             line += f"; runner-up {second.strategy}, {_ci(second)} ({verdict})"
         lines.append(line + ".")
     gaps = avg.loc[avg["comparison"] == DIFFERENCE]
     if len(gaps):
         g = gaps.iloc[int(gaps["value"].abs().to_numpy().argmin())]
-        verdict = ("no CI computed" if not math.isfinite(g.ci_low) else "its CI includes 0"
-                   if g.ci_low <= 0 <= g.ci_high else "its CI excludes 0")
-        lines.append(f"Smallest Standard - Photos gap in average MCC: {g.strategy}, "
-                     f"{_ci(g)} ({verdict}).")
+        verdict = (
+            "no CI computed"
+            if not math.isfinite(g.ci_low)
+            else "its CI includes 0"
+            if g.ci_low <= 0 <= g.ci_high
+            else "its CI excludes 0"
+        )
+        lines.append(f"Smallest Standard - Photos gap in average MCC: {g.strategy}, {_ci(g)} ({verdict}).")
     return lines or ["No strategy has predictions to compare yet."]
 
 
@@ -119,40 +132,68 @@ def notes_of(study: Mapping[str, Any], stages: Sequence[Any]) -> list[str]:
     return [f"{n} (stages: {', '.join(names)})" if names else n for n, names in where.items()]
 
 
-def build_document(study: Mapping[str, Any], stages: Sequence[Any], has: Mapping[str, Sequence[str]],
-                   csv: Mapping[str, pd.DataFrame], images: Sequence[R.Image], notes: Sequence[str], *,
-                   n_boot: int, seed: int) -> list[R.Block]:
+def build_document(
+    study: Mapping[str, Any],
+    stages: Sequence[Any],
+    has: Mapping[str, Sequence[str]],
+    csv: Mapping[str, pd.DataFrame],
+    images: Sequence[R.Image],
+    notes: Sequence[str],
+    *,
+    n_boot: int,
+    seed: int,
+) -> list[R.Block]:
     """The report's blocks: notes, summary, stages, Tables 1-2, kinds, thresholds, ROC, Figure 5, appendix."""
     warn = notes_of(study, stages)
     not_run = [s for s in stages if s.state != "done"]
     if not_run:
-        warn.append(f"{len(not_run)} stage(s) did not finish and have no numbers: "
-                    + "; ".join(f"{s.name} ({s.state}: {s.reason or 'no reason recorded'})" for s in not_run))
-    ci = (f"95% percentile intervals of {n_boot} patient-level bootstrap resamples (seed {seed})" if n_boot
-          else "none (n_boot = 0)")
+        warn.append(
+            f"{len(not_run)} stage(s) did not finish and have no numbers: "
+            + "; ".join(f"{s.name} ({s.state}: {s.reason or 'no reason recorded'})" for s in not_run)
+        )
+    ci = (
+        f"95% percentile intervals of {n_boot} patient-level bootstrap resamples (seed {seed})"
+        if n_boot
+        else "none (n_boot = 0)"
+    )
     split = "test" if len(csv["table2_test"]) else "val"
     main = csv["table2_test"] if split == "test" else csv["table1_val"]
     blocks: list[R.Block] = [R.Callout("Read this first", warn)] if warn else []
     blocks += [
-        R.Heading("Summary"), R.Bullets(summary(main, split)),
-        R.Paragraph(f"Study {study.get('name', '?')!r} ({study.get('source') or 'unknown source'}, "
-                    f"profile {study.get('profile') or 'none'}). {METHOD} CIs: {ci}."),
+        R.Heading("Summary"),
+        R.Bullets(summary(main, split)),
+        R.Paragraph(
+            f"Study {study.get('name', '?')!r} ({study.get('source') or 'unknown source'}, "
+            f"profile {study.get('profile') or 'none'}). {METHOD} CIs: {ci}."
+        ),
         R.Heading("Stages"),
-        R.Table("Stages of the study", ["Stage", "Strategy", "State", "Time", "Predictions / reason"],
-                stage_rows(stages, has), numeric_from=5),
+        R.Table(
+            "Stages of the study",
+            ["Stage", "Strategy", "State", "Time", "Predictions / reason"],
+            stage_rows(stages, has),
+            numeric_from=5,
+        ),
     ]
     for name, sp, number in (("table1_val", "val", 1), ("table2_test", "test", 2)):
         blocks.append(R.Heading(f"Table {number}: {SPLITS[sp]}"))
         if csv[name].empty:
             blocks.append(R.Paragraph(f"No stage has {sp} predictions."))
         for metric in tables.MAIN_METRICS if len(csv[name]) else ():
-            blocks.append(pivot(csv[name], metric, "comparison", COMPARISONS,
-                                f"Table {number} ({sp}): {metric.upper()} per pathology"))
+            blocks.append(
+                pivot(
+                    csv[name],
+                    metric,
+                    "comparison",
+                    COMPARISONS,
+                    f"Table {number} ({sp}): {metric.upper()} per pathology",
+                )
+            )
     kinds = csv["kinds"].loc[csv["kinds"]["split"] == "test"]
     blocks.append(R.Heading("Photos by kind (test)"))
     for metric in tables.MAIN_METRICS if len(kinds) else ():
-        blocks.append(pivot(kinds, metric, "kind", tables.PHOTO_KINDS,
-                            f"Photos by kind (test): {metric.upper()}"))
+        blocks.append(
+            pivot(kinds, metric, "kind", tables.PHOTO_KINDS, f"Photos by kind (test): {metric.upper()}")
+        )
     if kinds.empty:
         blocks.append(R.Paragraph("No test predictions with photos."))
     blocks += _thresholds(csv["thresholds"], notes)
@@ -174,8 +215,15 @@ def _thresholds(df: pd.DataFrame, notes: Sequence[str]) -> list[R.Block]:
     if len(df):
         df = df.assign(comparison=df["comparison"] + " @ " + df["threshold"])
         order = [f"{c} @ {t}" for c in (STANDARD, PHOTOS) for t in ("0.5", "tuned")]
-        blocks.append(pivot(df, "mcc", "comparison", order,
-                            "MCC at 0.5 vs at the thresholds tuned on validation (per head, maximising MCC)"))
+        blocks.append(
+            pivot(
+                df,
+                "mcc",
+                "comparison",
+                order,
+                "MCC at 0.5 vs at the thresholds tuned on validation (per head, maximising MCC)",
+            )
+        )
     else:
         blocks.append(R.Paragraph("No tuned thresholds to compare."))
     return blocks + [R.Paragraph(n) for n in notes]
@@ -186,11 +234,25 @@ def _budget(df: pd.DataFrame, images: Sequence[R.Image]) -> list[R.Block]:
         return []
     rows = []
     for (strategy, digital, total), part in df.groupby(["strategy", "digital", "total"], sort=False):
-        rows.append([strategy, str(digital), str(total),
-                     *(cell(*tables.pick(part, comparison=c, metric=m, pathology=AVERAGE))
-                       for m in tables.MAIN_METRICS for c in (STANDARD, PHOTOS))])
-    return [R.Heading("Figure 5: fixed budget"), R.Paragraph(BUDGET_NOTE),
-            *(i for i in images if i.path.name.startswith("figure5")),
-            R.Table("Fixed-budget stages (test, average over pathologies)",
-                    ["Strategy", "Digital", "Total", "MCC Standard", "MCC Photos", "AUC Standard",
-                     "AUC Photos"], rows)]
+        rows.append(
+            [
+                strategy,
+                str(digital),
+                str(total),
+                *(
+                    cell(*tables.pick(part, comparison=c, metric=m, pathology=AVERAGE))
+                    for m in tables.MAIN_METRICS
+                    for c in (STANDARD, PHOTOS)
+                ),
+            ]
+        )
+    return [
+        R.Heading("Figure 5: fixed budget"),
+        R.Paragraph(BUDGET_NOTE),
+        *(i for i in images if i.path.name.startswith("figure5")),
+        R.Table(
+            "Fixed-budget stages (test, average over pathologies)",
+            ["Strategy", "Digital", "Total", "MCC Standard", "MCC Photos", "AUC Standard", "AUC Photos"],
+            rows,
+        ),
+    ]

@@ -60,11 +60,18 @@ def plot_roc(series: Sequence[RocSeries], title: str, path: Path) -> Path:
         if len(np.unique(s.y_true)) < 2:
             continue
         fpr, tpr, _ = roc_curve(s.y_true, s.y_prob)
-        ax.plot(fpr, tpr, LINE_STYLES.get(s.comparison, ":"), color=colours[strategies.index(s.strategy)],
-                linewidth=1.3, label=f"{s.strategy} ({s.comparison})")
+        ax.plot(
+            fpr,
+            tpr,
+            LINE_STYLES.get(s.comparison, ":"),
+            color=colours[strategies.index(s.strategy)],
+            linewidth=1.3,
+            label=f"{s.strategy} ({s.comparison})",
+        )
     ax.plot([0, 1], [0, 1], color="0.75", linewidth=0.8)
-    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate", ylabel="True positive rate",
-           title=title)
+    ax.set(
+        xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate", ylabel="True positive rate", title=title
+    )
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=6.5, loc="lower right", ncol=1 if len(series) <= 12 else 2)
     fig.tight_layout()
@@ -86,8 +93,11 @@ def plot_budget(points: Sequence[BudgetPoint], total: int | None, path: Path) ->
         if np.isfinite(low).all() and np.isfinite(high).all():
             ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
     suffix = f" (of {total} training images)" if total else ""
-    ax.set(xlabel=f"Digital x-rays in the training set{suffix}", ylabel="Average MCC (test)",
-           title="MCC vs number of digital images")
+    ax.set(
+        xlabel=f"Digital x-rays in the training set{suffix}",
+        ylabel="Average MCC (test)",
+        title="MCC vs number of digital images",
+    )
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend()

@@ -1,15 +1,15 @@
 """Classification metrics as pure functions of arrays, equal to scikit-learn's.
 
-Point estimates call scikit-learn. The bootstrap needs thousands of resamples, so it uses a
-vectorised weighted version (a resample = integer weights per image) that the tests check
-against scikit-learn with `sample_weight`. Resampling is by PATIENT (cluster bootstrap):
-the images of one patient are not independent.
+Point estimates call scikit-learn. `weighted_metrics` scores many weightings of the same samples
+at once (vectorised; equal to scikit-learn with `sample_weight`): the bootstrap engine
+(evaluation/bootstrap.py) turns each patient resample into integer weights per image and calls it.
+Nothing here draws random numbers.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 from sklearn.metrics import (
@@ -25,9 +25,6 @@ from chextrain.labels import SLUG_OF, SLUGS
 
 METRICS: tuple[str, ...] = ("mcc", "auc", "precision", "recall", "f1", "accuracy", "support", "positives")
 AVERAGE = "average"
-MetricFn = Callable[[np.ndarray, np.ndarray], float]  # (y_true 0/1, y_prob) -> value
-MetricSpec = str | Sequence[str] | MetricFn | Mapping[str, MetricFn]  # names or callables
-_CHUNK_CELLS = 4_000_000  # resamples x images held in memory at once
 
 
 class MetricsError(ValueError):
@@ -42,8 +39,9 @@ def _check_binary(y_true: np.ndarray, y_prob: np.ndarray, name: str) -> tuple[np
     y = np.asarray(y_true, dtype=np.float64)
     p = np.asarray(y_prob, dtype=np.float64)
     if y.ndim != 1 or p.shape != y.shape:
-        raise MetricsError(f"{name or 'labels'}: y_true and y_prob must be 1-D of one length; "
-                           f"got {y.shape} and {p.shape}")
+        raise MetricsError(
+            f"{name or 'labels'}: y_true and y_prob must be 1-D of one length; got {y.shape} and {p.shape}"
+        )
     if not np.isin(y, (0.0, 1.0)).all():
         raise MetricsError(f"{name or 'labels'}: y_true must hold 0/1 only; got {np.unique(y)[:10]}")
     if not np.isfinite(p).all():
@@ -51,8 +49,9 @@ def _check_binary(y_true: np.ndarray, y_prob: np.ndarray, name: str) -> tuple[np
     return y.astype(np.int64), p
 
 
-def binary_metrics(y_true: np.ndarray, y_prob: np.ndarray, threshold: float = 0.5, *,
-                   name: str = "") -> dict[str, float]:
+def binary_metrics(
+    y_true: np.ndarray, y_prob: np.ndarray, threshold: float = 0.5, *, name: str = ""
+) -> dict[str, float]:
     """MCC, AUC, precision, recall, F1, accuracy (scikit-learn), support and positives.
 
     A prediction is positive when y_prob >= threshold. Precision/recall/F1 are 0 when undefined
@@ -62,8 +61,9 @@ def binary_metrics(y_true: np.ndarray, y_prob: np.ndarray, threshold: float = 0.
     out = dict.fromkeys(METRICS, float("nan"))
     out["support"], out["positives"] = float(len(y)), float(y.sum())
     if len(y) == 0:
-        warnings.warn(f"{name or 'labels'}: no labelled samples; every metric is NaN",
-                      UndefinedAUCWarning, stacklevel=2)
+        warnings.warn(
+            f"{name or 'labels'}: no labelled samples; every metric is NaN", UndefinedAUCWarning, stacklevel=2
+        )
         return out
     pred = (p >= threshold).astype(np.int64)
     # One class in both y and pred: MCC is 0 (scikit-learn's value), without its confusion-matrix warning.
@@ -75,13 +75,17 @@ def binary_metrics(y_true: np.ndarray, y_prob: np.ndarray, threshold: float = 0.
     if 0 < y.sum() < len(y):
         out["auc"] = float(roc_auc_score(y, p))
     else:
-        warnings.warn(f"{name or 'labels'}: only one class ({int(y[0])}) in {len(y)} labels; AUC is NaN",
-                      UndefinedAUCWarning, stacklevel=2)
+        warnings.warn(
+            f"{name or 'labels'}: only one class ({int(y[0])}) in {len(y)} labels; AUC is NaN",
+            UndefinedAUCWarning,
+            stacklevel=2,
+        )
     return out
 
 
-def weighted_metrics(y_true: np.ndarray, y_prob: np.ndarray, weights: np.ndarray,
-                     threshold: float = 0.5) -> dict[str, np.ndarray]:
+def weighted_metrics(
+    y_true: np.ndarray, y_prob: np.ndarray, weights: np.ndarray, threshold: float = 0.5
+) -> dict[str, np.ndarray]:
     """Every metric of METRICS for B weightings of the same n samples at once.
 
     weights: B x n non-negative (a bootstrap resample = how often each sample was drawn).
@@ -131,15 +135,21 @@ def _weighted_auc(y: np.ndarray, p: np.ndarray, weights: np.ndarray) -> np.ndarr
         return np.where(pairs > 0, (wpos * (below + 0.5 * wneg)).sum(1) / pairs, np.nan)
 
 
-def _check_matrix(targets: np.ndarray, probs: np.ndarray,
-                  mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def check_arrays(
+    targets: np.ndarray, probs: np.ndarray, mask: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(targets, probs float64, mask bool), each N x 5, checked: 0/1 targets and finite probs where unmasked.
+
+    mask None = every entry labelled. Masked entries may hold anything (e.g. NaN).
+    """
     t = np.asarray(targets, dtype=np.float64)
     p = np.asarray(probs, dtype=np.float64)
     m = np.ones_like(t) if mask is None else np.asarray(mask, dtype=np.float64)
     k = len(SLUGS)
     if t.ndim != 2 or t.shape[1] != k or p.shape != t.shape or m.shape != t.shape:
-        raise MetricsError(f"targets, probs and mask must all be N x {k}; "
-                           f"got {t.shape}, {p.shape}, {m.shape}")
+        raise MetricsError(
+            f"targets, probs and mask must all be N x {k}; got {t.shape}, {p.shape}, {m.shape}"
+        )
     m = m > 0
     for j, slug in enumerate(SLUGS):
         if not np.isin(t[m[:, j], j], (0.0, 1.0)).all():
@@ -150,37 +160,43 @@ def _check_matrix(targets: np.ndarray, probs: np.ndarray,
     return t, p, m
 
 
-def _per_pathology(value: Mapping[str, float] | float, what: str) -> list[float]:
+def per_pathology(value: Mapping[str, float] | float, what: str) -> list[float]:
     """[value per slug] from a float or a mapping keyed by slug or pathology name."""
     if isinstance(value, Mapping):
         by_slug = {SLUG_OF.get(k, k): float(v) for k, v in value.items()}
         unknown = set(by_slug) - set(SLUGS)
         missing = [s for s in SLUGS if s not in by_slug]
         if unknown or missing:
-            raise MetricsError(f"{what} must give every pathology of {list(SLUGS)}; "
-                               f"unknown {sorted(unknown)}, missing {missing}")
+            raise MetricsError(
+                f"{what} must give every pathology of {list(SLUGS)}; "
+                f"unknown {sorted(unknown)}, missing {missing}"
+            )
         return [by_slug[s] for s in SLUGS]
     return [float(value)] * len(SLUGS)
 
 
-def _nanmean(values: np.ndarray, axis: int) -> np.ndarray:
+def nanmean(values: np.ndarray, axis: int) -> np.ndarray:
     """nanmean without the 'Mean of empty slice' warning (all-NaN -> NaN)."""
     count = (~np.isnan(values)).sum(axis)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(count > 0, np.nansum(values, axis) / np.maximum(count, 1), np.nan)
 
 
-def pathology_metrics(targets: np.ndarray, probs: np.ndarray, mask: np.ndarray | None = None,
-                      thresholds: Mapping[str, float] | float = 0.5) -> dict[str, dict[str, float]]:
+def pathology_metrics(
+    targets: np.ndarray,
+    probs: np.ndarray,
+    mask: np.ndarray | None = None,
+    thresholds: Mapping[str, float] | float = 0.5,
+) -> dict[str, dict[str, float]]:
     """{slug: binary_metrics, ..., "average": nanmean over pathologies} on N x 5 arrays.
 
     Entries with mask 0 are left out of that pathology's metrics.
     """
-    t, p, m = _check_matrix(targets, probs, mask)
-    thr = _per_pathology(thresholds, "thresholds")
+    t, p, m = check_arrays(targets, probs, mask)
+    thr = per_pathology(thresholds, "thresholds")
     out = {s: binary_metrics(t[m[:, j], j], p[m[:, j], j], thr[j], name=s) for j, s in enumerate(SLUGS)}
     table = np.array([[out[s][k] for k in METRICS] for s in SLUGS])  # 5 x metrics
-    out[AVERAGE] = dict(zip(METRICS, (float(v) for v in _nanmean(table, 0)), strict=True))
+    out[AVERAGE] = dict(zip(METRICS, (float(v) for v in nanmean(table, 0)), strict=True))
     return out
 
 
@@ -204,158 +220,13 @@ def _best_threshold(y: np.ndarray, p: np.ndarray) -> float:
     return float(cuts[best[np.argmin(np.abs(cuts[best] - 0.5))]])
 
 
-def tune_thresholds(targets: np.ndarray, probs: np.ndarray,
-                    mask: np.ndarray | None = None) -> dict[str, float]:
+def tune_thresholds(
+    targets: np.ndarray, probs: np.ndarray, mask: np.ndarray | None = None
+) -> dict[str, float]:
     """{slug: threshold} maximising each pathology's MCC on (validation) predictions.
 
     Searches every distinct classification (midpoints between sorted distinct probabilities),
     so the tuned MCC is >= the MCC at 0.5 on the same data.
     """
-    t, p, m = _check_matrix(targets, probs, mask)
+    t, p, m = check_arrays(targets, probs, mask)
     return {s: _best_threshold(t[m[:, j], j], p[m[:, j], j]) for j, s in enumerate(SLUGS)}
-
-
-def _metric_fns(metrics: MetricSpec) -> dict[str, MetricFn | None]:
-    """{name: None (built-in, vectorised) or a callable (looped over resamples)}."""
-    if callable(metrics):
-        return {getattr(metrics, "__name__", "metric"): metrics}
-    if isinstance(metrics, Mapping):
-        return dict(metrics)
-    names = [metrics] if isinstance(metrics, str) else list(metrics)
-    bad = [n for n in names if n not in METRICS]
-    if bad or not names:
-        raise MetricsError(f"unknown metrics {bad or names}; "
-                           f"expected names from {list(METRICS)} or callables")
-    return dict.fromkeys(names)
-
-
-def _resample_weights(groups: np.ndarray, n_boot: int, seed: int) -> Iterator[np.ndarray]:
-    """Chunks of B x N image weights: how often each image's PATIENT was drawn (with replacement)."""
-    _, inv = np.unique(np.asarray(groups), return_inverse=True)
-    n_groups = int(inv.max()) + 1 if len(inv) else 0
-    rng = np.random.default_rng(seed)
-    chunk = max(1, min(n_boot, _CHUNK_CELLS // max(len(inv), n_groups, 1)))
-    for start in range(0, n_boot, chunk):
-        b = min(chunk, n_boot - start)
-        draws = rng.integers(0, max(n_groups, 1), size=(b, n_groups))  # b x patients
-        offsets = (draws + n_groups * np.arange(b)[:, None]).ravel()
-        counts = np.bincount(offsets, minlength=b * n_groups).reshape(b, n_groups)
-        yield counts[:, inv].astype(np.float64)  # b x N
-
-
-def _resampled(t: np.ndarray, p: np.ndarray, m: np.ndarray, thr: list[float], fns: dict[str, MetricFn | None],
-               weights: np.ndarray) -> dict[str, np.ndarray]:
-    """{metric: B x (5 pathologies + average)} for resample weights B x N."""
-    out = {name: np.full((weights.shape[0], len(SLUGS) + 1), np.nan) for name in fns}
-    for j in range(len(SLUGS)):
-        keep = m[:, j]
-        y, pj, Wj = t[keep, j], p[keep, j], weights[:, keep]
-        core = weighted_metrics(y, pj, Wj, thr[j]) if any(f is None for f in fns.values()) else {}
-        for name, fn in fns.items():
-            if fn is None:
-                out[name][:, j] = core[name]
-                continue
-            for b in range(weights.shape[0]):  # a custom metric: rebuild each resample explicitly
-                idx = np.repeat(np.arange(len(y)), Wj[b].astype(np.int64))
-                if len(idx):
-                    out[name][b, j] = fn(y[idx].astype(np.int64), pj[idx])
-    for values in out.values():
-        values[:, -1] = _nanmean(values[:, :-1], 1)
-    return out
-
-
-def _interval(values: np.ndarray, alpha: float) -> tuple[float, float]:
-    """Percentile interval of the finite values (NaN resamples, e.g. one-class AUC, left out)."""
-    finite = values[np.isfinite(values)]
-    if len(finite) == 0:
-        return float("nan"), float("nan")
-    low, high = np.percentile(finite, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    return float(low), float(high)
-
-
-def _check_boot(groups: np.ndarray, n: int, n_boot: int, alpha: float) -> np.ndarray:
-    g = np.asarray(groups)
-    if g.shape != (n,):
-        raise MetricsError(f"groups must hold one patient id per row ({n}); got shape {g.shape}")
-    if n_boot < 1 or not 0 < alpha < 1:
-        raise MetricsError(f"need n_boot >= 1 and 0 < alpha < 1; got n_boot={n_boot}, alpha={alpha}")
-    return g
-
-
-def bootstrap_ci(targets: np.ndarray, probs: np.ndarray, mask: np.ndarray | None, groups: np.ndarray,
-                 metrics: MetricSpec = METRICS[:6],
-                 n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
-                 thresholds: Mapping[str, float] | float = 0.5) -> dict[str, dict[str, tuple[float, float]]]:
-    """Patient-level (cluster) bootstrap (1 - alpha) percentile intervals.
-
-    groups: a patient id per row; each resample draws patients with replacement and keeps all
-    their images. Returns {slug | "average": {metric: (low, high)}}; reproducible for a seed.
-    Built-in metric names are vectorised; callables (y_true, y_prob) -> float are looped.
-    """
-    t, p, m = _check_matrix(targets, probs, mask)
-    g = _check_boot(groups, len(t), n_boot, alpha)
-    fns, thr = _metric_fns(metrics), _per_pathology(thresholds, "thresholds")
-    parts = [_resampled(t, p, m, thr, fns, W) for W in _resample_weights(g, n_boot, seed)]
-    values = {name: np.concatenate([part[name] for part in parts]) for name in fns}  # n_boot x 6
-    return {key: {name: _interval(values[name][:, j], alpha) for name in fns}
-            for j, key in enumerate((*SLUGS, AVERAGE))}
-
-
-# (targets N x 5, probs N x 5, mask N x 5 | None, keys N, patient groups N)
-Side = tuple[np.ndarray, np.ndarray, np.ndarray | None, Sequence | np.ndarray, Sequence | np.ndarray]
-
-
-def _align(a: Side, b: Side) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Row indices into a and b of the keys present in both (a's order), and their patients."""
-    keys_a, keys_b = np.asarray(a[3]).astype(str), np.asarray(b[3]).astype(str)
-    for side, keys, n in (("a", keys_a, len(a[0])), ("b", keys_b, len(b[0]))):
-        if keys.shape != (n,):
-            raise MetricsError(f"side {side}: keys must hold one key per row ({n}); got shape {keys.shape}")
-        if len(np.unique(keys)) != len(keys):
-            raise MetricsError(f"side {side}: keys are not unique, so x-rays cannot be paired")
-    where_b = {k: i for i, k in enumerate(keys_b)}
-    ia = np.array([i for i, k in enumerate(keys_a) if k in where_b], dtype=np.int64)
-    if len(ia) == 0:
-        raise MetricsError("no key is present in both sides; nothing to pair")
-    ib = np.array([where_b[k] for k in keys_a[ia]], dtype=np.int64)
-    ga, gb = np.asarray(a[4])[ia], np.asarray(b[4])[ib]
-    if not np.array_equal(ga.astype(str), gb.astype(str)):
-        raise MetricsError("paired x-rays belong to different patients in a and b; check keys and groups")
-    return ia, ib, ga
-
-
-def paired_difference(a: Side, b: Side,
-                      metrics: MetricSpec = METRICS[:6],
-                      n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
-                      thresholds_a: Mapping[str, float] | float = 0.5,
-                      thresholds_b: Mapping[str, float] | float | None = None,
-                      ) -> dict[str, dict[str, dict[str, float]]]:
-    """a - b (e.g. Standard - Photos) of each metric on the x-rays present in both, with a CI.
-
-    a, b: (targets N x 5, probs N x 5, mask | None, keys N, groups N); rows are paired by key.
-    The bootstrap draws the same patients for both sides. Returns {slug | "average": {metric:
-    {"a", "b", "difference", "low", "high", "n"}}} where n is the number of paired x-rays.
-    """
-    ia, ib, groups = _align(a, b)
-    ta, pa, ma = _check_matrix(a[0], a[1], a[2])
-    tb, pb, mb = _check_matrix(b[0], b[1], b[2])
-    ta, pa, ma, tb, pb, mb = ta[ia], pa[ia], ma[ia], tb[ib], pb[ib], mb[ib]
-    _check_boot(groups, len(ia), n_boot, alpha)
-    fns = _metric_fns(metrics)
-    thr_a = _per_pathology(thresholds_a, "thresholds_a")
-    thr_b = _per_pathology(thresholds_a if thresholds_b is None else thresholds_b, "thresholds_b")
-    ones = np.ones((1, len(ia)))
-    point_a, point_b = _resampled(ta, pa, ma, thr_a, fns, ones), _resampled(tb, pb, mb, thr_b, fns, ones)
-    diffs = []
-    for W in _resample_weights(groups, n_boot, seed):
-        ra, rb = _resampled(ta, pa, ma, thr_a, fns, W), _resampled(tb, pb, mb, thr_b, fns, W)
-        diffs.append({name: ra[name] - rb[name] for name in fns})
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for j, key in enumerate((*SLUGS, AVERAGE)):
-        out[key] = {}
-        for name in fns:
-            va, vb = float(point_a[name][0, j]), float(point_b[name][0, j])
-            low, high = _interval(np.concatenate([d[name][:, j] for d in diffs]), alpha)
-            out[key][name] = {"a": va, "b": vb, "difference": va - vb, "low": low, "high": high,
-                              "n": float(len(ia))}
-    return out

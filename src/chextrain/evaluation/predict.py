@@ -3,13 +3,17 @@
 Every number in a report regenerates from the predictions tables written here: one row per
 image with its identity columns, the head that scored it, and per pathology `prob_<slug>`,
 `target_<slug>` and `mask_<slug>` (targets and mask from the stage's uncertainty policy).
+
+One pass over a split gives the table and, when asked for, every row's OOD features (those of
+the validation split calibrate the bundle's OOD check): each batch runs `ood.ScoringNet` through
+`ood.run_batch`, which feeds the model on its own device and hands back float32 on the CPU.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +27,43 @@ from chextrain.data.dataset import CatalogDataset
 from chextrain.data.splits import assign_splits
 from chextrain.data.transforms import Preprocessing
 from chextrain.evaluation.metrics import pathology_metrics, tune_thresholds
+from chextrain.fileio import atomic_write, write_json
 from chextrain.labels import SLUGS, Policy
 from chextrain.models.bundle import load_bundle
 from chextrain.models.net import CXRNet
+from chextrain.ood import OODError, ScoringNet, calibrate_ood, feature_groups, run_batch
 
 ID_COLUMNS: tuple[str, ...] = ("path", "dataset", "domain", "kind", "patient", "study", "image", "view")
 ROUTED = "router"  # head= value that lets the model's router pick each image's head
-GROUPS: dict[str, tuple[str, str]] = {"Standard": ("dataset", "chexpert"), "Photos": ("dataset", "chexphoto"),
-                                      "Other": ("dataset", "other")}
+GROUPS: dict[str, tuple[str, str]] = {
+    "Standard": ("dataset", "chexpert"),
+    "Photos": ("dataset", "chexphoto"),
+    "Other": ("dataset", "other"),
+}
 
 
 class EvaluationError(ValueError):
     """An evaluation that cannot run as asked (unknown split or head, no rows)."""
 
 
-def predict(
+@dataclass(frozen=True)
+class Predictions:
+    """The predictions table of some catalog rows and, when asked for, their OOD features.
+
+    features: N x D float32 ScoringNet features, row-aligned with `table` (None unless asked).
+    """
+
+    table: pd.DataFrame
+    features: np.ndarray | None = None
+
+
+def default_workers() -> int:
+    """Loader worker processes for evaluation: min(4, CPUs - 1); 0 (load in-process) on one CPU."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(4, cpus - 1))
+
+
+def predict_rows(
     model: CXRNet,
     rows: pd.DataFrame,
     *,
@@ -46,81 +72,109 @@ def predict(
     image_size: int,
     preprocessing: str | Preprocessing | Mapping[str, Any] = "imagenet",
     batch_size: int = 64,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     policy: Policy = "ones",
     device: str | torch.device | None = None,
-) -> pd.DataFrame:
-    """Score catalog rows; returns the predictions table (one row per catalog row, same order).
+    ood_features: bool = False,
+) -> Predictions:
+    """Score catalog rows in one pass: the predictions table (same rows, same order) and OOD features.
 
     head: a head name for every image; None to pick each image's head by its domain through
     `domain_heads`; or "router" to let the model's router pick the domain (as at deployment).
+    device: where the model runs (it is moved there and left there); None: CUDA when available.
+    num_workers: loader processes (None: `default_workers()`; 0 loads in this process).
     """
     if head == ROUTED and model.router is None:
         raise EvaluationError("head='router' needs a model with a domain router")
     if domain_heads is None and len(model.head_names) == 1:
         domain_heads = {"digital": model.head_names[0], "photo": model.head_names[0]}
     fixed = head if head not in (None, ROUTED) else None
-    dataset = CatalogDataset(rows, image_size=image_size, preprocessing=preprocessing, policy=policy,
-                             head_names=model.head_names, domain_heads=None if fixed else domain_heads,
-                             head=fixed)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
-                        persistent_workers=False)
+    dataset = CatalogDataset(
+        rows,
+        image_size=image_size,
+        preprocessing=preprocessing,
+        policy=policy,
+        head_names=model.head_names,
+        domain_heads=None if fixed else domain_heads,
+        head=fixed,
+    )
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    workers = default_workers() if num_workers is None else num_workers
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        shuffle=False,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
     if head == ROUTED:
         names = list(model.head_names)
-        by_domain = torch.tensor([names.index(domain_heads["digital"]), names.index(domain_heads["photo"])])
+        by_domain = np.array([names.index(domain_heads["digital"]), names.index(domain_heads["photo"])])
     was_training = model.training
-    model.eval().to(device)
-    probs, heads, routers = [], [], []
-    with torch.inference_mode():
+    net = ScoringNet(model.eval().to(device), logits=True)
+    probs, heads, routers, features = [], [], [], []
+    try:
         for batch in loader:
-            out = model.forward_all(batch["image"].to(device))  # logits: B x heads x 5
-            r = torch.sigmoid(out["router"].float()).cpu() if "router" in out else None
-            h = by_domain[(r > 0.5).long()] if head == ROUTED else batch["head"]
-            logits = out["logits"].float().cpu()[torch.arange(len(h)), h]  # B x 5
-            probs.append(torch.sigmoid(logits))
+            out = run_batch(net, batch["image"])  # logits B x heads x 5, [router B,] features B x D
+            r = torch.sigmoid(torch.from_numpy(out[1])).numpy() if len(out) == 3 else None
+            h = by_domain[(r > 0.5).astype(np.int64)] if head == ROUTED else batch["head"].numpy()
+            # The sigmoid of each row's own head, B x 5, as before: CPU kernels round a value by its
+            # place in the tensor (vector lanes vs tail), so the shape keeps the stored bytes.
+            probs.append(torch.sigmoid(torch.from_numpy(out[0][np.arange(len(h)), h])).numpy())
             heads.append(h)
             if r is not None:
                 routers.append(r)
-    model.train(was_training)
-    p = torch.cat(probs).numpy() if probs else np.zeros((0, len(SLUGS)), np.float32)
-    h = torch.cat(heads).numpy() if heads else np.zeros(0, np.int64)
+            if ood_features:
+                features.append(out[-1])
+    finally:
+        model.train(was_training)
+    p = np.concatenate(probs) if probs else np.zeros((0, len(SLUGS)), np.float32)
+    h = np.concatenate(heads) if heads else np.zeros(0, np.int64)
     table = rows.reset_index(drop=True).reindex(columns=list(ID_COLUMNS)).copy()
     table["split"] = rows["split"].to_numpy() if "split" in rows else ""
     table["head"] = np.asarray(model.head_names, dtype=object)[h] if len(h) else np.array([], dtype=object)
     if model.router is not None:
-        table["router_prob"] = torch.cat(routers).numpy() if routers else np.zeros(0, np.float32)
+        table["router_prob"] = np.concatenate(routers) if routers else np.zeros(0, np.float32)
     targets, mask = dataset.targets.numpy(), dataset.mask.numpy()
     for j, slug in enumerate(SLUGS):
         table[f"prob_{slug}"] = p[:, j]
         table[f"target_{slug}"] = targets[:, j]
         table[f"mask_{slug}"] = mask[:, j]
-    return table
+    if not ood_features:
+        return Predictions(table)
+    width = sum(size for _, size in feature_groups(model))
+    return Predictions(table, np.concatenate(features) if features else np.zeros((0, width), np.float32))
+
+
+def predict(model: CXRNet, rows: pd.DataFrame, **kwargs: Any) -> pd.DataFrame:
+    """The predictions table of catalog rows: `predict_rows(model, rows, **kwargs).table`.
+
+    Takes predict_rows's keyword arguments (image_size is required).
+    """
+    return predict_rows(model, rows, **kwargs).table
 
 
 def arrays(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(targets, probs, mask), each N x 5 in SLUGS order, from a predictions table."""
+
     def pick(prefix: str) -> np.ndarray:
         return table[[f"{prefix}_{s}" for s in SLUGS]].to_numpy(dtype=np.float64)
 
     return pick("target"), pick("prob"), pick("mask")
 
 
-def ood_calibration(model: CXRNet, rows: pd.DataFrame, *, image_size: int,
-                    preprocessing: str | Preprocessing | Mapping[str, Any],
-                    batch_size: int = 64) -> dict[str, Any] | None:
-    """OOD calibration (inference.calibrate_ood) on validation images of both domains, for a bundle.
+def calibrate_ood_or_none(model: CXRNet, features: np.ndarray | None) -> dict[str, Any] | None:
+    """The bundle's meta["ood"] from validation features (`ood.calibrate_ood`), or None.
 
-    None when there are too few images to calibrate; predictions then say "uncalibrated".
+    None when there are no features or too few images to calibrate; predictions then say
+    "uncalibrated".
     """
-    from chextrain.inference import PredictorError, calibrate_ood, ood_features
-
-    dataset = CatalogDataset(rows.reset_index(drop=True), image_size=image_size, preprocessing=preprocessing,
-                             policy="ones", head_names=model.head_names, head=model.head_names[0])
-    features = [ood_features(model, batch["image"]) for batch in DataLoader(dataset, batch_size=batch_size)]
+    if features is None or len(features) == 0:
+        return None
     try:
-        return calibrate_ood(model, np.concatenate(features)) if features else None
-    except PredictorError:
+        return calibrate_ood(model, features)
+    except OODError:
         return None
 
 
@@ -143,8 +197,9 @@ def tune_head_thresholds(table: pd.DataFrame) -> dict[str, dict[str, float]]:
     return out
 
 
-def group_metrics(table: pd.DataFrame,
-                  thresholds: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, Any]:
+def group_metrics(
+    table: pd.DataFrame, thresholds: Mapping[str, Mapping[str, float]] | None = None
+) -> dict[str, Any]:
     """Metrics per group: Standard (CheXpert), Photos (CheXphoto), Other, and each photo kind.
 
     Each group: n, heads, `at_0.5` (the paper's threshold) and, when one head scored the whole
@@ -160,8 +215,12 @@ def group_metrics(table: pd.DataFrame,
             continue
         targets, probs, mask = arrays(part)
         heads = sorted(part["head"].astype(str).unique())
-        entry: dict[str, Any] = {"n": len(part), "patients": int(part["patient"].nunique()), "heads": heads,
-                                 "at_0.5": pathology_metrics(targets, probs, mask, dict.fromkeys(SLUGS, 0.5))}
+        entry: dict[str, Any] = {
+            "n": len(part),
+            "patients": int(part["patient"].nunique()),
+            "heads": heads,
+            "at_0.5": pathology_metrics(targets, probs, mask, dict.fromkeys(SLUGS, 0.5)),
+        }
         if len(heads) == 1 and thresholds and heads[0] in thresholds:
             entry["thresholds"] = dict(thresholds[heads[0]])
             entry["tuned"] = pathology_metrics(targets, probs, mask, dict(thresholds[heads[0]]))
@@ -169,23 +228,39 @@ def group_metrics(table: pd.DataFrame,
     return out
 
 
-def write_evaluation(table: pd.DataFrame, out_dir: Path, split: str, head: str | None,
-                     thresholds: Mapping[str, Mapping[str, float]] | None) -> dict[str, Any]:
+def write_evaluation(
+    table: pd.DataFrame,
+    out_dir: Path,
+    split: str,
+    head: str | None,
+    thresholds: Mapping[str, Mapping[str, float]] | None,
+) -> dict[str, Any]:
     """Write predictions_<split>[_<head>].parquet and metrics_<split>[_<head>].json; return the metrics."""
     suffix = f"{split}_{head}" if head else split
     out_dir = Path(out_dir)
-    _atomic_write(out_dir / f"predictions_{suffix}.parquet", lambda p: table.to_parquet(p, index=False))
-    document = {"split": split, "head": head, "n": len(table), "pathologies": list(SLUGS),
-                "thresholds": {h: dict(t) for h, t in (thresholds or {}).items()},
-                "groups": group_metrics(table, thresholds)}
-    text = json.dumps(jsonable(document), indent=2, allow_nan=False)
-    _atomic_write(out_dir / f"metrics_{suffix}.json", lambda p: Path(p).write_text(text + "\n"))
+    atomic_write(out_dir / f"predictions_{suffix}.parquet", lambda p: table.to_parquet(p, index=False))
+    document = {
+        "split": split,
+        "head": head,
+        "n": len(table),
+        "pathologies": list(SLUGS),
+        "thresholds": {h: dict(t) for h, t in (thresholds or {}).items()},
+        "groups": group_metrics(table, thresholds),
+    }
+    write_json(out_dir / f"metrics_{suffix}.json", document, newline=True)
     return document
 
 
-def evaluate_run(run_dir: Path, data_root: Path | None = None, split: str = "test", head: str | None = None,
-                 *, catalog: pd.DataFrame | None = None, batch_size: int = 64,
-                 num_workers: int = 0) -> dict[str, Any]:
+def evaluate_run(
+    run_dir: Path,
+    data_root: Path | None = None,
+    split: str = "test",
+    head: str | None = None,
+    *,
+    catalog: pd.DataFrame | None = None,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+) -> dict[str, Any]:
     """Score a finished run's bundle on a split of the data and write its predictions and metrics.
 
     The split is rebuilt with the run's own split settings (model.json `config.split`), so `val`
@@ -195,8 +270,10 @@ def evaluate_run(run_dir: Path, data_root: Path | None = None, split: str = "tes
         raise EvaluationError(f"split {split!r}: expected 'val' or 'test'")
     model, meta = load_bundle(Path(run_dir))
     if head is not None and head != ROUTED and head not in model.head_names:
-        raise EvaluationError(f"head {head!r}: the bundle in {run_dir} has heads {model.head_names}"
-                              + (" (or 'router')" if model.router is not None else ""))
+        raise EvaluationError(
+            f"head {head!r}: the bundle in {run_dir} has heads {model.head_names}"
+            + (" (or 'router')" if model.router is not None else "")
+        )
     config = meta.get("config") or {}
     if catalog is None:
         if data_root is None:
@@ -206,30 +283,15 @@ def evaluate_run(run_dir: Path, data_root: Path | None = None, split: str = "tes
     rows = catalog.loc[catalog["split"] == split].reset_index(drop=True)
     if rows.empty:
         raise EvaluationError(f"no catalog rows in split {split!r} under {data_root}")
-    table = predict(model, rows, head=head, domain_heads=meta.get("domain_heads"),
-                    image_size=int(meta["image_size"]),
-                    preprocessing=meta.get("preprocessing", "imagenet"), batch_size=batch_size,
-                    num_workers=num_workers, policy=config.get("policy", "ones"))
+    table = predict(
+        model,
+        rows,
+        head=head,
+        domain_heads=meta.get("domain_heads"),
+        image_size=int(meta["image_size"]),
+        preprocessing=meta.get("preprocessing", "imagenet"),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        policy=config.get("policy", "ones"),
+    )
     return write_evaluation(table, Path(run_dir), split, head, meta.get("thresholds"))
-
-
-def jsonable(value: Any) -> Any:
-    """Strict-JSON copy: NaN/inf -> None, numpy scalars -> Python, tuples -> lists."""
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -14,8 +14,6 @@ cosines are all close to 1 whatever the images show.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +31,12 @@ from chextrain.data.catalog import pair_keys, read_catalog
 from chextrain.data.dataset import CatalogDataset
 from chextrain.data.splits import assign_splits
 from chextrain.data.transforms import Preprocessing
-from chextrain.evaluation.predict import GROUPS, jsonable
+from chextrain.evaluation.predict import GROUPS, default_workers
+from chextrain.fileio import write_json
 from chextrain.labels import SLUGS, Policy, apply_policy
 from chextrain.models.bundle import load_bundle
 from chextrain.models.net import CXRNet
+from chextrain.ood import run_batch
 
 PROBE_FILE = "probe.json"
 METHODS: tuple[str, ...] = ("linear", "knn")
@@ -46,22 +46,40 @@ class ProbeError(ValueError):
     """A probe that cannot run as asked (empty split, bad k or c)."""
 
 
-def encode(model: CXRNet, rows: pd.DataFrame, *, image_size: int,
-           preprocessing: str | Preprocessing | dict[str, Any] = "imagenet", batch_size: int = 64,
-           num_workers: int = 0, device: str | torch.device | None = None) -> np.ndarray:
-    """Pooled encoder features of catalog rows, N x F float32 (eval mode, no augmentation)."""
-    dataset = CatalogDataset(rows, image_size=image_size, preprocessing=preprocessing,
-                             head_names=model.head_names, head=model.head_names[0])
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+def encode(
+    model: CXRNet,
+    rows: pd.DataFrame,
+    *,
+    image_size: int,
+    preprocessing: str | Preprocessing | dict[str, Any] = "imagenet",
+    batch_size: int = 64,
+    num_workers: int | None = 0,
+    device: str | torch.device | None = None,
+) -> np.ndarray:
+    """Pooled encoder features of catalog rows, N x F float32 (eval mode, no augmentation).
+
+    device: where the model runs (moved there and left there); None: CUDA when available.
+    num_workers: loader processes (None: `default_workers()`).
+    """
+    dataset = CatalogDataset(
+        rows,
+        image_size=image_size,
+        preprocessing=preprocessing,
+        head_names=model.head_names,
+        head=model.head_names[0],
+    )
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    workers = default_workers() if num_workers is None else num_workers
+    loader = DataLoader(
+        dataset, batch_size=batch_size, num_workers=workers, shuffle=False, pin_memory=device.type == "cuda"
+    )
     was_training = model.training
     model.eval().to(device)
-    out = []
-    with torch.inference_mode():
-        for batch in loader:
-            out.append(model.features(batch["image"].to(device)).float().cpu())  # B x F
-    model.train(was_training)
-    return torch.cat(out).numpy() if out else np.zeros((0, model.num_features), np.float32)
+    try:
+        out = [run_batch(model.encoder, batch["image"])[0] for batch in loader]  # B x F each
+    finally:
+        model.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0, model.num_features), np.float32)
 
 
 def _fit_columns(train_t: np.ndarray, train_m: np.ndarray, j: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -71,8 +89,15 @@ def _fit_columns(train_t: np.ndarray, train_m: np.ndarray, j: int) -> tuple[np.n
     return (keep, y) if len(np.unique(y)) == 2 else None
 
 
-def linear_probe(train_x: np.ndarray, train_t: np.ndarray, train_m: np.ndarray, test_x: np.ndarray, *,
-                 c: float = 1.0, seed: int = 0) -> np.ndarray:
+def linear_probe(
+    train_x: np.ndarray,
+    train_t: np.ndarray,
+    train_m: np.ndarray,
+    test_x: np.ndarray,
+    *,
+    c: float = 1.0,
+    seed: int = 0,
+) -> np.ndarray:
     """P(positive) N_test x 5 from one logistic regression per pathology (NaN: one class in training)."""
     probs = np.full((len(test_x), len(SLUGS)), np.nan)
     for j in range(len(SLUGS)):
@@ -85,8 +110,9 @@ def linear_probe(train_x: np.ndarray, train_t: np.ndarray, train_m: np.ndarray, 
     return probs
 
 
-def knn_probe(train_x: np.ndarray, train_t: np.ndarray, train_m: np.ndarray, test_x: np.ndarray, *,
-              k: int = 10) -> np.ndarray:
+def knn_probe(
+    train_x: np.ndarray, train_t: np.ndarray, train_m: np.ndarray, test_x: np.ndarray, *, k: int = 10
+) -> np.ndarray:
     """Distance-weighted share of positives among the k cosine-nearest training rows, N_test x 5."""
     probs = np.full((len(test_x), len(SLUGS)), np.nan)
     for j in range(len(SLUGS)):
@@ -132,8 +158,13 @@ def pair_similarity(features: np.ndarray, rows: pd.DataFrame) -> dict[str, Any]:
         s, m = sims[:, cols], same[:, cols]
         pair = float(s[m].mean()) if m.any() else float("nan")
         non = float(s[~m].mean()) if (~m).any() else float("nan")
-        return {"pair": pair, "non_pair": non, "gap": pair - non, "n_pairs": int(m.sum()),
-                "n_non_pairs": int((~m).sum())}
+        return {
+            "pair": pair,
+            "non_pair": non,
+            "gap": pair - non,
+            "n_pairs": int(m.sum()),
+            "n_non_pairs": int((~m).sum()),
+        }
 
     kinds = rows["kind"].to_numpy()[photo]
     out = summary(np.arange(len(photo)))
@@ -141,11 +172,22 @@ def pair_similarity(features: np.ndarray, rows: pd.DataFrame) -> dict[str, Any]:
     return out
 
 
-def probe(model: CXRNet, catalog: pd.DataFrame, *, image_size: int,
-          preprocessing: str | Preprocessing | dict[str, Any] = "imagenet", policy: Policy = "ones",
-          train_split: str = "train", eval_split: str = "test", k: int = 10, c: float = 1.0,
-          batch_size: int = 64, num_workers: int = 0, seed: int = 0,
-          device: str | torch.device | None = None) -> dict[str, Any]:
+def probe(
+    model: CXRNet,
+    catalog: pd.DataFrame,
+    *,
+    image_size: int,
+    preprocessing: str | Preprocessing | dict[str, Any] = "imagenet",
+    policy: Policy = "ones",
+    train_split: str = "train",
+    eval_split: str = "test",
+    k: int = 10,
+    c: float = 1.0,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
     """Linear-probe and kNN AUCs (eval split: all rows and per dataset group) and pair similarity.
 
     The classifiers learn from every `train_split` row of the catalog (x-rays and photos); the
@@ -157,31 +199,58 @@ def probe(model: CXRNet, catalog: pd.DataFrame, *, image_size: int,
     for name in (train_split, eval_split):
         rows[name] = catalog.loc[catalog["split"] == name].reset_index(drop=True)
         if rows[name].empty:
-            raise ProbeError(f"no catalog rows in split {name!r} (splits present: "
-                             f"{sorted(catalog['split'].unique())})")
-    kwargs = {"image_size": image_size, "preprocessing": preprocessing, "batch_size": batch_size,
-              "num_workers": num_workers, "device": device}
+            raise ProbeError(
+                f"no catalog rows in split {name!r} (splits present: {sorted(catalog['split'].unique())})"
+            )
+    kwargs = {
+        "image_size": image_size,
+        "preprocessing": preprocessing,
+        "batch_size": batch_size,
+        "num_workers": num_workers,
+        "device": device,
+    }
     train_x, test_x = encode(model, rows[train_split], **kwargs), encode(model, rows[eval_split], **kwargs)
     train_t, train_m = apply_policy(rows[train_split], policy)
     test_t, test_m = apply_policy(rows[eval_split], policy)
-    scores = {"linear": linear_probe(train_x, train_t, train_m, test_x, c=c, seed=seed),
-              "knn": knn_probe(train_x, train_t, train_m, test_x, k=k)}
+    scores = {
+        "linear": linear_probe(train_x, train_t, train_m, test_x, c=c, seed=seed),
+        "knn": knn_probe(train_x, train_t, train_m, test_x, k=k),
+    }
     groups = {"All": np.ones(len(test_x), dtype=bool)}
     for name, (column, value) in GROUPS.items():
         member = (rows[eval_split][column] == value).to_numpy()
         if member.any() and not member.all():
             groups[name] = member
-    auc = {method: {g: auc_by_pathology(test_t[m], p[m], test_m[m]) for g, m in groups.items()}
-           for method, p in scores.items()}
-    return {"train_split": train_split, "eval_split": eval_split, "n_train": len(train_x),
-            "n_eval": len(test_x), "num_features": int(train_x.shape[1]), "k": k, "c": c, "policy": policy,
-            "auc": auc,
-            "pairs": pair_similarity(test_x, rows[eval_split])}
+    auc = {
+        method: {g: auc_by_pathology(test_t[m], p[m], test_m[m]) for g, m in groups.items()}
+        for method, p in scores.items()
+    }
+    return {
+        "train_split": train_split,
+        "eval_split": eval_split,
+        "n_train": len(train_x),
+        "n_eval": len(test_x),
+        "num_features": int(train_x.shape[1]),
+        "k": k,
+        "c": c,
+        "policy": policy,
+        "auc": auc,
+        "pairs": pair_similarity(test_x, rows[eval_split]),
+    }
 
 
-def probe_run(run_dir: Path, data_root: Path | None = None, *, catalog: pd.DataFrame | None = None,
-              split: str = "test", k: int = 10, c: float = 1.0, batch_size: int = 64, num_workers: int = 0,
-              device: str | torch.device | None = None) -> dict[str, Any]:
+def probe_run(
+    run_dir: Path,
+    data_root: Path | None = None,
+    *,
+    catalog: pd.DataFrame | None = None,
+    split: str = "test",
+    k: int = 10,
+    c: float = 1.0,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
     """Probe a run's bundle (its encoder) on the data and write RUN/probe.json; returns the document.
 
     The splits are rebuilt with the run's own split settings (model.json `config.split`), and
@@ -195,19 +264,26 @@ def probe_run(run_dir: Path, data_root: Path | None = None, *, catalog: pd.DataF
         catalog = read_catalog(Path(data_root))
     config = meta.get("config") or {}
     catalog = assign_splits(catalog, **(config.get("split") or {}))
-    document = probe(model, catalog, image_size=int(meta["image_size"]),
-                     preprocessing=meta.get("preprocessing", "imagenet"), policy=meta.get("policy", "ones"),
-                     eval_split=split, k=k, c=c, batch_size=batch_size, num_workers=num_workers,
-                     device=device)
-    document = {"run": str(run_dir), "stage": meta.get("stage"),
-                "objective": meta.get("objective", "supervised"),
-                "backbone": meta["architecture"]["backbone"], **document}
+    document = probe(
+        model,
+        catalog,
+        image_size=int(meta["image_size"]),
+        preprocessing=meta.get("preprocessing", "imagenet"),
+        policy=meta.get("policy", "ones"),
+        eval_split=split,
+        k=k,
+        c=c,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+    )
+    document = {
+        "run": str(run_dir),
+        "stage": meta.get("stage"),
+        "objective": meta.get("objective", "supervised"),
+        "backbone": meta["architecture"]["backbone"],
+        **document,
+    }
     folder = run_dir if run_dir.is_dir() else run_dir.parent
-    text = json.dumps(jsonable(document), indent=2, allow_nan=False)
-    tmp = folder / f".{PROBE_FILE}.tmp-{os.getpid()}"
-    try:
-        tmp.write_text(text + "\n")
-        os.replace(tmp, folder / PROBE_FILE)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_json(folder / PROBE_FILE, document, newline=True)
     return document

@@ -109,10 +109,19 @@ def to_markdown(title: str, blocks: Sequence[Block], base: Path) -> str:
 def to_html(title: str, blocks: Sequence[Block]) -> str:
     """One self-contained HTML page (figures inlined as data: URIs, no scripts, no external links)."""
     esc = html.escape
-    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-           '<meta name="viewport" content="width=device-width, initial-scale=1">',
-           '<link rel="icon" href="data:,">', f"<title>{esc(title)}</title>", f"<style>{CSS}</style>",
-           "</head>", "<body>", f"<h1>{esc(title)}</h1>"]
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        "<head>",
+        '<meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        '<link rel="icon" href="data:,">',
+        f"<title>{esc(title)}</title>",
+        f"<style>{CSS}</style>",
+        "</head>",
+        "<body>",
+        f"<h1>{esc(title)}</h1>",
+    ]
     for block in blocks:
         if isinstance(block, Heading):
             out.append(f"<h{block.level}>{esc(block.text)}</h{block.level}>")
@@ -127,8 +136,10 @@ def to_html(title: str, blocks: Sequence[Block]) -> str:
             out.append(_html_table(block))
         elif isinstance(block, Image):
             data = base64.b64encode(Path(block.path).read_bytes()).decode("ascii")
-            out.append(f'<figure><img alt="{esc(block.caption)}" src="data:image/png;base64,{data}">'
-                       f"<figcaption>{esc(block.caption)}</figcaption></figure>")
+            out.append(
+                f'<figure><img alt="{esc(block.caption)}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{esc(block.caption)}</figcaption></figure>"
+            )
     out += ["</body>", "</html>"]
     return "\n".join(out) + "\n"
 
@@ -139,12 +150,16 @@ def _html_table(block: Table) -> str:
     body = []
     for row in block.rows:
         cls = ' class="group"' if row and row[0] else ""
-        cells = "".join(f'<td class="num">{esc(c)}</td>' if i >= block.numeric_from else f"<td>{esc(c)}</td>"
-                        for i, c in enumerate(row))
+        cells = "".join(
+            f'<td class="num">{esc(c)}</td>' if i >= block.numeric_from else f"<td>{esc(c)}</td>"
+            for i, c in enumerate(row)
+        )
         body.append(f"<tr{cls}>{cells}</tr>")
     notes = "".join(f'<p class="tnote">{esc(n)}</p>' for n in block.notes)
-    return (f"<table><caption>{esc(block.caption)}</caption><thead><tr>{head}</tr></thead>"
-            f"<tbody>{''.join(body)}</tbody></table>{notes}")
+    return (
+        f"<table><caption>{esc(block.caption)}</caption><thead><tr>{head}</tr></thead>"
+        f"<tbody>{''.join(body)}</tbody></table>{notes}"
+    )
 
 
 def _md_row(cells: Sequence[str]) -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +29,20 @@ import pandas as pd
 
 from chextrain.evaluation import figures, render, tables
 from chextrain.evaluation.document import SPLITS, build_document, cell
-from chextrain.evaluation.metrics import AVERAGE
+from chextrain.evaluation.metrics import AVERAGE, MetricsError
 from chextrain.evaluation.tables import COLUMNS, DIFFERENCE, PHOTOS, STANDARD, ReportError
+from chextrain.fileio import atomic_write_text
 from chextrain.labels import NAME_OF, SLUGS
 
-__all__ = ["ReportError", "ReportPaths", "StageInfo", "headline_rows", "headline_table", "read_study",
-           "write_report"]
+__all__ = [
+    "ReportError",
+    "ReportPaths",
+    "StageInfo",
+    "headline_rows",
+    "headline_table",
+    "read_study",
+    "write_report",
+]
 
 
 @dataclass(frozen=True)
@@ -95,10 +102,19 @@ def read_study(study_dir: Path) -> tuple[dict[str, Any], list[StageInfo]]:
         label = str(s.get("label") or s["name"])
         strategy = f"{label} ({s['name']})" if any(x.strategy == label for x in stages) else label
         budget = s.get("budget") if isinstance(s.get("budget"), dict) else None
-        stages.append(StageInfo(name=s["name"], strategy=strategy, state=s["state"],
-                                reason=s.get("reason") or "", seconds=s.get("seconds"),
-                                kind=s.get("kind") or "supervised", budget=budget,
-                                notes=[str(n) for n in s.get("notes") or []], dir=folder))
+        stages.append(
+            StageInfo(
+                name=s["name"],
+                strategy=strategy,
+                state=s["state"],
+                reason=s.get("reason") or "",
+                seconds=s.get("seconds"),
+                kind=s.get("kind") or "supervised",
+                budget=budget,
+                notes=[str(n) for n in s.get("notes") or []],
+                dir=folder,
+            )
+        )
     return study, stages
 
 
@@ -111,12 +127,21 @@ def stage_thresholds(stage: StageInfo) -> dict[str, dict[str, float]]:
         found = json.loads(path.read_text()).get("thresholds") or {}
     except (json.JSONDecodeError, AttributeError) as err:
         raise ReportError(f"{path}: expected a JSON object with 'thresholds' ({err})") from err
-    return {str(h): {s: float(t[s]) for s in SLUGS} for h, t in found.items()
-            if isinstance(t, dict) and all(s in t for s in SLUGS)}
+    return {
+        str(h): {s: float(t[s]) for s in SLUGS}
+        for h, t in found.items()
+        if isinstance(t, dict) and all(s in t for s in SLUGS)
+    }
 
 
-def evaluate_study(stages: Sequence[StageInfo], *, n_boot: int, seed: int,
-                   splits: Sequence[str] = tuple(SPLITS), extras: bool = True) -> Results:
+def evaluate_study(
+    stages: Sequence[StageInfo],
+    *,
+    n_boot: int,
+    seed: int,
+    splits: Sequence[str] = tuple(SPLITS),
+    extras: bool = True,
+) -> Results:
     """Metric rows of every finished stage's predictions (extras: photo kinds and tuned thresholds)."""
     out = Results(main={s: [] for s in splits})
     for stage in stages:
@@ -129,8 +154,12 @@ def evaluate_study(stages: Sequence[StageInfo], *, n_boot: int, seed: int,
             table = tables.read_predictions(file)
             out.predictions.setdefault(stage.name, {})[split] = table
             thresholds = stage_thresholds(stage) if extras and split == "test" else None
-            found = tables.evaluate_table(table, stage.strategy, n_boot=n_boot, seed=seed, kinds=extras,
-                                          thresholds=thresholds)
+            try:
+                found = tables.evaluate_table(
+                    table, stage.strategy, n_boot=n_boot, seed=seed, kinds=extras, thresholds=thresholds
+                )
+            except MetricsError as err:
+                raise ReportError(f"{file}: {err}") from err
             out.main[split] += found.main
             out.kinds += [{"split": split, **r} for r in found.kinds]
             out.thresholds += found.thresholds
@@ -150,47 +179,63 @@ def write_report(study_dir: Path, *, n_boot: int = 1000, seed: int = 0) -> Repor
     study_dir = Path(study_dir)
     study, stages = read_study(study_dir)
     results = evaluate_study(stages, n_boot=n_boot, seed=seed)
-    paths = ReportPaths(md=study_dir / "report.md", html=study_dir / "report.html",
-                        tables=study_dir / "tables", figures=study_dir / "figures")
+    paths = ReportPaths(
+        md=study_dir / "report.md",
+        html=study_dir / "report.html",
+        tables=study_dir / "tables",
+        figures=study_dir / "figures",
+    )
     paths.tables.mkdir(parents=True, exist_ok=True)
     paths.figures.mkdir(parents=True, exist_ok=True)
     csv = csv_tables(results, stages)
     for name, df in csv.items():
-        _atomic_text(paths.tables / f"{name}.csv", df.to_csv(index=False))
+        atomic_write_text(paths.tables / f"{name}.csv", df.to_csv(index=False))
     images = _write_figures(results, stages, csv["budget"], paths.figures)
     has = {s.name: sorted(results.predictions.get(s.name, {})) for s in stages}
     blocks = build_document(study, stages, has, csv, images, results.notes, n_boot=n_boot, seed=seed)
     title = f"chextrain study report: {study.get('name') or study_dir.name}"
-    _atomic_text(paths.md, render.to_markdown(title, blocks, study_dir))
-    _atomic_text(paths.html, render.to_html(title, blocks))
+    atomic_write_text(paths.md, render.to_markdown(title, blocks, study_dir))
+    atomic_write_text(paths.html, render.to_html(title, blocks))
     return paths
 
 
 def csv_tables(results: Results, stages: Sequence[StageInfo]) -> dict[str, pd.DataFrame]:
     """The CSV tables by file stem (see the module docstring for their columns)."""
+
     def main(split: str, metrics: Sequence[str]) -> pd.DataFrame:
         return tables.frame([r for r in results.main.get(split, []) if r["metric"] in metrics], COLUMNS)
 
     budgets = {s.strategy: s.budget for s in stages if s.budget}
-    budget_rows = [{**r, "digital": int(b["digital"]), "total": int(b["total"])}
-                   for r in results.main.get("test", []) if (b := budgets.get(r["strategy"]))
-                   and r["metric"] in tables.MAIN_METRICS and r["comparison"] != DIFFERENCE]
-    appendix = [{"split": s, **r} for s in SPLITS for r in results.main.get(s, [])
-                if r["metric"] in tables.APPENDIX_METRICS]
+    budget_rows = [
+        {**r, "digital": int(b["digital"]), "total": int(b["total"])}
+        for r in results.main.get("test", [])
+        if (b := budgets.get(r["strategy"]))
+        and r["metric"] in tables.MAIN_METRICS
+        and r["comparison"] != DIFFERENCE
+    ]
+    appendix = [
+        {"split": s, **r}
+        for s in SPLITS
+        for r in results.main.get(s, [])
+        if r["metric"] in tables.APPENDIX_METRICS
+    ]
     return {
         "table1_val": main("val", tables.MAIN_METRICS),
         "table2_test": main("test", tables.MAIN_METRICS),
         "appendix": tables.frame(appendix, ("split", *COLUMNS)),
-        "budget": tables.frame(sorted(budget_rows, key=lambda r: r["digital"]),
-                               (*COLUMNS, "digital", "total")),
+        "budget": tables.frame(
+            sorted(budget_rows, key=lambda r: r["digital"]), (*COLUMNS, "digital", "total")
+        ),
         "kinds": tables.frame(results.kinds, ("split", "strategy", "kind", "n", *COLUMNS[2:])),
-        "thresholds": tables.frame(results.thresholds, ("strategy", "comparison", "threshold", "cutoff",
-                                                        *COLUMNS[2:])),
+        "thresholds": tables.frame(
+            results.thresholds, ("strategy", "comparison", "threshold", "cutoff", *COLUMNS[2:])
+        ),
     }
 
 
-def _write_figures(results: Results, stages: Sequence[StageInfo], budget: pd.DataFrame,
-                   folder: Path) -> list[render.Image]:
+def _write_figures(
+    results: Results, stages: Sequence[StageInfo], budget: pd.DataFrame, folder: Path
+) -> list[render.Image]:
     """ROC curves per pathology (test, else validation) and Figure 5 when budget stages have numbers."""
     images: list[render.Image] = []
     split = "test" if any("test" in p for p in results.predictions.values()) else "val"
@@ -206,8 +251,12 @@ def _write_figures(results: Results, stages: Sequence[StageInfo], budget: pd.Dat
         images.append(render.Image(title, figures.plot_roc(series, title, folder / f"roc_{slug}.png")))
     avg = budget.loc[(budget["metric"] == "mcc") & (budget["pathology"] == AVERAGE)]
     if len(avg):
-        points = [figures.BudgetPoint(int(r.digital), str(r.comparison), float(r.value), float(r.ci_low),
-                                      float(r.ci_high)) for r in avg.itertuples()]
+        points = [
+            figures.BudgetPoint(
+                int(r.digital), str(r.comparison), float(r.value), float(r.ci_low), float(r.ci_high)
+            )
+            for r in avg.itertuples()
+        ]
         totals = sorted(set(avg["total"].astype(int)))
         total = totals[0] if len(totals) == 1 else None
         path = figures.plot_budget(points, total, folder / "figure5_budget.png")
@@ -226,8 +275,16 @@ def headline_rows(study_dir: Path) -> list[dict[str, Any]]:
     out = []
     for strategy in dict.fromkeys(df["strategy"]):
         mine = df.loc[(df["strategy"] == strategy) & (df["pathology"] == AVERAGE)]
-        out.append({"strategy": strategy, **{f"{c.lower()}_{m}": tables.pick(mine, comparison=c, metric=m)[0]
-                                             for c in (STANDARD, PHOTOS) for m in tables.MAIN_METRICS}})
+        out.append(
+            {
+                "strategy": strategy,
+                **{
+                    f"{c.lower()}_{m}": tables.pick(mine, comparison=c, metric=m)[0]
+                    for c in (STANDARD, PHOTOS)
+                    for m in tables.MAIN_METRICS
+                },
+            }
+        )
     return out
 
 
@@ -242,12 +299,3 @@ def headline_table(study_dir: Path) -> Any:
         keys = ("standard_mcc", "photos_mcc", "standard_auc", "photos_auc")
         table.add_row(row["strategy"], *(cell(row[k], math.nan, math.nan) for k in keys))
     return table
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

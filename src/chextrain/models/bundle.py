@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 from safetensors.torch import load_file, save_file
 
+from chextrain.fileio import atomic_write, atomic_write_text, json_text
 from chextrain.labels import PATHOLOGIES, SLUGS
 from chextrain.models.net import CXRNet
 
@@ -24,7 +24,10 @@ BUNDLE_FORMAT = "chextrain-bundle"
 BUNDLE_VERSION = 1
 WEIGHTS_FILE, META_FILE = "model.safetensors", "model.json"
 IMAGENET_PREPROCESSING: dict[str, Any] = {
-    "name": "imagenet", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    "name": "imagenet",
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+}
 
 
 class WeightsError(ValueError):
@@ -54,11 +57,15 @@ def read_bundle_meta(meta_path: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != BUNDLE_FORMAT:
         raise WeightsError(f"{meta_path} is not a chextrain bundle (format {BUNDLE_FORMAT!r} expected)")
     if int(meta.get("format_version", 0)) > BUNDLE_VERSION:
-        raise WeightsError(f"bundle {meta_path} has format_version {meta.get('format_version')}; this "
-                           f"chextrain reads up to {BUNDLE_VERSION}: upgrade chextrain")
+        raise WeightsError(
+            f"bundle {meta_path} has format_version {meta.get('format_version')}; this "
+            f"chextrain reads up to {BUNDLE_VERSION}: upgrade chextrain"
+        )
     if meta.get("pathologies") != list(PATHOLOGIES):
-        raise WeightsError(f"bundle {meta_path} has pathologies {meta.get('pathologies')}; this chextrain "
-                           f"expects {list(PATHOLOGIES)} in that order")
+        raise WeightsError(
+            f"bundle {meta_path} has pathologies {meta.get('pathologies')}; this chextrain "
+            f"expects {list(PATHOLOGIES)} in that order"
+        )
     arch = meta.get("architecture")
     if not isinstance(arch, dict) or not {"backbone", "heads", "router"} <= set(arch):
         raise WeightsError(f"bundle {meta_path} lacks architecture.backbone/heads/router")
@@ -87,12 +94,15 @@ def _thresholds(model: CXRNet, given: Any) -> dict[str, dict[str, float]]:
     out = {h: dict.fromkeys(SLUGS, 0.5) for h in model.head_names}
     for head, per in (given or {}).items():
         if head not in out:
-            raise WeightsError(f"bundle meta thresholds names head {head!r}; "
-                               f"the model has heads {model.head_names}")
+            raise WeightsError(
+                f"bundle meta thresholds names head {head!r}; the model has heads {model.head_names}"
+            )
         bad = set(per) - set(SLUGS)
         if bad:
-            raise WeightsError(f"bundle meta thresholds[{head!r}] has unknown pathologies {sorted(bad)}; "
-                               f"expected slugs {list(SLUGS)}")
+            raise WeightsError(
+                f"bundle meta thresholds[{head!r}] has unknown pathologies {sorted(bad)}; "
+                f"expected slugs {list(SLUGS)}"
+            )
         out[head].update({k: float(v) for k, v in per.items()})
     return out
 
@@ -121,8 +131,11 @@ def save_bundle(model: CXRNet, out_dir: Path, meta: dict[str, Any]) -> Path:
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    extra = {k: v for k, v in meta.items() if k not in {"image_size", "preprocessing", "thresholds",
-                                                         "domain_heads", "stage", "metrics"}}
+    extra = {
+        k: v
+        for k, v in meta.items()
+        if k not in {"image_size", "preprocessing", "thresholds", "domain_heads", "stage", "metrics"}
+    }
     preprocessing = meta.get("preprocessing", "imagenet")
     if isinstance(preprocessing, str):
         named = preprocessing == "imagenet"
@@ -131,9 +144,13 @@ def save_bundle(model: CXRNet, out_dir: Path, meta: dict[str, Any]) -> Path:
         **_jsonable(extra, "meta"),
         "format": BUNDLE_FORMAT,
         "format_version": BUNDLE_VERSION,
-        "architecture": {"backbone": model.backbone_name, "heads": list(model.head_names),
-                         "router": model.router is not None, "num_features": model.num_features,
-                         "num_classes": model.num_classes},
+        "architecture": {
+            "backbone": model.backbone_name,
+            "heads": list(model.head_names),
+            "router": model.router is not None,
+            "num_features": model.num_features,
+            "num_classes": model.num_classes,
+        },
         "pathologies": list(PATHOLOGIES),
         "slugs": list(SLUGS),
         "image_size": int(meta.get("image_size", 320)),
@@ -143,20 +160,11 @@ def save_bundle(model: CXRNet, out_dir: Path, meta: dict[str, Any]) -> Path:
         "stage": _jsonable(meta.get("stage"), "meta.stage"),
         "metrics": _jsonable(meta.get("metrics", {}), "meta.metrics"),
     }
-    text = json.dumps(document, indent=2, allow_nan=False)
+    text = json_text(document, newline=True)  # before any file is written: a bad meta writes nothing
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic(out_dir / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic(out_dir / META_FILE, lambda tmp: Path(tmp).write_text(text + "\n"))
+    atomic_write(out_dir / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    atomic_write_text(out_dir / META_FILE, text)
     return out_dir
-
-
-def _atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_bundle(path: Path) -> tuple[CXRNet, dict[str, Any]]:
@@ -170,12 +178,17 @@ def load_bundle(path: Path) -> tuple[CXRNet, dict[str, Any]]:
         raise WeightsError(f"bundle path {path} does not exist")
     meta = read_bundle_meta(meta_path)
     arch = meta["architecture"]
-    model = CXRNet(arch["backbone"], heads=arch["heads"], router=bool(arch["router"]),
-                   num_classes=int(arch.get("num_classes", len(PATHOLOGIES))))
+    model = CXRNet(
+        arch["backbone"],
+        heads=arch["heads"],
+        router=bool(arch["router"]),
+        num_classes=int(arch.get("num_classes", len(PATHOLOGIES))),
+    )
     state = load_file(str(meta_path.parent / WEIGHTS_FILE))  # safetensors: never a pickle
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise WeightsError(f"bundle {meta_path.parent / WEIGHTS_FILE} does not match its {META_FILE}: "
-                           f"{str(err)[:500]}") from None
+        raise WeightsError(
+            f"bundle {meta_path.parent / WEIGHTS_FILE} does not match its {META_FILE}: {str(err)[:500]}"
+        ) from None
     return model.eval(), meta

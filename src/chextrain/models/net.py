@@ -3,6 +3,11 @@
 The encoders keep torchvision's parameter names (`features.denseblock1...`, `layer4...`), so a
 torchvision-style checkpoint loads into `CXRNet.encoder` once its classifier is dropped
 (see models/weights.py). No weights are downloaded here: every backbone starts random.
+
+torchvision is imported by the builders that need it, not by this module: `import torchvision`
+also imports torchvision.ops and with it torch._dynamo (about 1.5 s), which a tiny model, a
+bundle's meta or `chextrain predict --help` should not pay for. Importing it later changes no
+random draw, so seeded weights are the same.
 """
 
 from __future__ import annotations
@@ -10,12 +15,15 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-import torchvision.models as tvm
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+if TYPE_CHECKING:
+    from torchvision.models import ResNet
 
 FREEZE_MODES: tuple[str, ...] = ("none", "encoder", "last-block")
 ROUTER = "router"  # the name that selects the domain router in `train_heads`
@@ -47,7 +55,7 @@ class FeaturesEncoder(nn.Module):
 class ResNetEncoder(nn.Module):
     """torchvision ResNet without its `fc`: images B x 3 x H x W -> features B x F."""
 
-    def __init__(self, net: tvm.ResNet, num_features: int) -> None:
+    def __init__(self, net: ResNet, num_features: int) -> None:
         super().__init__()
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
@@ -61,19 +69,27 @@ class ResNetEncoder(nn.Module):
 
 
 def _densenet121() -> nn.Module:
+    import torchvision.models as tvm
+
     net = tvm.densenet121(weights=None)
     return FeaturesEncoder(net.features, 1024, ("features.denseblock4", "features.norm5"), final_relu=True)
 
 
 def _resnet18() -> nn.Module:
+    import torchvision.models as tvm
+
     return ResNetEncoder(tvm.resnet18(weights=None), 512)
 
 
 def _resnet50() -> nn.Module:
+    import torchvision.models as tvm
+
     return ResNetEncoder(tvm.resnet50(weights=None), 2048)
 
 
 def _efficientnet_b0() -> nn.Module:
+    import torchvision.models as tvm
+
     net = tvm.efficientnet_b0(weights=None)
     # The last MBConv stage (7) and the 1x1 head conv (8): the analogue of denseblock4 + norm5.
     return FeaturesEncoder(net.features, 1280, ("features.7", "features.8"), final_relu=False)

@@ -8,7 +8,9 @@ while streaming, so a chunked upload cannot exceed it); the multipart form is pa
 (no temporary files); the content is sniffed from its magic bytes, never from the name or
 Content-Type (415 for anything else); images larger than `max_pixels` are refused from their
 header before decoding (413); corrupt and truncated images are refused (422). No client-supplied
-name or path touches the disk. Every error is JSON: {"error": code, "detail": message}.
+name or path touches the disk. Every error is JSON: {"error": code, "detail": message}; its HTTP
+status and code come from the error's type (the ApiError subclasses below; upload_error maps the
+image reader's errors onto them), never from its message.
 Inference runs in a worker thread under the predictor's lock, so concurrent requests are served
 one model call at a time and each gets its own answer.
 """
@@ -16,16 +18,11 @@ one model call at a time and each gets its own answer.
 from __future__ import annotations
 
 import base64
-import contextlib
 import importlib.resources
-import socket
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -34,7 +31,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import chextrain
-from chextrain.data.images import READABLE, ImageLoadError, load_image_bytes, sniff_format
+from chextrain.data.images import (
+    READABLE,
+    ImageLoadError,
+    ImageTooLargeError,
+    ReaderMissingError,
+    load_image_bytes,
+    sniff_format,
+)
 from chextrain.evaluation.saliency import METHODS, display_image, overlay, png_bytes, saliency_maps
 from chextrain.inference import Predictor
 
@@ -42,22 +46,93 @@ MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # a 12 MP phone JPEG is 3-8 MB
 MAX_PIXELS = 50_000_000  # a 4608 x 3456 phone photo is 16 M
 FORM_OVERHEAD = 16 * 1024  # multipart boundaries and part headers around the file
 STATIC = ("app.js", "style.css")
-PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
-            "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
+PAGE_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+    "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
 _MEDIA_TYPES = {"js": "text/javascript; charset=utf-8", "css": "text/css; charset=utf-8"}
-_UPLOAD_BODY = {"content": {"multipart/form-data": {"schema": {
-    "type": "object", "required": ["file"],
-    "properties": {"file": {"type": "string", "format": "binary",
-                            "description": "JPEG, PNG, TIFF, BMP, WebP, DICOM or HEIC image"}}}}},
-    "required": True}
+_UPLOAD_BODY = {
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file"],
+                "properties": {
+                    "file": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "JPEG, PNG, TIFF, BMP, WebP, DICOM or HEIC image",
+                    }
+                },
+            }
+        }
+    },
+    "required": True,
+}
 
 
 class ApiError(Exception):
-    """An error answered as JSON {"error": code, "detail": detail} with an HTTP status."""
+    """An error answered as JSON {"error": code, "detail": detail}; each subclass fixes status and code."""
 
-    def __init__(self, status: int, code: str, detail: str) -> None:
+    status, code = 500, "internal-error"
+
+    def __init__(self, detail: str) -> None:
         super().__init__(detail)
-        self.status, self.code, self.detail = status, code, detail
+        self.detail = detail
+
+
+class BadRequestError(ApiError):
+    """The request is not a well-formed multipart upload."""
+
+    status, code = 400, "bad-request"
+
+
+class NotFoundError(ApiError):
+    """No such page or static file."""
+
+    status, code = 404, "not-found"
+
+
+class TooLargeError(ApiError):
+    """More bytes than the upload limit."""
+
+    status, code = 413, "too-large"
+
+
+class TooManyPixelsError(ApiError):
+    """An image whose header declares more pixels (or a file more bytes) than max_pixels allows."""
+
+    status, code = 413, "too-many-pixels"
+
+
+class UnsupportedMediaTypeError(ApiError):
+    """Not an image format this service reads (sniffed from the content)."""
+
+    status, code = 415, "unsupported-media-type"
+
+
+class EmptyFileError(ApiError):
+    """The uploaded file has no bytes."""
+
+    status, code = 422, "empty-file"
+
+
+class MissingFieldError(ApiError):
+    """The form lacks the `file` field."""
+
+    status, code = 422, "missing-field"
+
+
+class UnreadableImageError(ApiError):
+    """An image of a readable format that cannot be decoded (corrupt, truncated)."""
+
+    status, code = 422, "unreadable-image"
+
+
+class InvalidRequestError(ApiError):
+    """A query parameter with a value the API does not accept."""
+
+    status, code = 422, "invalid-request"
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -65,15 +140,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
-            raise ApiError(400, "bad-request", f"invalid Content-Length {declared!r}")
+            raise BadRequestError(f"invalid Content-Length {declared!r}")
         if int(declared) > limit:
-            raise ApiError(413, "too-large",
-                           f"upload of {int(declared):,} bytes exceeds the limit of {limit:,}")
+            raise TooLargeError(f"upload of {int(declared):,} bytes exceeds the limit of {limit:,}")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise ApiError(413, "too-large", f"upload exceeds the limit of {limit:,} bytes")
+            raise TooLargeError(f"upload exceeds the limit of {limit:,} bytes")
     return bytes(body)
 
 
@@ -81,8 +155,10 @@ def form_file(body: bytes, content_type: str, field: str = "file") -> bytes:
     """The bytes of the multipart/form-data field `field`, parsed in memory."""
     ctype, params = parse_options_header(content_type)
     if ctype != b"multipart/form-data" or b"boundary" not in params:
-        raise ApiError(400, "bad-request", f"expected a multipart/form-data upload with a field {field!r}; "
-                                           f"got Content-Type {content_type or '(none)'!r}")
+        raise BadRequestError(
+            f"expected a multipart/form-data upload with a field {field!r}; "
+            f"got Content-Type {content_type or '(none)'!r}"
+        )
     parts: dict[str, bytes] = {}
     state: dict[str, Any] = {}
 
@@ -107,37 +183,54 @@ def form_file(body: bytes, content_type: str, field: str = "file") -> bytes:
         name = disposition.get(b"name", b"").decode("utf-8", "replace")
         parts.setdefault(name, bytes(state["data"]))
 
-    callbacks = {"on_part_begin": on_part_begin, "on_header_field": on_header_field,
-                 "on_header_value": on_header_value, "on_header_end": on_header_end,
-                 "on_part_data": on_part_data, "on_part_end": on_part_end}
+    callbacks = {
+        "on_part_begin": on_part_begin,
+        "on_header_field": on_header_field,
+        "on_header_value": on_header_value,
+        "on_header_end": on_header_end,
+        "on_part_data": on_part_data,
+        "on_part_end": on_part_end,
+    }
     try:
         parser = MultipartParser(params[b"boundary"], callbacks)  # type: ignore[arg-type]
         parser.write(body)
         parser.finalize()
     except Exception as err:  # python-multipart raises its own error types
-        raise ApiError(400, "bad-request", f"malformed multipart form: {err}") from None
+        raise BadRequestError(f"malformed multipart form: {err}") from None
     if field not in parts:
         got = sorted(parts) or "none"
-        raise ApiError(422, "missing-field", f"the form has no field {field!r} (got {got})")
+        raise MissingFieldError(f"the form has no field {field!r} (got {got})")
     return parts[field]
 
 
+_UPLOAD_ERRORS: dict[type[ImageLoadError], type[ApiError]] = {
+    ImageTooLargeError: TooManyPixelsError,  # 413
+    ReaderMissingError: UnsupportedMediaTypeError,  # 415
+}
+
+
+def upload_error(err: ImageLoadError) -> type[ApiError]:
+    """The ApiError type for an error of the image reader, by its type; UnreadableImageError otherwise."""
+    return next((api for cls, api in _UPLOAD_ERRORS.items() if isinstance(err, cls)), UnreadableImageError)
+
+
 def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
-    """Sniffed, size-checked and decoded upload -> uint8 H x W; ApiError otherwise."""
+    """Sniffed, size-checked and decoded upload -> uint8 H x W; an ApiError otherwise."""
     if not data:
-        raise ApiError(422, "empty-file", "the uploaded file is empty")
+        raise EmptyFileError("the uploaded file is empty")
     kind = sniff_format(data)
     if kind not in READABLE:
-        raise ApiError(415, "unsupported-media-type", "the upload is not an image this service reads "
-                                                      "(JPEG, PNG, TIFF, BMP, WebP, DICOM, HEIC)")
+        raise UnsupportedMediaTypeError(
+            "the upload is not an image this service reads (JPEG, PNG, TIFF, BMP, WebP, DICOM, HEIC)"
+        )
     try:
         return load_image_bytes(data, "upload", max_pixels=max_pixels, truncated="error")
     except ImageLoadError as err:
-        if "too many pixels" in err.reason or "too large" in err.reason:
-            raise ApiError(413, "too-many-pixels", err.reason) from None
-        if "install the optional reader" in err.reason:
-            raise ApiError(415, "unsupported-media-type", err.reason) from None
-        raise ApiError(422, "unreadable-image", f"{kind} image cannot be decoded: {err.reason}") from None
+        error = upload_error(err)
+        detail = (
+            f"{kind} image cannot be decoded: {err.reason}" if error is UnreadableImageError else err.reason
+        )
+        raise error(detail) from None
 
 
 def explain_result(predictor: Predictor, image: np.ndarray, method: str) -> dict[str, Any]:
@@ -149,8 +242,10 @@ def explain_result(predictor: Predictor, image: np.ndarray, method: str) -> dict
     shown = display_image(image)
     result["method"] = method
     mode = predictor.preprocessing.resize
-    result["heatmaps"] = {slug: base64.b64encode(png_bytes(overlay(shown, sal, resize=mode))).decode("ascii")
-                          for slug, sal in zip(result["pathologies"], maps, strict=True)}
+    result["heatmaps"] = {
+        slug: base64.b64encode(png_bytes(overlay(shown, sal, resize=mode))).decode("ascii")
+        for slug, sal in zip(result["pathologies"], maps, strict=True)
+    }
     return result
 
 
@@ -162,20 +257,28 @@ def _static_text(name: str) -> str:
     return importlib.resources.files("chextrain.serve").joinpath("static", name).read_text("utf-8")
 
 
-def create_app(predictor: Predictor, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
-               max_pixels: int = MAX_PIXELS, explain_method: str = "gradcam") -> FastAPI:
+def create_app(
+    predictor: Predictor,
+    *,
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    max_pixels: int = MAX_PIXELS,
+    explain_method: str = "gradcam",
+) -> FastAPI:
     """The FastAPI app serving `predictor`; the page and scripts are read once, here."""
     if explain_method not in METHODS:
         raise ValueError(f"explain_method {explain_method!r} is not one of {list(METHODS)}")
-    app = FastAPI(title="chextrain", version=chextrain.__version__,
-                  description="Chest x-ray findings for digital x-rays and phone photos of x-rays. "
-                              "Research software: not a medical device.")
+    app = FastAPI(
+        title="chextrain",
+        version=chextrain.__version__,
+        description="Chest x-ray findings for digital x-rays and phone photos of x-rays. "
+        "Research software: not a medical device.",
+    )
     page = _static_text("index.html")
     assets = {name: _static_text(name) for name in STATIC}
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError) -> JSONResponse:
-        return _error(err.status, err.code, err.detail)
+        return _error(type(err).status, type(err).code, err.detail)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
@@ -184,8 +287,11 @@ def create_app(predictor: Predictor, *, max_upload_bytes: int = MAX_UPLOAD_BYTES
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
-        return _error(422, "invalid-request", "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                                                        for e in err.errors()))
+        return _error(
+            422,
+            "invalid-request",
+            "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()),
+        )
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, err: Exception) -> JSONResponse:
@@ -195,8 +301,7 @@ def create_app(predictor: Predictor, *, max_upload_bytes: int = MAX_UPLOAD_BYTES
         body = await read_body(request, max_upload_bytes + FORM_OVERHEAD)
         data = form_file(body, request.headers.get("content-type", ""))
         if len(data) > max_upload_bytes:
-            raise ApiError(413, "too-large",
-                           f"file of {len(data):,} bytes exceeds the limit of {max_upload_bytes:,}")
+            raise TooLargeError(f"file of {len(data):,} bytes exceeds the limit of {max_upload_bytes:,}")
         return await run_in_threadpool(decode_upload, data, max_pixels)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -207,21 +312,34 @@ def create_app(predictor: Predictor, *, max_upload_bytes: int = MAX_UPLOAD_BYTES
     @app.get("/static/{name}", include_in_schema=False)
     def static(name: str) -> Response:
         if name not in assets:  # a fixed set: the name never becomes a path
-            raise ApiError(404, "not-found", f"no static file {name!r}")
-        return Response(assets[name], media_type=_MEDIA_TYPES[name.rsplit(".", 1)[1]],
-                        headers={"X-Content-Type-Options": "nosniff"})
+            raise NotFoundError(f"no static file {name!r}")
+        return Response(
+            assets[name],
+            media_type=_MEDIA_TYPES[name.rsplit(".", 1)[1]],
+            headers={"X-Content-Type-Options": "nosniff"},
+        )
 
     @app.get("/api/health")
     def health() -> dict[str, Any]:
         """Model, version and what it reports on."""
         meta = predictor.meta
-        return {"status": "ok", "version": chextrain.__version__,
-                "model": {"name": predictor.name, "backbone": meta["architecture"]["backbone"],
-                          "heads": meta["architecture"]["heads"], "router": meta["architecture"]["router"],
-                          "image_size": predictor.size, "runtime": predictor.runtime.name,
-                          "domain": predictor.domain, "ood_calibrated": predictor.ood is not None},
-                "pathologies": predictor.pathology_names, "slugs": list(meta["slugs"]),
-                "limits": {"max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels}}
+        return {
+            "status": "ok",
+            "version": chextrain.__version__,
+            "model": {
+                "name": predictor.name,
+                "backbone": meta["architecture"]["backbone"],
+                "heads": meta["architecture"]["heads"],
+                "router": meta["architecture"]["router"],
+                "image_size": predictor.size,
+                "runtime": predictor.runtime.name,
+                "domain": predictor.domain,
+                "ood_calibrated": predictor.ood is not None,
+            },
+            "pathologies": predictor.pathology_names,
+            "slugs": list(meta["slugs"]),
+            "limits": {"max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels},
+        }
 
     @app.post("/api/predict", openapi_extra={"requestBody": _UPLOAD_BODY})
     async def predict(request: Request) -> dict[str, Any]:
@@ -234,31 +352,8 @@ def create_app(predictor: Predictor, *, max_upload_bytes: int = MAX_UPLOAD_BYTES
     async def explain(request: Request, method: str = explain_method) -> dict[str, Any]:
         """The prediction plus a base64 PNG saliency overlay per pathology (`method`: gradcam | gradient)."""
         if method not in METHODS:
-            raise ApiError(422, "invalid-request", f"method {method!r} is not one of {list(METHODS)}")
+            raise InvalidRequestError(f"method {method!r} is not one of {list(METHODS)}")
         image = await upload(request)
         return await run_in_threadpool(explain_result, predictor, image, method)
 
     return app
-
-
-@contextlib.contextmanager
-def running_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
-    """Serve `app` with uvicorn in a background thread; yields its base URL (port 0: a free one)."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        for _ in range(500):
-            if server.started or not thread.is_alive():
-                break
-            threading.Event().wait(0.01)
-        if not server.started:
-            raise RuntimeError(f"uvicorn did not start on {host}:{sock.getsockname()[1]}")
-        yield f"http://{host}:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()

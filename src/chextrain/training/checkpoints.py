@@ -1,8 +1,7 @@
-"""Checkpoint writing for stages: atomic files, and a `last.ckpt` kept current for resuming."""
+"""Checkpoint files of a stage: paths, atomic writes, and a `last.ckpt` kept current for resuming."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +9,10 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from chextrain.fileio import atomic_write
+
+CKPT_DIR, LAST_CKPT, BEST_CKPT = "checkpoints", "last.ckpt", "best"  # best: ModelCheckpoint adds .ckpt
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -22,15 +25,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 class LastCheckpoint(Callback):

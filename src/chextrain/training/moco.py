@@ -1,4 +1,4 @@
-"""MoCo v2 self-supervised pre-training: the LightningModule and the runner of `objective: moco` stages.
+"""MoCo v2 self-supervised pre-training: the model maths (like facebookresearch/moco's builder.py).
 
 MoCo (He et al. 2020; v2: Chen et al. 2020) trains a query encoder so that two views of one image
 match each other better than a queue of keys from earlier batches. The key encoder is an EMA of the
@@ -16,45 +16,24 @@ so all queues stay identical, and shuffles the key batch across processes before
 (BatchNorm statistics of a query and its key then come from different samples). One process
 works unchanged (no shuffle: its batch statistics are shared as in MoCo's single-GPU variants).
 
-The stage's output is a chextrain bundle holding the query ENCODER (heads untrained, meta
-`objective: moco`), which supervised stages start from with `init: stage:NAME` or the folder.
+The stage lifecycle runs it through training/objectives/moco.py, whose output is a chextrain
+bundle holding the query ENCODER (heads untrained, meta `objective: moco`), which supervised
+stages start from with `init: stage:NAME` or the folder.
 """
 
 from __future__ import annotations
 
 import copy
-import math
-import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import lightning as L
-import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from chextrain.models.bundle import save_bundle
-from chextrain.training.moco_data import MocoData
-from chextrain.training.runner import (
-    CKPT_DIR,
-    DONE_FILE,
-    LAST_CKPT,
-    StageResult,
-    _write_json,
-    apply_expected_input,
-    auto_workers,
-    build_trainer,
-    finished_result,
-    initial_model,
-    resolve_init,
-    seeded_training_rows,
-)
+from chextrain.training.optim import cosine, make_optimizer
 from chextrain.training.specs import MocoSpec, OptimizerSpec
-from chextrain.training.stage import Stage, StageError, config_hash, resolved_config
-from chextrain.training.supervised import make_optimizer
 
 
 def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
@@ -69,8 +48,9 @@ def momentum_update(key: nn.Module, query: nn.Module, m: float) -> None:
         pk.mul_(m).add_(pq.detach(), alpha=1.0 - m)
 
 
-def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def info_nce(
+    q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """InfoNCE of queries against their keys (positives) and the queue (negatives).
 
     q, k: B x D, L2-normalised; queue: D x K, L2-normalised columns. Returns (mean cross-entropy,
@@ -153,8 +133,15 @@ class MocoModule(L.LightningModule):
         seed: seeds the initial queue and the shuffle-BN permutations.
     """
 
-    def __init__(self, encoder: nn.Module, num_features: int, *, spec: MocoSpec = MocoSpec(),
-                 optimizer: OptimizerSpec = OptimizerSpec(), seed: int = 0) -> None:
+    def __init__(
+        self,
+        encoder: nn.Module,
+        num_features: int,
+        *,
+        spec: MocoSpec = MocoSpec(),
+        optimizer: OptimizerSpec = OptimizerSpec(),
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         self.spec, self.optimizer_spec = spec, optimizer
         self.encoder_q = encoder
@@ -177,8 +164,9 @@ class MocoModule(L.LightningModule):
     @torch.no_grad()
     def key(self, images: torch.Tensor) -> torch.Tensor:
         """images B x 3 x S x S -> normalised key projections B x D (shuffle-BN under DDP)."""
-        shuffled, unshuffle = batch_shuffle(images, self.shuffle_generator) if self.spec.shuffle_bn \
-            else (images, None)
+        shuffled, unshuffle = (
+            batch_shuffle(images, self.shuffle_generator) if self.spec.shuffle_bn else (images, None)
+        )
         k = F.normalize(self.projection_k(self.encoder_k(shuffled)).float(), dim=1)
         return batch_unshuffle(k, unshuffle)
 
@@ -237,71 +225,3 @@ class MocoModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.samples_seen = int(checkpoint.get("samples_seen", 0))
-
-
-def cosine(total: int) -> Callable[[int], float]:
-    """The learning-rate factor of a half-cosine from 1 at step 0 to 0 at `total` (MoCo v2's --cos)."""
-    return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
-
-
-def train_moco_stage(stage: Stage, data_root: Path | None, out_dir: Path, *,
-                     resolve_ref: Callable[[str], Path] | None = None, catalog: pd.DataFrame | None = None,
-                     progress: bool = True) -> StageResult:
-    """Pre-train an encoder with MoCo into out_dir (resumable), then write its bundle and done.json.
-
-    Same arguments, output folder and StageResult as runner.train_stage (which calls this for
-    `objective: moco`). The bundle holds the query encoder and untrained heads with meta
-    {"objective": "moco", "preprocessing": ..., "moco": final loss/accuracy}; nothing is evaluated.
-    """
-    t0 = time.time()
-    if stage.objective != "moco":
-        raise StageError(f"stage {stage.name!r} has objective {stage.objective!r}; "
-                         "train_moco_stage needs 'moco'")
-    if stage.augment.standard is not None or stage.augment.photo_sim is not None:
-        raise StageError(f"stage {stage.name!r}: a moco stage makes its views with moco.augmentation "
-                         f"(mococxr, photo_aware); `augment` {stage.augment.model_dump(exclude_none=True)} "
-                         "is for supervised stages: remove it")
-    out_dir = Path(out_dir)
-    digest = config_hash(stage)
-    cached = finished_result(out_dir, stage, digest)
-    if cached is not None:
-        return cached
-    last = out_dir / CKPT_DIR / LAST_CKPT
-    resumed = last.exists()
-    catalog, train_rows = seeded_training_rows(stage, data_root, catalog)
-    init = resolve_init(stage.init, resolve_ref)
-    model, init_note = initial_model(stage, init, out_dir, resumed=resumed, load_heads=False)
-    stage = apply_expected_input(stage, init)
-    on_gpu = torch.cuda.is_available()
-    module = MocoModule(model.encoder, model.num_features, spec=stage.moco, optimizer=stage.optimizer,
-                        seed=stage.seed)
-    workers = auto_workers(stage.devices) if stage.num_workers == "auto" else stage.num_workers
-    pool = catalog.loc[catalog["split"] == "train"].reset_index(drop=True)  # real photo partners
-    data = MocoData(stage, train_rows, pool, num_workers=workers, pin_memory=on_gpu)
-    steps = -(-len(train_rows) // stage.batch_size)
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    try:
-        trainer = build_trainer(stage, out_dir, progress=progress, has_val=False, steps_per_epoch=steps)
-        trainer.fit(module, datamodule=data, ckpt_path=last if resumed else None, weights_only=True)
-    finally:  # Trainer(deterministic=True) switches a process-wide flag: give it back
-        torch.use_deterministic_algorithms(was_deterministic)
-    if trainer.global_rank != 0:
-        return StageResult(out_dir, out_dir / "model.json", rank=trainer.global_rank, resumed=resumed)
-    train_info = {"global_step": trainer.global_step, "epochs": trainer.current_epoch,
-                  "world_size": trainer.world_size, "samples_seen_per_rank": module.samples_per_rank,
-                  "lr": [g["lr"] for g in trainer.optimizers[0].param_groups], "weights": "last",
-                  "train_rows": len(train_rows), "val_rows": 0, "init": init_note}
-    model = model.float().to(memory_format=torch.contiguous_format).cpu()
-    meta = {"objective": "moco", "image_size": stage.image_size,
-            "preprocessing": stage.preprocess.model_dump(mode="json"), "domain_heads": stage.domain_heads,
-            "stage": stage.name, "label": stage.title, "metrics": {}, "config": resolved_config(stage),
-            "config_hash": digest, "policy": stage.policy, "training": train_info,
-            "moco": {"final_loss": module.last.get("loss"), "final_acc1": module.last.get("acc1"),
-                     "queue_size": stage.moco.queue_size}}
-    save_bundle(model, out_dir, meta)
-    duration = time.time() - t0
-    record = {"config_hash": digest, "stage": stage.name, "label": stage.title, "objective": "moco",
-              "duration": duration, "resumed": resumed, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              **train_info, "moco": meta["moco"], "metrics": {}}
-    _write_json(out_dir / DONE_FILE, record)
-    return StageResult(out_dir, out_dir / "model.json", {}, duration, resumed=resumed)

@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import lightning as L
 import numpy as np
 import pandas as pd
 from PIL import Image
@@ -26,9 +25,8 @@ from chextrain.data.dataset import DatasetError
 from chextrain.data.images import load_image
 from chextrain.data.photo import simulate_photo
 from chextrain.data.transforms import Preprocessing, preprocess, to_grey
-from chextrain.training.runner import StageData
 from chextrain.training.specs import MocoCxrSpec, PhotoAwareSpec
-from chextrain.training.stage import Stage
+from chextrain.training.stage import MocoStage
 
 
 @dataclass(frozen=True)
@@ -54,8 +52,9 @@ class MocoCxrAugment:
         ch = int(min(h, max(1, round(area / cw))))  # a side cut at the border: the other keeps the area
         x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
         view = Image.fromarray(image).crop((x0, y0, x0 + cw, y0 + ch))
-        view = view.rotate(rng.uniform(-self.rotation, self.rotation), resample=Image.Resampling.BILINEAR,
-                           fillcolor=0)
+        view = view.rotate(
+            rng.uniform(-self.rotation, self.rotation), resample=Image.Resampling.BILINEAR, fillcolor=0
+        )
         if rng.random() < self.flip:
             view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return np.asarray(view)
@@ -80,8 +79,10 @@ def photo_partners(rows: pd.DataFrame, pool: pd.DataFrame) -> list[list[str]]:
     for key, domain, path in zip(pair_keys(pool), pool["domain"], pool["path"], strict=True):
         by_key.setdefault((key, domain), []).append(str(path))
     other = {"digital": "photo", "photo": "digital"}
-    return [sorted(set(by_key.get((key, other[domain]), [])) - {str(path)})
-            for key, domain, path in zip(pair_keys(rows), rows["domain"], rows["path"], strict=True)]
+    return [
+        sorted(set(by_key.get((key, other[domain]), [])) - {str(path)})
+        for key, domain, path in zip(pair_keys(rows), rows["domain"], rows["path"], strict=True)
+    ]
 
 
 class MocoDataset(Dataset):
@@ -100,10 +101,17 @@ class MocoDataset(Dataset):
         seed: seeds the per-sample generators.
     """
 
-    def __init__(self, rows: pd.DataFrame, *, image_size: int,
-                 preprocessing: str | Preprocessing | Mapping[str, Any] = "imagenet",
-                 augment: MocoCxrAugment | None = None, photo: PhotoAwareSpec | None = None,
-                 partners: list[list[str]] | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        rows: pd.DataFrame,
+        *,
+        image_size: int,
+        preprocessing: str | Preprocessing | Mapping[str, Any] = "imagenet",
+        augment: MocoCxrAugment | None = None,
+        photo: PhotoAwareSpec | None = None,
+        partners: list[list[str]] | None = None,
+        seed: int = 0,
+    ) -> None:
         rows = rows.reset_index(drop=True)
         self.paths: list[str] = rows["path"].astype(str).tolist()
         self.domains: list[str] = rows["domain"].astype(str).tolist()
@@ -121,8 +129,10 @@ class MocoDataset(Dataset):
         try:
             return load_image(path)
         except (OSError, ValueError) as err:
-            raise DatasetError(f"cannot read an image of catalog row {index} (CSV line "
-                               f"{self.csv_rows[index]}): {path}: {err}") from err
+            raise DatasetError(
+                f"cannot read an image of catalog row {index} (CSV line "
+                f"{self.csv_rows[index]}): {path}: {err}"
+            ) from err
 
     def second_image(self, index: int, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int]:
         """The image view2 starts from, and `paired` (see the class docstring)."""
@@ -152,26 +162,18 @@ class MocoDataset(Dataset):
         }
 
 
-class MocoData(StageData):
-    """The runner's StageData (resumable, per-rank sharded loaders) serving MocoDataset samples.
-
-    pool: the catalog rows real photo partners are drawn from (the train split: never a
-    validation or test image).
-    """
-
-    def __init__(self, stage: Stage, train_rows: pd.DataFrame, pool: pd.DataFrame, *, num_workers: int,
-                 pin_memory: bool) -> None:
-        super().__init__(stage, train_rows, train_rows.iloc[:0], num_workers=num_workers,
-                         pin_memory=pin_memory)
-        self.pool = pool
-
-    # MoCo has no validation loop: undo StageData's override so Lightning sees no val loader.
-    val_dataloader = L.LightningDataModule.val_dataloader
-
-    def _dataset(self, rows: pd.DataFrame, train: bool) -> Dataset:
-        s = self.stage
-        aug = s.moco.augmentation
-        photo = aug.photo_aware
-        partners = photo_partners(rows, self.pool) if photo is not None and photo.real_pairs else None
-        return MocoDataset(rows, image_size=s.image_size, preprocessing=s.preprocess,
-                           augment=mococxr_augment(aug.mococxr), photo=photo, partners=partners, seed=s.seed)
+def moco_dataset(stage: MocoStage, rows: pd.DataFrame, pool: pd.DataFrame) -> MocoDataset:
+    """The MoCo views of a stage's rows; `pool` is where real photo partners come from (the train
+    split: never a validation or test image)."""
+    aug = stage.moco.augmentation
+    photo = aug.photo_aware
+    partners = photo_partners(rows, pool) if photo is not None and photo.real_pairs else None
+    return MocoDataset(
+        rows,
+        image_size=stage.image_size,
+        preprocessing=stage.preprocessing,
+        augment=mococxr_augment(aug.mococxr),
+        photo=photo,
+        partners=partners,
+        seed=stage.seed,
+    )

@@ -156,10 +156,27 @@ class MocoSpec(Spec):
         if isinstance(value, list):
             if not all(v in ("mococxr", "photo_aware") for v in value):
                 raise ValueError(f"{value!r}: expected none, mococxr, photo_aware or a mapping of them")
-            return {"mococxr": {} if "mococxr" in value else None,
-                    "photo_aware": {} if "photo_aware" in value else None}
+            return {
+                "mococxr": {} if "mococxr" in value else None,
+                "photo_aware": {} if "photo_aware" in value else None,
+            }
         if isinstance(value, Mapping):
             return {k: ({} if v is True else None if v is False else v) for k, v in value.items()}
         return value
 
 
+class ResourcesSpec(Spec):
+    """What a stage asks SLURM for (`--executor slurm`). None of it changes the result: not hashed.
+
+    Nodes are the stage's `num_nodes`; GPUs per node default to the stage's `devices` (when a whole
+    number), else 1. One task runs per GPU, as Lightning's SLURM environment expects.
+    """
+
+    partition: str | None = None
+    gpus_per_node: int | None = Field(default=None, ge=0)
+    cpus_per_task: int = Field(default=8, gt=0)
+    mem_gb: int | None = Field(default=None, gt=0)
+    time_min: int = Field(default=24 * 60, gt=0)
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None

@@ -3,12 +3,17 @@
 A strategy of the paper differs from another only in where its weights come from, what data
 trains it, what is frozen and which head learns; a `Stage` says exactly that. Defaults are the
 paper's hyperparameters (DenseNet-121 from ImageNet, U-Ones, Adam 1e-4, batch 16, 3 epochs, 320 px).
+
+`Stage` is a union discriminated by `objective` (default `supervised`): each objective has its own
+stage type (`SupervisedStage`, `MocoStage`), so a key that does not apply to the stage's objective
+(`augment` on a MoCo stage, `moco:` on a supervised one) is refused when the YAML is read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -16,8 +21,11 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
+    Discriminator,
     Field,
     StringConstraints,
+    Tag,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -31,19 +39,21 @@ from chextrain.training.specs import (
     DataSpec,
     MocoSpec,
     OptimizerSpec,
+    ResourcesSpec,
     Spec,
     SplitSpec,
 )
 
-DATASETS: tuple[str, ...] = ("chexpert", "chexphoto", "other")
-KINDS: tuple[str, ...] = ("digital", "natural", "synthetic-digital", "synthetic-photographic", "film")
-DOMAINS: tuple[str, ...] = ("digital", "photo")
 PRECISIONS: tuple[str, ...] = ("auto", "32-true", "16-mixed", "bf16-mixed", "64-true")
-_PRECISION_ALIASES: dict[str, str] = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed",
-                                      "64": "64-true"}
+_PRECISION_ALIASES: dict[str, str] = {
+    "32": "32-true",
+    "16": "16-mixed",
+    "bf16": "bf16-mixed",
+    "64": "64-true",
+}
 REF_PREFIX = "stage:"
 # Keys that change neither the weights nor the outputs: left out of the config hash.
-HASH_EXCLUDE: tuple[str, ...] = ("label", "num_workers")
+HASH_EXCLUDE: tuple[str, ...] = ("label", "num_workers", "resources")
 
 
 HeadName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")]
@@ -53,47 +63,28 @@ class StageError(ValueError):
     """A stage file or override is invalid; the message lists every bad field."""
 
 
-class Stage(Spec):
-    """One training stage. Field names are the YAML keys."""
+class BaseStage(Spec):
+    """What every stage has, whatever its objective. Field names are the YAML keys."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     label: str | None = None  # strategy name printed in tables; defaults to name
-    objective: Literal["supervised", "moco"] = "supervised"
     init: str = "imagenet"  # imagenet | random | FILE | run folder | stage:NAME
     backbone: str = "densenet121"
     data: DataSpec = DataSpec()
-    policy: str | dict[str, str] = "ones"
     split: SplitSpec = SplitSpec()
-    heads: list[HeadName] = Field(default=["shared"], min_length=1)
-    domain_heads: dict[Literal["digital", "photo"], str] = {"digital": "shared", "photo": "shared"}
-    train_heads: list[HeadName] = Field(default=["shared"], min_length=1)
-    router: bool = False
-    freeze: Literal["none", "encoder", "last-block"] = "none"
     optimizer: OptimizerSpec = OptimizerSpec()
     epochs: int | None = Field(default=3, gt=0)
     max_steps: int | None = Field(default=None, gt=0)
     batch_size: int = Field(default=16, gt=0)
     image_size: int = Field(default=320, ge=16)
-    augment: AugmentSpec = AugmentSpec()
-    preprocess: Preprocessing = Preprocessing()
+    preprocessing: Preprocessing = Preprocessing()
     precision: str = "auto"
     devices: int | Literal["auto"] = "auto"
     num_nodes: int = Field(default=1, gt=0)
     seed: int = 0
-    val_every_n_steps: int | None = Field(default=None, gt=0)  # None: once per epoch
     checkpoint_every_n_steps: int = Field(default=1000, gt=0)
-    monitor: str = "val/auc_mean"
-    monitor_mode: Literal["max", "min"] = "max"
-    select: Literal["last", "best"] = "last"  # which weights go into the bundle
     num_workers: int | Literal["auto"] = "auto"
-    evaluate: list[Literal["val", "test"]] = ["val", "test"]
-    moco: MocoSpec = MocoSpec()  # used by `objective: moco` only
-
-    @field_validator("policy")
-    @classmethod
-    def _known_policy(cls, value: str | dict[str, str]) -> str | dict[str, str]:
-        resolve_policy(value)  # raises ValueError naming the bad entry
-        return value
+    resources: ResourcesSpec | None = None  # SLURM resources (executors.py); not hashed
 
     @field_validator("backbone")
     @classmethod
@@ -102,25 +93,10 @@ class Stage(Spec):
             raise ValueError(f"{value!r} is not one of {sorted(BACKBONES)}")
         return value
 
-    @field_validator("augment", mode="before")
+    @field_validator("preprocessing", mode="before")
     @classmethod
-    def _augment_shorthand(cls, value: Any) -> Any:
-        if value is None or value == "none":
-            return {}
-        if isinstance(value, str):
-            value = [value]
-        if isinstance(value, list):
-            if not all(v in ("standard", "photo_sim") for v in value):
-                raise ValueError(f"{value!r}: expected none, standard, photo_sim or a mapping of them")
-            return {v: {} for v in value}
-        if isinstance(value, Mapping):
-            return {k: ({} if v is True else v) for k, v in value.items() if v is not False}
-        return value
-
-    @field_validator("preprocess", mode="before")
-    @classmethod
-    def _preprocess_name(cls, value: Any) -> Any:
-        # `preprocess: imagenet` (or histeq): a bare name. Set or not, see runner.apply_expected_input.
+    def _preprocessing_name(cls, value: Any) -> Any:
+        # `preprocessing: imagenet` (or histeq): a bare name. Set or not, see lifecycle.apply_expected_input.
         return {"name": value} if isinstance(value, str) else value
 
     @field_validator("precision", mode="before")
@@ -138,6 +114,83 @@ class Stage(Spec):
             return value
         raise ValueError(f"{value!r}: expected 'auto' or a whole number >= 0")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_and_implied_keys(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        if "preprocess" in data:  # the key's old name, still read
+            if "preprocessing" in data:
+                raise ValueError("preprocess: an old name of `preprocessing`; give only `preprocessing`")
+            warnings.warn(
+                "stage key `preprocess` is deprecated: write `preprocessing`", FutureWarning, stacklevel=2
+            )
+            data = {("preprocessing" if k == "preprocess" else k): v for k, v in data.items()}
+        # `max_steps` alone means "train for that many steps", not "3 epochs or that many steps".
+        if data.get("max_steps") is not None and "epochs" not in data:
+            data = {**data, "epochs": None}
+        return data
+
+    @model_validator(mode="after")
+    def _common_checks(self) -> BaseStage:
+        problems = []
+        if self.devices == 0:
+            problems.append("devices: must be >= 1 or 'auto'")
+        if self.epochs is None and self.max_steps is None:
+            problems.append("epochs / max_steps: give at least one")
+        problems += self._problems()
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def _problems(self) -> list[str]:
+        """Cross-field problems of the objective's own fields (one "field: problem" each)."""
+        return []
+
+    @property
+    def title(self) -> str:
+        """The strategy name for tables."""
+        return self.label or self.name
+
+
+class SupervisedStage(BaseStage):
+    """A stage that trains heads on labelled images (every strategy of the paper's Table 1)."""
+
+    objective: Literal["supervised"] = "supervised"
+    policy: str | dict[str, str] = "ones"
+    heads: list[HeadName] = Field(default=["shared"], min_length=1)
+    domain_heads: dict[Literal["digital", "photo"], str] = {"digital": "shared", "photo": "shared"}
+    train_heads: list[HeadName] = Field(default=["shared"], min_length=1)
+    router: bool = False
+    freeze: Literal["none", "encoder", "last-block"] = "none"
+    augment: AugmentSpec = AugmentSpec()
+    val_every_n_steps: int | None = Field(default=None, gt=0)  # None: once per epoch
+    monitor: str = "val/auc_mean"
+    monitor_mode: Literal["max", "min"] = "max"
+    select: Literal["last", "best"] = "last"  # which weights go into the bundle
+    evaluate: list[Literal["val", "test"]] = ["val", "test"]
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, value: str | dict[str, str]) -> str | dict[str, str]:
+        resolve_policy(value)  # raises ValueError naming the bad entry
+        return value
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment_shorthand(cls, value: Any) -> Any:
+        if value is None or value == "none":
+            return {}
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            if not all(v in ("standard", "photo_sim") for v in value):
+                raise ValueError(f"{value!r}: expected none, standard, photo_sim or a mapping of them")
+            return {v: {} for v in value}
+        if isinstance(value, Mapping):
+            return {k: ({} if v is True else v) for k, v in value.items() if v is not False}
+        return value
+
     @field_validator("heads", "train_heads")
     @classmethod
     def _unique(cls, value: list[str]) -> list[str]:
@@ -145,21 +198,8 @@ class Stage(Spec):
             raise ValueError(f"{value}: names must be unique")
         return value
 
-    @model_validator(mode="before")
-    @classmethod
-    def _steps_replace_epochs(cls, data: Any) -> Any:
-        # `max_steps` alone means "train for that many steps", not "3 epochs or that many steps".
-        if isinstance(data, Mapping) and data.get("max_steps") is not None and "epochs" not in data:
-            return {**data, "epochs": None}
-        return data
-
-    @model_validator(mode="after")
-    def _consistent(self) -> Stage:
+    def _problems(self) -> list[str]:
         problems = []
-        if self.devices == 0:
-            problems.append("devices: must be >= 1 or 'auto'")
-        if self.epochs is None and self.max_steps is None:
-            problems.append("epochs / max_steps: give at least one")
         for domain, head in self.domain_heads.items():
             if head not in self.heads:
                 problems.append(f"domain_heads.{domain}: {head!r} is not one of heads {self.heads}")
@@ -169,19 +209,38 @@ class Stage(Spec):
                 problems.append(f"train_heads: {head!r} is not one of {allowed}")
         if "router" in self.heads:
             problems.append("heads: 'router' is reserved for the domain router (set router: true)")
-        if problems:
-            raise ValueError("\n".join(problems))
-        return self
-
-    @property
-    def title(self) -> str:
-        """The strategy name for tables."""
-        return self.label or self.name
+        return problems
 
 
-def stage_refs(stage: Stage) -> list[str]:
-    """Names of the stages this stage depends on (`init: stage:NAME`), for a study's DAG."""
-    return [stage.init[len(REF_PREFIX) :]] if stage.init.startswith(REF_PREFIX) else []
+class MocoStage(BaseStage):
+    """A MoCo v2 pre-training stage: learns an encoder from unlabelled views (its `moco:` settings)."""
+
+    objective: Literal["moco"]
+    moco: MocoSpec = MocoSpec()
+
+
+# The stage type of each objective (training/objectives/ holds the code that runs it).
+STAGE_TYPES: dict[str, type[BaseStage]] = {"supervised": SupervisedStage, "moco": MocoStage}
+
+
+def _objective_of(value: Any) -> str | None:
+    if isinstance(value, BaseStage):
+        return str(value.objective)  # type: ignore[attr-defined]
+    if isinstance(value, Mapping):
+        name = value.get("objective", "supervised")
+        return name if name in STAGE_TYPES else None
+    return None
+
+
+Stage = Annotated[
+    Annotated[SupervisedStage, Tag("supervised")] | Annotated[MocoStage, Tag("moco")],
+    Discriminator(
+        _objective_of,
+        custom_error_type="objective",
+        custom_error_message=f"objective: expected one of {list(STAGE_TYPES)}",
+    ),
+]
+_STAGE_ADAPTER: TypeAdapter[Any] = TypeAdapter(Stage)
 
 
 def resolved_config(stage: Stage) -> dict[str, Any]:
@@ -232,7 +291,7 @@ def parse_stage(data: Any, overrides: Sequence[str] = (), *, source: str = "stag
         raise StageError(f"{source}: expected a mapping of stage keys, got {type(data).__name__}")
     data = apply_overrides(data, overrides)
     try:
-        return Stage.model_validate(data)
+        return _STAGE_ADAPTER.validate_python(data)
     except ValidationError as err:
         raise StageError(_format_errors(err, source, data)) from None
 
@@ -256,12 +315,23 @@ def load_stage(path: str | Path, overrides: Sequence[str] = ()) -> Stage:
 def _format_errors(err: ValidationError, source: str, data: Mapping[str, Any]) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        if e["type"] == "extra_forbidden":
-            msg = f"unknown key; allowed keys: {', '.join(_allowed_keys(e['loc'][:-1]))}"
+        parts = tuple(e["loc"])
+        tag, model = "supervised", SupervisedStage
+        if parts and parts[0] in STAGE_TYPES:  # the union's tag: the stage type that was validated
+            tag, parts = str(parts[0]), parts[1:]
+            model = STAGE_TYPES[tag]
+        loc = ".".join(str(p) for p in parts) or "(top level)"
+        if e["type"] == "objective":
+            msg = f"{e['msg']} (got {data.get('objective')!r})"
+            loc = "objective"
+        elif e["type"] == "extra_forbidden":
+            msg = f"unknown key; allowed keys: {', '.join(_allowed_keys(model, parts[:-1]))}"
+            if len(parts) == 1 and any(str(parts[0]) in t.model_fields for t in STAGE_TYPES.values()):
+                users = [n for n, t in STAGE_TYPES.items() if str(parts[0]) in t.model_fields]
+                msg = f"does not apply to an `objective: {tag}` stage (only to {', '.join(users)}); {msg}"
         elif e["type"] == "missing":
             msg = "required key is missing"
-        elif not e["loc"] and e["type"] == "value_error":  # cross-field checks: one "field: problem" a line
+        elif not parts and e["type"] == "value_error":  # cross-field checks: one "field: problem" a line
             lines += [f"  {line}" for line in e["msg"].removeprefix("Value error, ").splitlines()]
             continue
         else:
@@ -272,8 +342,7 @@ def _format_errors(err: ValidationError, source: str, data: Mapping[str, Any]) -
     return f"{source}: {len(lines)} invalid field(s):\n" + "\n".join(lines)
 
 
-def _allowed_keys(loc: Sequence[Any]) -> list[str]:
-    model: Any = Stage
+def _allowed_keys(model: Any, loc: Sequence[Any]) -> list[str]:
     for part in loc:
         field = model.model_fields.get(part) if isinstance(part, str) else None
         annotation = getattr(field, "annotation", None)
@@ -281,4 +350,8 @@ def _allowed_keys(loc: Sequence[Any]) -> list[str]:
         model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
         if model is None:
             return []
-    return list(model.model_fields)
+    keys = list(model.model_fields)
+    if "objective" in keys:  # read first: it decides which other keys apply
+        keys.remove("objective")
+        keys.insert(keys.index("label") + 1, "objective")
+    return keys

@@ -1,7 +1,8 @@
 """A study: a DAG of stages read from YAML (run by training/study_run.py).
 
-Study file keys: `name`, `defaults` (stage keys applied to every stage), `stages` (a list of
-stage specs; `init: stage:NAME` makes the DAG), `variables` (named values substituted as
+Study file keys: `name`, `defaults` (stage keys applied to every stage whose objective has
+them), `resources` (SLURM resources of every stage, see specs.ResourcesSpec), `stages` (a list
+of stage specs; `init: stage:NAME` makes the DAG), `variables` (named values substituted as
 `${name}` in stage strings; `--set name=value` replaces one) and `profiles`
 (`{demo: {defaults: {...}, stages: {NAME: {...}}, only: [NAME, ...], fallbacks: {imagenet: random}}}`)
 that scale a study down (`only` keeps a reduced set of stages).
@@ -20,6 +21,7 @@ import yaml
 
 from chextrain.training.stage import (
     REF_PREFIX,
+    STAGE_TYPES,
     Stage,
     StageError,
     config_hash,
@@ -28,7 +30,7 @@ from chextrain.training.stage import (
     resolved_config,
 )
 
-STUDY_KEYS = ("name", "description", "defaults", "stages", "variables", "profiles")
+STUDY_KEYS = ("name", "description", "defaults", "resources", "stages", "variables", "profiles")
 PROFILE_KEYS = ("defaults", "stages", "fallbacks", "only", "description")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -56,6 +58,19 @@ def deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, A
         else:
             out[key] = value
     return out
+
+
+def applicable_defaults(defaults: Mapping[str, Any], objective: Any) -> dict[str, Any]:
+    """The study defaults that apply to a stage of this objective (e.g. `evaluate` not to MoCo).
+
+    A stage's own keys are checked strictly; study-wide defaults reach only the stages whose
+    objective has the key. An unknown objective keeps every default (its stage is refused anyway).
+    """
+    fields = STAGE_TYPES[objective].model_fields if objective in STAGE_TYPES else None
+    return {k: v for k, v in defaults.items() if fields is None or k in fields or k not in _ANY_STAGE_KEYS}
+
+
+_ANY_STAGE_KEYS = frozenset(k for t in STAGE_TYPES.values() for k in t.model_fields)
 
 
 def _substitute(value: Any, variables: Mapping[str, Any], where: str) -> Any:
@@ -131,6 +146,8 @@ def parse_study(
         else:
             stage_overrides.append(item)
     defaults = deep_merge(data.get("defaults") or {}, chosen.get("defaults") or {})
+    if data.get("resources"):  # the study's SLURM resources: every stage's, unless it sets its own
+        defaults = deep_merge({"resources": data["resources"]}, defaults)
     per_stage = chosen.get("stages") or {}
     names = [s.get("name") for s in data["stages"] if isinstance(s, Mapping)]
     missing = sorted(set(per_stage) - set(names))
@@ -150,7 +167,8 @@ def parse_study(
         if not isinstance(spec, Mapping):
             problems.append(f"{where}: expected a mapping")
             continue
-        merged = deep_merge(deep_merge(defaults, spec), per_stage.get(spec.get("name"), {}) or {})
+        own = deep_merge(spec, per_stage.get(spec.get("name"), {}) or {})
+        merged = deep_merge(applicable_defaults(defaults, own.get("objective", "supervised")), own)
         try:
             stage = parse_stage(_substitute(merged, variables, where), stage_overrides, source=where)
         except StageError as err:
@@ -178,8 +196,12 @@ def parse_study(
         deps=deps,
         order=order,
         fallbacks=dict(chosen.get("fallbacks") or {}),
-        notes=[f"profile {profile!r} runs a reduced set of {len(keep)} of the study's {len(names)} stages: "
-               + ", ".join(n for n in names if n in keep)] if len(keep) < len(names) else [],
+        notes=[
+            f"profile {profile!r} runs a reduced set of {len(keep)} of the study's {len(names)} stages: "
+            + ", ".join(n for n in names if n in keep)
+        ]
+        if len(keep) < len(names)
+        else [],
     )
 
 

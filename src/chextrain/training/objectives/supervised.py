@@ -1,24 +1,45 @@
-"""The LightningModule for the supervised strategies: masked BCE, per-sample heads, optional router.
+"""The supervised objective: masked BCE through per-sample heads (every strategy of the paper's Table 1).
 
 Every paper strategy is this module with other settings: which parameters train (apply_freeze),
 which head each sample goes through (the batch's `head` indices), and whether the domain router
 learns. The optimiser is built from the STAGE's spec over the trainable parameters only; an
 `init` from another stage brings weights, never its optimiser or learning rate.
+
+After training, `finish` tunes thresholds on validation (per head, on the rows it serves),
+evaluates every dataset of each evaluated split (a digital-only stage is scored on photos too),
+calibrates OOD on validation, and writes the bundle.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from chextrain.data.dataset import CatalogDataset
 from chextrain.evaluation.metrics import pathology_metrics
+from chextrain.evaluation.predict import (
+    Predictions,
+    calibrate_ood_or_none,
+    predict_rows,
+    router_accuracy,
+    tune_head_thresholds,
+    write_evaluation,
+)
 from chextrain.labels import SLUGS
+from chextrain.models.bundle import save_bundle
 from chextrain.models.net import ROUTER, CXRNet, apply_freeze
+from chextrain.training.checkpoints import BEST_CKPT, CKPT_DIR
+from chextrain.training.loaders import TrainValData, stage_rows
+from chextrain.training.objectives.plan import LoaderSettings, Outcome, Plan
+from chextrain.training.optim import make_optimizer
 from chextrain.training.specs import OptimizerSpec
+from chextrain.training.stage import SupervisedStage
 
 
 def masked_bce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -28,15 +49,6 @@ def masked_bce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -
     """
     loss = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none")  # B x 5
     return (loss * mask).sum() / mask.sum().clamp_min(1.0)
-
-
-def make_optimizer(params: list[torch.nn.Parameter], spec: OptimizerSpec) -> torch.optim.Optimizer:
-    """The stage's optimiser over exactly `params`."""
-    if spec.name == "adam":
-        return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    if spec.name == "adamw":
-        return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
 
 
 class SupervisedModule(L.LightningModule):
@@ -50,8 +62,15 @@ class SupervisedModule(L.LightningModule):
         channels_last: use the channels-last memory format (set on CUDA).
     """
 
-    def __init__(self, model: CXRNet, *, optimizer: OptimizerSpec, freeze: str = "none",
-                 train_heads: list[str] | tuple[str, ...] = ("shared",), channels_last: bool = False) -> None:
+    def __init__(
+        self,
+        model: CXRNet,
+        *,
+        optimizer: OptimizerSpec,
+        freeze: str = "none",
+        train_heads: list[str] | tuple[str, ...] = ("shared",),
+        channels_last: bool = False,
+    ) -> None:
         super().__init__()
         self.model = model
         self.optimizer_spec = optimizer
@@ -98,7 +117,8 @@ class SupervisedModule(L.LightningModule):
         self._val.clear()
         if self.trainer.world_size > 1:  # every rank scored a padded shard: gather, drop repeats
             index, probs, target, mask, domain, router = (
-                self.all_gather(t).flatten(0, 1) for t in (index, probs, target, mask, domain, router))
+                self.all_gather(t).flatten(0, 1) for t in (index, probs, target, mask, domain, router)
+            )
         keep = np.unique(index.cpu().numpy(), return_index=True)[1]
         probs, target, mask = (t[keep].cpu().double() for t in (probs, target, mask))
         logs = validation_metrics(target.numpy(), probs.numpy(), mask.numpy())
@@ -135,3 +155,113 @@ def validation_metrics(targets: np.ndarray, probs: np.ndarray, mask: np.ndarray)
     finite = [a for a in aucs if np.isfinite(a)]
     logs["val/auc_mean"] = float(np.mean(finite)) if finite else float("nan")
     return logs
+
+
+class Supervised:
+    """The `supervised` objective for the stage lifecycle (see training/objectives/__init__.py)."""
+
+    load_heads = True  # an init's heads start the heads of the same name
+
+    def plan(
+        self,
+        stage: SupervisedStage,
+        model: CXRNet,
+        catalog: pd.DataFrame,
+        train_rows: pd.DataFrame,
+        loader: LoaderSettings,
+    ) -> Plan:
+        """SupervisedModule over the stage's train rows, validated on its val rows."""
+        val_rows = stage_rows(stage, catalog, "val")
+        module = SupervisedModule(
+            model,
+            optimizer=stage.optimizer,
+            freeze=stage.freeze,
+            train_heads=stage.train_heads,
+            channels_last=loader.channels_last,
+        )
+
+        def dataset(rows: pd.DataFrame, train: bool) -> CatalogDataset:
+            return CatalogDataset(
+                rows,
+                image_size=stage.image_size,
+                preprocessing=stage.preprocessing,
+                policy=stage.policy,
+                head_names=stage.heads,
+                domain_heads=stage.domain_heads,
+                augment=stage.augment.build() if train else (),
+                seed=stage.seed,
+            )
+
+        data = TrainValData(
+            dataset(train_rows, True),
+            dataset(val_rows, False),
+            batch_size=stage.batch_size,
+            seed=stage.seed,
+            num_workers=loader.num_workers,
+            pin_memory=loader.pin_memory,
+        )
+        return Plan(module, data, val_rows=len(val_rows))
+
+    def select_weights(self, stage: SupervisedStage, plan: Plan, out_dir: Path) -> str:
+        """Load best.ckpt's weights into the module when the stage selects `best` and one exists."""
+        best = out_dir / CKPT_DIR / f"{BEST_CKPT}.ckpt"
+        if stage.select == "last" or not best.exists():
+            return "last"
+        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+        plan.module.load_state_dict(state)
+        return "best"
+
+    def finish(
+        self,
+        stage: SupervisedStage,
+        model: CXRNet,
+        plan: Plan,
+        catalog: pd.DataFrame,
+        out_dir: Path,
+        meta: dict[str, Any],
+    ) -> Outcome:
+        """Tune thresholds on val, evaluate, calibrate OOD, write the bundle; metrics at 0.5."""
+        model = model.float().to(memory_format=torch.contiguous_format).cpu()
+        kwargs = {
+            "domain_heads": stage.domain_heads,
+            "image_size": stage.image_size,
+            "preprocessing": stage.preprocessing,
+            "batch_size": max(stage.batch_size, 32),
+            "policy": stage.policy,
+        }
+        scored: dict[str, Predictions] = {}
+        for split in ("val", "test"):
+            rows = catalog.loc[catalog["split"] == split].reset_index(drop=True)
+            if not rows.empty and (split == "val" or split in stage.evaluate):
+                # one pass: the validation pass also yields the OOD features for calibration
+                scored[split] = predict_rows(model, rows, ood_features=split == "val", **kwargs)
+        thresholds = tune_head_thresholds(scored["val"].table) if "val" in scored else {}
+        metrics: dict[str, Any] = {}
+        for split, predictions in scored.items():
+            if split in stage.evaluate:
+                document = write_evaluation(predictions.table, out_dir, split, None, thresholds)
+                for group, entry in document["groups"].items():
+                    metrics[f"{split}/{group}"] = entry["at_0.5"]
+        bundle = {
+            "image_size": meta["image_size"],
+            "preprocessing": meta["preprocessing"],
+            "thresholds": thresholds,
+            "domain_heads": stage.domain_heads,
+            "stage": meta["stage"],
+            "label": meta["label"],
+            "metrics": metrics,
+            "config": meta["config"],
+            "config_hash": meta["config_hash"],
+            "policy": stage.policy,
+            "training": meta["training"],
+        }
+        if "val" in scored:
+            router = router_accuracy(scored["val"].table)
+            if router is not None:
+                bundle["router"] = metrics["val/router"] = router
+            bundle["ood"] = calibrate_ood_or_none(model, scored["val"].features)
+        save_bundle(model, out_dir, bundle)
+        return Outcome(metrics)
+
+
+SUPERVISED = Supervised()

@@ -1,0 +1,72 @@
+"""A study of four independent tiny stages: inline (one after another) against local slots, in one run.
+
+    python benchmarks/study_parallel.py [--slots 2] [--rounds 1]
+
+Each stage trains the tiny backbone for a few steps on a generated demo tree, then is evaluated.
+Inline runs the four in this process; `--executor local --slots N` runs up to N at once, each in
+a process of its own (submitit's LocalExecutor). Rounds alternate the two and the medians are
+compared. Target on 2 cores: slots 2 wall time <= 0.65x inline. Inline uses every core for its
+one stage at a time; each of N slots gets cores / N threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from chextrain.data.demo import write_demo
+from chextrain.training.executors import run_local
+from chextrain.training.study import parse_study
+from chextrain.training.study_run import run_study
+
+STAGE = {
+    "backbone": "tiny",
+    "init": "random",
+    "image_size": 48,
+    "batch_size": 16,
+    "num_workers": 0,
+    "max_steps": 25,
+    "optimizer": {"name": "adam", "lr": 1.0e-3},
+    "evaluate": ["test"],
+}
+STUDY = {
+    "name": "parallel",
+    "defaults": STAGE,
+    "stages": [{"name": f"s{i}", "seed": i, "data": {"train": ["chexpert", "chexphoto"]}} for i in range(4)],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slots", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        write_demo(data, digital=80, photos=80, valid=12, size=48, seed=0)
+        times: dict[str, list[float]] = {"inline": [], "slots": []}
+        for r in range(args.rounds):
+            for mode in ("inline", "slots") if r % 2 == 0 else ("slots", "inline"):
+                out, t0 = Path(tmp) / f"{mode}-{r}", time.perf_counter()
+                if mode == "inline":
+                    state = run_study(parse_study(STUDY), data, out, progress=False, log=lambda s: None)
+                else:
+                    state = run_local(parse_study(STUDY), data, out, slots=args.slots, log=lambda s: None)
+                times[mode].append(time.perf_counter() - t0)
+                assert all(s["state"] == "done" for s in state["stages"]), state["stages"]
+                print(f"round {r} {mode:6s}: {times[mode][-1]:6.1f} s")
+    inline, slots = statistics.median(times["inline"]), statistics.median(times["slots"])
+    ratio = slots / inline
+    print(
+        f"four independent tiny stages on {os.cpu_count()} cores: inline {inline:.1f} s, "
+        f"--slots {args.slots} {slots:.1f} s, ratio {ratio:.2f} (target <= 0.65: "
+        f"{'met' if ratio <= 0.65 else 'NOT met'})"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""What every image decoder shares: the errors it raises, the pixel-count guard, high depths -> uint8.
+
+data/images.py (PIL formats) and data/dicom.py (DICOM) both decode to uint8 H x W grey and
+both refuse files the same way. What they have in common lives here, so images.py depends on
+dicom.py and both depend on this module, never the other way round. This module imports
+nothing from the package.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+BIT_DEPTHS: tuple[int, ...] = (8, 10, 12, 14, 16, 24, 32)  # the depths integer data is scaled by
+
+
+class ImageLoadError(ValueError):
+    """An image could not be opened; `name` is the file, `reason` says why.
+
+    Re-exported by chextrain.data.images, where callers import it from.
+    """
+
+    def __init__(self, name: str, reason: str | None = None) -> None:
+        # One-argument form keeps the error re-raisable by torch DataLoader workers.
+        super().__init__(name if reason is None else f"{name}: {reason}")
+        self.name = name
+        self.reason = reason if reason is not None else name
+
+
+class ImageTooLargeError(ImageLoadError):
+    """The image is over the pixel limit (max_pixels) or its file over the byte limit that follows."""
+
+
+class ReaderMissingError(ImageLoadError):
+    """The image needs an optional reader that is not installed (pillow-heif for HEIC/HEIF)."""
+
+
+def check_pixel_count(name: str, size: tuple[int, int], max_pixels: int) -> None:
+    """Refuse an image of `size` (width, height) with no pixels or more than `max_pixels`.
+
+    Called with the size from the header, before any pixel is decoded, so a decompression bomb
+    costs nothing.
+
+    Raises:
+        ImageLoadError: naming the file `name` and its size, for an image with no pixels.
+        ImageTooLargeError: naming the file `name`, its size and the limit.
+    """
+    w, h = size
+    if w <= 0 or h <= 0:
+        raise ImageLoadError(name, f"image has no pixels ({w}x{h})")
+    if w * h > max_pixels:
+        raise ImageTooLargeError(
+            name,
+            f"too many pixels: {w}x{h} = {w * h:,} > max_pixels={max_pixels:,} "
+            "(refused as a possible decompression bomb; raise max_pixels to read it)",
+        )
+
+
+def scale_to_uint8(a: np.ndarray) -> np.ndarray:
+    """Scale a high-depth grey array to uint8 without clipping.
+
+    Non-negative integers are divided by the smallest common bit depth that holds their
+    maximum (BIT_DEPTHS), so 12-bit data stored in 16 bits uses the full range and relative
+    brightness between images is kept. Floats in [0, 1] are multiplied by 255. Anything else
+    (negative values, other floats) is min-max scaled.
+
+    Raises:
+        ValueError: for a dtype that holds no grey values (complex, object, strings).
+    """
+    a = np.asarray(a)
+    if a.dtype.kind == "f":
+        a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        if a.size and a.min() >= 0.0 and a.max() <= 1.0:
+            return np.rint(a * 255.0).astype(np.uint8)
+        return minmax_to_uint8(a)
+    if a.dtype.kind not in "iub":
+        raise ValueError(f"cannot scale array of dtype {a.dtype} to uint8")
+    if a.size == 0:
+        return a.astype(np.uint8)
+    lo, hi = int(a.min()), int(a.max())
+    if lo < 0:
+        return minmax_to_uint8(a.astype(np.float64))
+    bits = next((b for b in BIT_DEPTHS if hi < 2**b), 64)
+    if bits == 8:
+        return a.astype(np.uint8)
+    return np.rint(a.astype(np.float64) * (255.0 / (2**bits - 1))).astype(np.uint8)
+
+
+def minmax_to_uint8(a: np.ndarray) -> np.ndarray:
+    """Map the array's own range [min, max] to 0-255 (all zeros when the range is empty)."""
+    lo, hi = float(a.min()), float(a.max())
+    if not math.isfinite(hi - lo) or hi <= lo:
+        return np.zeros(a.shape, dtype=np.uint8)
+    return np.rint((a - lo) * (255.0 / (hi - lo))).astype(np.uint8)

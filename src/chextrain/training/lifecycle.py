@@ -1,0 +1,317 @@
+"""The stage lifecycle: one stage, whatever its objective, from its config to done.json.
+
+`train_stage` resolves the init, returns a finished run of the same config hash as it is,
+resumes an interrupted one from checkpoints/last.ckpt, seeds, builds the Lightning Trainer,
+fits, and (on rank 0) has the objective write the bundle before done.json is written last. What
+a stage optimises comes from its objective (training/objectives/: supervised, moco).
+
+The output folder holds config.yaml (the resolved stage), checkpoints/last.ckpt (resumable;
+written atomically every N steps and at each epoch end) and checkpoints/best.ckpt (by the
+stage's monitor, when it validates), logs/ (TensorBoard + CSV), model.safetensors + model.json,
+the objective's outputs (predictions and metrics per evaluated split) and done.json last: a folder
+with done.json is never trained again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pandas as pd
+import torch
+import yaml
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy
+
+from chextrain.data.transforms import as_preprocessing
+from chextrain.fileio import atomic_write_text, write_json
+from chextrain.models.net import CXRNet
+from chextrain.models.weights import expected_input, init_model
+from chextrain.training.checkpoints import BEST_CKPT, CKPT_DIR, LAST_CKPT, AtomicCheckpointIO, LastCheckpoint
+from chextrain.training.loaders import prepare_catalog, stage_rows
+from chextrain.training.objectives import LoaderSettings, objective_of
+from chextrain.training.stage import (
+    REF_PREFIX,
+    BaseStage,
+    Stage,
+    StageError,
+    config_hash,
+    load_stage,
+    resolved_config,
+)
+
+DONE_FILE, CONFIG_FILE = "done.json", "config.yaml"
+
+
+class RunDirError(ValueError):
+    """The output folder belongs to another configuration."""
+
+
+@dataclass
+class StageResult:
+    """What `train_stage` made. metrics: {"<split>/<group>": {slug|average: {...}}, ...}."""
+
+    out_dir: Path
+    bundle: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+    duration: float = 0.0
+    resumed: bool = False
+    cached: bool = False  # finished before: nothing was redone
+    rank: int = 0  # a DDP worker other than rank 0 returns without bundle or metrics
+
+
+def resolve_init(init: str, resolve_ref: Callable[[str], Path] | None) -> str:
+    """`stage:NAME` -> the folder resolve_ref gives for NAME; anything else unchanged."""
+    if not init.startswith(REF_PREFIX):
+        return init
+    if resolve_ref is None:
+        raise StageError(f"init {init!r} refers to another stage: run it in a study, or give the run folder")
+    return str(resolve_ref(init[len(REF_PREFIX) :]))
+
+
+def apply_expected_input(stage: BaseStage, init: str) -> Any:
+    """The stage with the preprocessing / image size its init weights were trained on, where it sets none.
+
+    `init` is resolved (see resolve_init); models.weights.expected_input says what the weights
+    expect (a bundle's model.json, CovidPrognosis: histeq at 224 px, MoCo-CXR: its mean/std at
+    320 px, imagenet: ImageNet's). A stage that sets `preprocessing` (e.g. `preprocessing: imagenet`, the
+    paper's mismatch) or `image_size` keeps its own. Training, the bundle and prediction use the result.
+    """
+    expected = expected_input(init)
+    update: dict[str, Any] = {}
+    if "preprocessing" not in stage.model_fields_set and "preprocessing" in expected:
+        update["preprocessing"] = as_preprocessing(expected["preprocessing"])
+    if "image_size" not in stage.model_fields_set and "image_size" in expected:
+        update["image_size"] = int(expected["image_size"])
+    return stage.model_copy(update=update) if update else stage
+
+
+def auto_workers(devices: int | str) -> int:
+    """Loader worker processes per rank: the CPUs left after one per training process, at most 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_node = devices if isinstance(devices, int) else max(1, torch.cuda.device_count())
+    return max(0, min(8, cpus // per_node - 1))
+
+
+def build_trainer(
+    stage: BaseStage, out_dir: Path, *, progress: bool, has_val: bool, steps_per_epoch: int
+) -> L.Trainer:
+    """The Lightning Trainer for a stage (devices, precision, DDP, loggers, checkpoints)."""
+    on_gpu = torch.cuda.is_available()
+    precision = stage.precision
+    if precision == "auto":
+        precision = ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed") if on_gpu else "32-true"
+    n_devices = stage.devices if isinstance(stage.devices, int) else max(1, torch.cuda.device_count())
+    strategy: Any = "auto"
+    if n_devices > 1 or stage.num_nodes > 1:
+        strategy = DDPStrategy(
+            process_group_backend=None if on_gpu else "gloo", checkpoint_io=AtomicCheckpointIO()
+        )
+    callbacks: list[Callback] = [
+        LastCheckpoint(out_dir / CKPT_DIR / LAST_CKPT, stage.checkpoint_every_n_steps)
+    ]
+    if has_val:
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=out_dir / CKPT_DIR,
+                filename=BEST_CKPT,
+                monitor=getattr(stage, "monitor", None),
+                mode=getattr(stage, "monitor_mode", "max"),
+                save_top_k=1,
+                save_last=False,
+                auto_insert_metric_name=False,
+                enable_version_counter=False,
+                save_on_train_epoch_end=False,
+            )
+        )
+    if progress:
+        callbacks.append(RichProgressBar())
+    val_every = getattr(stage, "val_every_n_steps", None) if has_val else None
+    return L.Trainer(
+        accelerator="auto",
+        devices=stage.devices,
+        num_nodes=stage.num_nodes,
+        strategy=strategy,
+        precision=precision,
+        max_epochs=stage.epochs if stage.epochs is not None else -1,
+        max_steps=stage.max_steps if stage.max_steps is not None else -1,
+        val_check_interval=val_every if val_every else 1.0,
+        check_val_every_n_epoch=None if val_every else 1,
+        limit_val_batches=1.0 if has_val else 0,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # EpochSampler shards by rank itself (and resumes mid-epoch)
+        deterministic=not on_gpu,
+        benchmark=on_gpu,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()] if strategy == "auto" else None,
+        logger=[
+            TensorBoardLogger(out_dir, name="logs", version="tensorboard", default_hp_metric=False),
+            CSVLogger(out_dir, name="logs", version="csv"),
+        ],
+        log_every_n_steps=max(1, min(50, steps_per_epoch)),
+        enable_progress_bar=progress,
+        enable_model_summary=progress,
+        default_root_dir=out_dir,
+    )
+
+
+def _check_out_dir(out_dir: Path, stage: BaseStage, digest: str) -> dict[str, Any] | None:
+    """done.json if the folder holds this config's finished run; raise if it holds another config's."""
+    done = out_dir / DONE_FILE
+    config = out_dir / CONFIG_FILE
+    if done.exists():
+        record = json.loads(done.read_text())
+        if record.get("config_hash") != digest:
+            raise RunDirError(
+                f"{out_dir} holds a finished run of another configuration (hash "
+                f"{record.get('config_hash')}, this stage {digest}); use another --out"
+            )
+        return record
+    if config.exists() and (out_dir / CKPT_DIR / LAST_CKPT).exists():
+        try:
+            old = config_hash(load_stage(config))
+        except StageError:
+            old = "unreadable"
+        if old != digest:
+            raise RunDirError(
+                f"{out_dir} holds a checkpoint of another configuration ({config}: hash "
+                f"{old}, this stage {digest}); use another --out or delete it"
+            )
+    return None
+
+
+def finished_result(out_dir: Path, stage: BaseStage, digest: str) -> StageResult | None:
+    """The result of a finished run of this config in out_dir (created if absent), else None."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    finished = _check_out_dir(out_dir, stage, digest)
+    if finished is None:
+        return None
+    return StageResult(
+        out_dir,
+        out_dir / "model.json",
+        finished.get("metrics", {}),
+        finished.get("duration", 0.0),
+        resumed=False,
+        cached=True,
+    )
+
+
+def initial_model(
+    stage: BaseStage, init: str, out_dir: Path, *, resumed: bool, load_heads: bool
+) -> tuple[CXRNet, str]:
+    """The stage's model and a note on its weights; a fresh run initialises it and writes config.yaml.
+
+    A resumed run leaves the weights to the checkpoint Lightning restores.
+    """
+    model = CXRNet(
+        stage.backbone, heads=getattr(stage, "heads", ("shared",)), router=getattr(stage, "router", False)
+    )
+    if resumed:
+        return model, "weights from checkpoint (resumed)"
+    note = init_model(model, init, load_heads=load_heads).summary()
+    atomic_write_text(out_dir / CONFIG_FILE, yaml.safe_dump(resolved_config(stage), sort_keys=False))
+    return model, note
+
+
+def train_stage(
+    stage: Stage,
+    data_root: Path | None,
+    out_dir: Path,
+    *,
+    resolve_ref: Callable[[str], Path] | None = None,
+    catalog: pd.DataFrame | None = None,
+    progress: bool = True,
+) -> StageResult:
+    """Train one stage into out_dir (resuming from its checkpoint); its objective bundles (and evaluates) it.
+
+    Args:
+        stage: the validated stage (its `objective` picks the code that trains it).
+        data_root: folder holding the CheXpert / CheXphoto releases (read unless `catalog`).
+        out_dir: the stage's folder; a finished one (done.json of this config) is returned as is.
+        resolve_ref: maps a referenced stage NAME (from `init: stage:NAME`) to its folder.
+        catalog: an already-read catalog (its split column is recomputed from the stage's split).
+        progress: show the rich progress bar and model summary.
+    """
+    objective = objective_of(stage)
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    digest = config_hash(stage)
+    cached = finished_result(out_dir, stage, digest)
+    if cached is not None:
+        return cached
+    last = out_dir / CKPT_DIR / LAST_CKPT
+    resumed = last.exists()
+    L.seed_everything(stage.seed, workers=True, verbose=False)  # model init and Lightning's RNGs
+    catalog = prepare_catalog(stage, data_root, catalog)
+    train_rows = stage_rows(stage, catalog, "train")
+    if train_rows.empty:
+        raise StageError(
+            f"stage {stage.name!r}: no training rows for data {stage.data.model_dump()} in {data_root}"
+        )
+    init = resolve_init(stage.init, resolve_ref)
+    model, init_note = initial_model(stage, init, out_dir, resumed=resumed, load_heads=objective.load_heads)
+    stage = apply_expected_input(stage, init)
+    on_gpu = torch.cuda.is_available()
+    workers = auto_workers(stage.devices) if stage.num_workers == "auto" else stage.num_workers
+    plan = objective.plan(
+        stage,
+        model,
+        catalog,
+        train_rows,
+        LoaderSettings(num_workers=workers, pin_memory=on_gpu, channels_last=on_gpu),
+    )
+    steps = -(-len(train_rows) // stage.batch_size)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        trainer = build_trainer(
+            stage, out_dir, progress=progress, has_val=plan.val_rows > 0, steps_per_epoch=steps
+        )
+        trainer.fit(plan.module, datamodule=plan.data, ckpt_path=last if resumed else None, weights_only=True)
+    finally:  # Trainer(deterministic=True) switches a process-wide flag: give it back
+        torch.use_deterministic_algorithms(was_deterministic)
+    if trainer.global_rank != 0:
+        return StageResult(out_dir, out_dir / "model.json", rank=trainer.global_rank, resumed=resumed)
+    weights = objective.select_weights(stage, plan, out_dir)
+    train_info = {
+        "global_step": trainer.global_step,
+        "epochs": trainer.current_epoch,
+        "world_size": trainer.world_size,
+        "samples_seen_per_rank": getattr(plan.module, "samples_per_rank", []),
+        "lr": [g["lr"] for g in trainer.optimizers[0].param_groups],
+        "weights": weights,
+        "train_rows": len(train_rows),
+        "val_rows": plan.val_rows,
+        "init": init_note,
+    }
+    meta = {
+        "image_size": stage.image_size,
+        "preprocessing": stage.preprocessing.model_dump(mode="json"),
+        "stage": stage.name,
+        "label": stage.title,
+        "config": resolved_config(stage),
+        "config_hash": digest,
+        "training": train_info,
+    }
+    outcome = objective.finish(stage, model, plan, catalog, out_dir, meta)
+    duration = time.time() - t0
+    record = {
+        "config_hash": digest,
+        "stage": stage.name,
+        "label": stage.title,
+        "objective": stage.objective,
+        "duration": duration,
+        "resumed": resumed,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **train_info,
+        **outcome.record,
+        "metrics": outcome.metrics,
+    }
+    write_json(out_dir / DONE_FILE, record)
+    return StageResult(out_dir, out_dir / "model.json", outcome.metrics, duration, resumed=resumed)

@@ -1,0 +1,81 @@
+"""A stage's rows and loaders: the catalog split the stage's way, and resumable per-rank loaders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pandas as pd
+from torch.utils.data import Dataset
+
+from chextrain.data.catalog import read_catalog
+from chextrain.data.dataset import make_loader
+from chextrain.data.splits import assign_splits, sample_budget
+from chextrain.training.stage import BaseStage, StageError
+
+
+def prepare_catalog(
+    stage: BaseStage, data_root: Path | None, catalog: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """The catalog (read from data_root unless given) with the stage's train/val/test split."""
+    if catalog is None:
+        if data_root is None:
+            raise StageError("train_stage needs data_root or a catalog")
+        catalog = read_catalog(Path(data_root))
+    return assign_splits(catalog, **stage.split.model_dump())
+
+
+def stage_rows(stage: BaseStage, catalog: pd.DataFrame, split: str) -> pd.DataFrame:
+    """The rows of a split that the stage's data spec selects (budget: train split only)."""
+    rows = catalog.loc[catalog["dataset"].isin(stage.data.train)]
+    if stage.data.kinds is not None:
+        rows = rows.loc[rows["kind"].isin(stage.data.kinds)]
+    rows = rows.loc[rows["split"] == split]
+    budget = stage.data.budget
+    if budget is not None and split == "train":
+        seed = stage.seed if budget.seed is None else budget.seed
+        rows = sample_budget(rows, budget.total, budget.digital, seed)
+    return rows.reset_index(drop=True)
+
+
+class TrainData(L.LightningDataModule):
+    """A training loader over `train`; each DDP rank draws its own shard of every epoch's order.
+
+    The loader is data.dataset.make_loader's: it resumes mid-epoch from a checkpoint.
+    """
+
+    def __init__(
+        self, train: Dataset, *, batch_size: int, seed: int, num_workers: int, pin_memory: bool
+    ) -> None:
+        super().__init__()
+        self.train = train
+        self.batch_size, self.seed = batch_size, seed
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+
+    def loader(self, dataset: Dataset, shuffle: bool) -> Any:
+        """A resumable loader over `dataset`, sharded by this trainer's rank."""
+        return make_loader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            seed=self.seed,
+            rank=self.trainer.global_rank,
+            world_size=self.trainer.world_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+        )
+
+    def train_dataloader(self) -> Any:
+        return self.loader(self.train, True)
+
+
+class TrainValData(TrainData):
+    """TrainData plus a validation loader over `val` (in order, sharded and padded by rank)."""
+
+    def __init__(self, train: Dataset, val: Dataset, **kwargs: Any) -> None:
+        super().__init__(train, **kwargs)
+        self.val = val
+
+    def val_dataloader(self) -> Any:
+        return self.loader(self.val, False)

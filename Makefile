@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench gpu-check clean
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or make PYTHON=python3)"; exit 1; }
@@ -28,7 +28,7 @@ test: install
 	$(PY) -m pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
 
 # Each benchmark prints its figures and ratios measured side by side in one run (a few minutes
 # in all); benchmarks/demo.py (make demo on a fresh clone) is separate: it takes ~12 minutes.
@@ -40,6 +40,15 @@ bench: install
 	$(PY) benchmarks/serve_load.py
 	$(PY) benchmarks/cli_startup.py
 	$(PY) benchmarks/study_parallel.py
+	$(PY) benchmarks/feed.py
+	$(PY) benchmarks/scale.py
+	$(PY) benchmarks/gpu.py
+
+# On a machine with an NVIDIA GPU: a two-stage mini study on CUDA end to end (train, evaluate,
+# OOD, bundle, predict, export, predict --runtime onnx); exits non-zero on any failure, and says
+# why it skips where there is no CUDA. `python benchmarks/gpu.py` gives the GPU throughput figures.
+gpu-check: install
+	$(PY) scripts/gpu_check.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR)

@@ -25,8 +25,10 @@ import numpy as np
 import torch
 
 from chextrain.data.catalog import read_catalog
-from chextrain.data.dataset import CatalogDataset, build_cache, make_loader
+from chextrain.data.dataset import CatalogDataset, make_loader
 from chextrain.data.demo import write_demo
+from chextrain.data.store import ImageStore
+from chextrain.data.transforms import Decoding, to_network_input
 from chextrain.models.net import CXRNet
 from chextrain.training.lifecycle import auto_workers
 from chextrain.training.objectives.supervised import masked_bce
@@ -50,6 +52,8 @@ def step_fn(
 
     def step(batch: dict[str, torch.Tensor]) -> None:
         x = batch["image"].to(device, non_blocking=True)
+        if x.dtype == torch.uint8:  # loaders hand over uint8; the step normalises on the device
+            x = to_network_input(x)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -165,8 +169,8 @@ def run(args: argparse.Namespace) -> None:
             cached, cache_ratio = float("nan"), float("nan")
             del e2e_loader
             if args.cache or ratio < 0.9:  # decoding competes with compute: offer the cache
-                cache = build_cache(rows, size, Path(cache_dir.name) / f"cache_{size}.npy")
-                cds = CatalogDataset(rows, image_size=size, cache=cache)
+                store = ImageStore(Path(cache_dir.name), Decoding(size), progress=False)
+                cds = CatalogDataset(rows, image_size=size, images=store.prepare(rows["path"].tolist()))
                 cache_loader = make_loader(
                     cds, batch_size=batch, shuffle=True, num_workers=workers, pin_memory=pin
                 )

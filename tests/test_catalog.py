@@ -76,8 +76,11 @@ def make_releases(root: Path) -> Path:
     return root
 
 
+ALL_RELEASES = ("CheXpert-v1.0-small", "CheXphoto-v1.0", "CheXphoto-v1.1")
+
+
 def test_reads_every_layout_into_one_schema(tmp_path):
-    catalog = read_catalog(make_releases(tmp_path))
+    catalog = read_catalog(make_releases(tmp_path), releases=ALL_RELEASES)
     assert tuple(catalog.columns) == CATALOG_COLUMNS
     assert len(catalog) == 11
     by_rel = catalog.set_index("rel_path")
@@ -100,7 +103,8 @@ def test_reads_every_layout_into_one_schema(tmp_path):
     assert np.isnan(first["atelectasis"])
     test = by_rel.loc["test/patient64741/study1/view1_frontal.jpg"]
     assert test["path"] == str(tmp_path / "CheXpert-v1.0-small/test/patient64741/study1/view1_frontal.jpg")
-    assert (test["file"], test["split"]) == ("test", "test")
+    assert (test["file"], test["split"]) == ("test", "holdout")  # the paper's test = the valid files
+    assert (test["release"], test["source"]) == ("CheXpert-v1.0-small", "test_labels.csv")
     kinds = catalog.set_index("rel_path")[["kind", "device", "domain"]]
     assert tuple(kinds.loc["CheXphoto-v1.0/train/natural/nokia/patient00001/study1/view1_frontal.jpg"]) == (
         "natural",
@@ -293,3 +297,66 @@ def test_real_chexpert_train_csv(tmp_path):
     assert catalog["sex"].value_counts()["Unknown"] == 1
     assert catalog["ap_pa"].value_counts().to_dict()["LL"] == 16
     assert pd.api.types.is_float_dtype(catalog["age"]) and catalog["age"].between(0, 90).all()
+
+
+def test_two_releases_of_one_dataset_are_refused_unless_chosen(tmp_path):
+    root = make_releases(tmp_path)
+    with pytest.raises(CatalogError, match="CheXphoto-v1.0 and CheXphoto-v1.1"):
+        read_catalog(root)
+    chosen = read_catalog(root, releases=["CheXpert-v1.0-small", "CheXphoto-v1.0"])
+    assert set(chosen["release"]) == {"CheXpert-v1.0-small", "CheXphoto-v1.0"}
+    assert not chosen["rel_path"].str.startswith("CheXphoto-v1.1").any()
+    sources = chosen.groupby("release")["source"].unique().map(sorted).to_dict()
+    assert sources == {
+        "CheXpert-v1.0-small": ["test_labels.csv", "train.csv", "valid.csv"],
+        "CheXphoto-v1.0": ["train.csv", "valid/valid.csv"],
+    }
+    assert dict(chosen.groupby("file")["split"].unique().map(list)) == {
+        "train": ["train"],
+        "valid": ["test"],
+        "test": ["holdout"],
+    }
+    with pytest.raises(CatalogError, match=r"\['CheXpert-v1.0'\] not found"):
+        read_catalog(root, releases=["CheXpert-v1.0"])
+    (root / "CheXpert-v1.0").mkdir()
+    (root / "CheXpert-v1.0" / "valid.csv").write_text(
+        (root / "CheXpert-v1.0-small" / "valid.csv").read_text()
+    )
+    with pytest.raises(CatalogError, match="2 releases of chexpert found"):
+        read_catalog(root, releases=None)
+
+
+def test_a_non_utf8_csv_names_its_line_and_column(tmp_path):
+    good = row("CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg")
+    bad = row("CheXpert-v1.0-small/train/patient00002/study1/view1_frontal.jpg", sex="Fémale")
+    write_csv(tmp_path / "CheXpert-v1.0-small" / "train.csv", [good, bad], encoding="latin-1")
+    with pytest.raises(
+        CatalogError, match=r"train\.csv, line 3: not UTF-8 text \(byte b'\\xe9' at column \d+\)"
+    ):
+        read_catalog(tmp_path)
+
+
+def test_skip_mode_reports_a_broken_file_and_reads_the_others(tmp_path):
+    """`data check` reads every file: an empty or undecodable CSV is one issue, not the end."""
+    good = "CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg"
+    write_csv(
+        tmp_path / "CheXpert-v1.0-small" / "train.csv", [row(good), row(good.replace("view1", "view2"))]
+    )
+    (tmp_path / "CheXpert-v1.0-small" / "valid.csv").write_bytes(b"")
+    photo = tmp_path / "CheXphoto-v1.0" / "valid.csv"
+    write_csv(
+        photo,
+        [row("CheXphoto-v1.0/valid/natural/nokia/patient1/study1/view1_frontal.jpg", sex="é")],
+        encoding="latin-1",
+    )
+    catalog = read_catalog(tmp_path, on_error="skip")
+    assert len(catalog) == 2
+    issues = {Path(i.file).parent.name + "/" + Path(i.file).name: i for i in catalog.attrs["issues"]}
+    assert "empty CSV" in issues["CheXpert-v1.0-small/valid.csv"].message
+    assert (
+        issues["CheXphoto-v1.0/valid.csv"].line == 2
+        and "not UTF-8" in issues["CheXphoto-v1.0/valid.csv"].message
+    )
+    assert str(issues["CheXphoto-v1.0/valid.csv"]).count("valid.csv") == 1  # the file named once
+    with pytest.raises(CatalogError, match="empty CSV"):
+        read_catalog(tmp_path)

@@ -245,3 +245,33 @@ def test_predict_explain_and_serve_never_import_lightning_or_torchvision(
     modules = set(found["modules"])
     assert {"torch", "captum", "fastapi"} <= modules  # the commands did their work
     assert not {m for m in modules if m.split(".")[0] in ("lightning", "pytorch_lightning", "torchvision")}
+
+
+def test_table_fits_80_columns_and_says_what_shaped_the_scores(
+    routed_bundle: Path, images: Path, tmp_path: Path
+) -> None:
+    deep = images / "a_folder_with_a_rather_long_name" / "and_another_one_below_it"
+    deep.mkdir(parents=True)
+    shutil.copy(images / "a.jpg", deep / "chest_xray_of_patient_00042_frontal.jpg")
+    result = runner.invoke(
+        build_app(), ["predict", str(routed_bundle), str(images), "--tta"], env={"COLUMNS": "80"}
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert any(line.lstrip().startswith("...") and "tal.jpg" in line for line in lines)  # cut from the left
+    assert any(line.startswith("+ at or above, head digital: eff. ") for line in lines)
+    assert "scores changed by: --tta" in " ".join(result.stdout.split())
+    forced = runner.invoke(
+        build_app(), ["predict", str(routed_bundle), str(images / "a.jpg"), "--domain", "photo"]
+    )
+    assert "--domain photo" in forced.stdout and "--tta" not in forced.stdout
+    target = tmp_path / "new" / "p.json"
+    written = runner.invoke(
+        build_app(),
+        ["predict", str(routed_bundle), str(images / "a.jpg"), "--format", "json", "--out", str(target)],
+    )
+    assert (
+        written.exit_code == 0 and written.stdout == "" and f"to {target}" in " ".join(written.stderr.split())
+    )
+    assert json.loads(target.read_text())[0]["head"] == "digital"

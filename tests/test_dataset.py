@@ -15,11 +15,12 @@ from chextrain.data.dataset import (
     DatasetError,
     EpochSampler,
     ResumableLoader,
-    build_cache,
     head_indices,
     make_loader,
 )
-from chextrain.data.transforms import StandardAugment, preprocess
+from chextrain.data.images import load_image
+from chextrain.data.packed import PackedStrings
+from chextrain.data.transforms import Decoding, StandardAugment, preprocess, to_network_input
 from chextrain.labels import apply_policy
 
 
@@ -56,14 +57,17 @@ def test_item_contents(catalog: pd.DataFrame) -> None:
     targets, mask = apply_policy(rows, "ignore")
     for i in range(len(rows)):
         item = ds[i]
-        assert item["image"].shape == (3, 24, 24) and item["image"].dtype == torch.float32
+        assert item["image"].shape == (1, 24, 24) and item["image"].dtype == torch.uint8
         assert torch.equal(item["target"], torch.from_numpy(targets[i]))
         assert torch.equal(item["mask"], torch.from_numpy(mask[i]))
         domain = rows.iloc[i]["domain"]
         assert int(item["domain"]) == (domain == "photo") and int(item["head"]) == (domain == "photo")
         assert item["index"] == i
-    # Without augmentation the image is exactly the preprocessed file.
-    assert torch.equal(ds[0]["image"], preprocess(ds.load(0), 24))
+    # Without augmentation the image is the file decoded at the size needed; on the device it
+    # becomes what preprocessing the decoded file gives.
+    assert np.array_equal(ds[0]["image"][0].numpy(), Decoding(24).load(rows.iloc[0]["path"]))
+    x = to_network_input(ds[0]["image"][None])[0]
+    assert torch.equal(x, preprocess(load_image(rows.iloc[0]["path"], draft=24), 24))
 
 
 def test_augmentation_depends_on_seed_epoch_index_only(catalog: pd.DataFrame) -> None:
@@ -95,21 +99,28 @@ def test_bad_rows_are_refused(catalog: pd.DataFrame) -> None:
     rows["domain"] = ["digital", "screen"]
     with pytest.raises(DatasetError, match="unknown domain"):
         CatalogDataset(rows, image_size=16)
-    with pytest.raises(DatasetError, match="cache holds 3 images for 2 rows"):
-        CatalogDataset(catalog.iloc[:2], image_size=16, cache=np.zeros((3, 16, 16), np.uint8))
+    with pytest.raises(DatasetError, match="images holds 3 rows for 2 catalog rows"):
+        CatalogDataset(catalog.iloc[:2], image_size=16, images=np.zeros((3, 16, 16), np.uint8))
+    with pytest.raises(DatasetError, match=r"\(20, 20\) px; the dataset needs 16 x 16"):
+        CatalogDataset(catalog.iloc[:2], image_size=16, images=np.zeros((2, 20, 20), np.uint8))
 
 
-def test_cache_replaces_decoding(catalog: pd.DataFrame, tmp_path: Path) -> None:
-    cache = np.full((2, 20, 20), 77, np.uint8)
-    ds = CatalogDataset(catalog.iloc[:2], image_size=20, cache=cache)
-    assert torch.equal(ds[1]["image"], preprocess(cache[1], 20))
-    # A memory-mapped cache built from the files gives the same inputs as decoding them.
-    rows = catalog.iloc[:3]
-    mapped = build_cache(rows, 20, tmp_path / "cache.npy")
-    assert isinstance(mapped, np.memmap) and mapped.shape == (3, 20, 20) and not mapped.flags.writeable
-    assert np.array_equal(mapped, build_cache(rows, 20))
-    plain, cached = CatalogDataset(rows, image_size=20), CatalogDataset(rows, image_size=20, cache=mapped)
-    assert all(torch.equal(plain[i]["image"], cached[i]["image"]) for i in range(3))
+def test_given_images_replace_decoding_and_augment_at_their_size(catalog: pd.DataFrame) -> None:
+    images = np.full((2, 20, 20), 77, np.uint8)
+    ds = CatalogDataset(catalog.iloc[:2], image_size=20, images=images)
+    assert torch.equal(ds[1]["image"], torch.full((1, 20, 20), 77, dtype=torch.uint8))
+    aug = CatalogDataset(catalog.iloc[:2], image_size=20, images=images, augment=[StandardAugment()])
+    assert aug[(1, 0)]["image"].shape == (1, 20, 20) and images[1].min() == 77  # the source is untouched
+
+
+def test_dataset_holds_no_python_lists_of_rows(catalog: pd.DataFrame) -> None:
+    # A forked loader worker copies every Python object it touches (reference counts): per-row
+    # state lives in numpy arrays, tensors and one packed buffer of paths.
+    ds = CatalogDataset(catalog, image_size=8)
+    for name, value in vars(ds).items():
+        assert not (isinstance(value, list | tuple) and len(value) == len(catalog)), name
+    assert isinstance(ds.paths, PackedStrings) and ds.paths.tolist() == catalog["path"].tolist()
+    assert ds.path(3) == catalog["path"].iloc[3] and ds.csv_rows.dtype == np.int64
 
 
 def test_sampler_order_is_a_function_of_seed_and_epoch() -> None:

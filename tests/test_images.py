@@ -22,6 +22,8 @@ from chextrain.data.images import (
     image_size,
     load_image,
     load_image_bytes,
+    load_resized,
+    resize_pil,
     scale_to_uint8,
     verify_image,
 )
@@ -415,7 +417,7 @@ def _package_imports(module: str) -> set[str]:
 
 
 def test_decoders_import_one_way_and_share_one_error(tmp_path):
-    assert _package_imports("chextrain.data.decoding") == set()
+    assert _package_imports("chextrain.data.decoding") == {"chextrain.errors"}  # the one base class only
     assert _package_imports("chextrain.data.dicom") == {"chextrain.data.decoding"}
     assert "chextrain.data.dicom" in _package_imports("chextrain.data.images")
     from chextrain.data import decoding, dicom
@@ -462,3 +464,53 @@ def test_limits_and_missing_readers_raise_their_own_types(tmp_path, monkeypatch)
     assert all(type(err) is ImageLoadError for err in others)
     assert issubclass(ImageTooLargeError, ImageLoadError) and issubclass(ReaderMissingError, ImageLoadError)
     assert type(pickle.loads(pickle.dumps(too_large["file bytes"]))) is ImageTooLargeError
+
+
+# --- decoding at the size needed (draft) ------------------------------------------------------
+
+
+def _xray(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A smooth body with two dark lungs, rib shading and film noise (like benchmarks/imagepool.py)."""
+    rng = np.random.default_rng(seed)
+    y = (np.arange(h, dtype=np.float32) / h)[:, None]
+    x = (np.arange(w, dtype=np.float32) / w)[None, :]
+    body = np.exp(-(((x - 0.5) / 0.42) ** 2)) * np.exp(-(((y - 0.55) / 0.6) ** 2))
+    lungs = sum(
+        np.exp(-(((x - cx) / 0.14) ** 2)) * np.exp(-(((y - 0.45) / 0.25) ** 2)) for cx in (0.33, 0.67)
+    )
+    image = 40 + 170 * body - 90 * lungs + 20 * np.sin(y * 60) * lungs + rng.normal(0, 6, (h, w))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("shape, rgb", [((2828, 2320), False), ((1500, 2000), True)])
+def test_draft_decodes_smaller_within_half_a_grey_level_at_320(tmp_path, shape, rgb):
+    image = _xray(*shape)
+    if rgb:  # a colour phone photo: libjpeg decodes it straight to grey
+        image = np.clip(image[..., None] * np.array([1.05, 1.0, 0.9]), 0, 255).astype(np.uint8)
+    path = _save(Image.fromarray(image), tmp_path / "big.jpg", "JPEG", quality=95)
+    drafted = load_image(path, draft=320)
+    assert min(drafted.shape) >= 320 and max(drafted.shape) < max(shape) / 2  # a reduced scale
+    full = np.asarray(Image.fromarray(load_image(path)).resize((320, 320), Image.Resampling.BILINEAR))
+    small = load_resized(path, 320)
+    assert small.shape == (320, 320)
+    assert np.abs(small.astype(float) - full).mean() <= 0.5  # the fidelity the store is held to
+    assert np.array_equal(load_resized(path, 320, draft=False), full)
+
+
+def test_load_resized_is_load_image_then_resize(tmp_path):
+    tall = _xray(700, 300)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned: viewers (and load_image) turn it back
+    path = _save(Image.fromarray(np.rot90(tall)), tmp_path / "rot.jpg", "JPEG", quality=95, exif=exif)
+    for mode in ("stretch", "pad"):
+        expected = np.asarray(resize_pil(Image.fromarray(load_image(path, draft=64)), 64, mode))
+        assert np.array_equal(load_resized(path, 64, mode), expected)
+    assert load_image(path, draft=64).shape[0] > load_image(path, draft=64).shape[1]  # EXIF still applied
+    assert load_image(tmp_path / "rot.jpg", draft=4096).shape == load_image(path).shape  # never upscaled
+    png = _save(Image.fromarray(tall), tmp_path / "a.png", "PNG")
+    assert load_image(png, draft=64).shape == (700, 300)  # draft is for JPEGs only
+    for bad in (0, -3, True, 2.5):
+        with pytest.raises(ValueError, match="draft must be a positive int"):
+            load_image(path, draft=bad)
+    with pytest.raises(ValueError, match="resize mode"):
+        load_resized(path, 64, "zoom")

@@ -225,7 +225,8 @@ def test_photo_aware_views_use_real_photos_then_simulated_ones(demo_root: Path) 
     assert all(plain[i]["paired"] == 0 for i in range(len(rows)))
     i = int(np.flatnonzero(has)[0])
     item = real[(i, 2)]
-    assert item["view1"].shape == item["view2"].shape == (3, 32, 32)
+    assert item["view1"].shape == item["view2"].shape == (1, 32, 32)  # uint8: normalised on the device
+    assert item["view1"].dtype == item["view2"].dtype == torch.uint8
     assert torch.equal(item["view2"], real[(i, 2)]["view2"])  # same (seed, epoch, index): same views
     assert not torch.equal(item["view1"], real[(i, 3)]["view1"])  # another epoch: other views
 

@@ -246,3 +246,60 @@ def test_tiny_and_elongated_images(shape):
             for seed in range(3):
                 out = simulate_photo(image, recipe, 4, np.random.default_rng(seed))
                 assert out.shape[:2] == shape[:2]
+
+
+# --- the phone recipe on the luma (training augmentation at the training size) -----------------
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(rgb).convert("L"))
+
+
+def test_phone_grey_is_grey_deterministic_and_shows_the_rgb_recipes_scene():
+    from chextrain.data.phone import phone
+    from chextrain.data.phone_grey import phone_grey
+
+    image = _image(96, 80)
+    out = phone_grey(image, np.random.default_rng(3))
+    assert out.shape == image.shape and out.dtype == np.uint8
+    assert np.array_equal(out, phone_grey(image, np.random.default_rng(3)))
+    assert np.array_equal(phone_grey(to_rgb(image), np.random.default_rng(3)), out)  # RGB in: grey first
+
+    # The same draws up to the sensor noise: the same monitor, room and warp as the RGB recipe's
+    # luma (its later draws differ, so compare by correlation, blind to exposure changes).
+    def corr(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.corrcoef(a.ravel().astype(float), b.ravel().astype(float))[0, 1])
+
+    for level in (1, 2):
+        same = [
+            corr(
+                phone_grey(image, np.random.default_rng(s), level),
+                _luma(phone(image, np.random.default_rng(s), level)),
+            )
+            for s in SEEDS
+        ]
+        other = [
+            corr(
+                phone_grey(image, np.random.default_rng(s), level),
+                _luma(phone(image, np.random.default_rng(s + 50), level)),
+            )
+            for s in SEEDS
+        ]
+        assert np.mean(same) > 0.9 and np.mean(same) > np.mean(other) + 0.2
+
+
+def test_simulate_photo_grey_runs_every_recipe_in_grey():
+    from chextrain.data.phone_grey import phone_grey, simulate_photo_grey
+
+    image = _image()
+    for recipe in RECIPES:
+        out = simulate_photo_grey(image, recipe, 1, np.random.default_rng(0))
+        assert out.shape == image.shape and out.dtype == np.uint8 and not np.array_equal(out, image)
+    assert np.array_equal(
+        simulate_photo_grey(image, "phone", 2, np.random.default_rng(1)),
+        phone_grey(image, np.random.default_rng(1), 2),
+    )
+    with pytest.raises(ValueError, match="unknown photo recipe"):
+        simulate_photo_grey(image, "fax", 1, np.random.default_rng(0))

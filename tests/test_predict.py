@@ -15,7 +15,8 @@ from sklearn.metrics import f1_score, matthews_corrcoef, roc_auc_score
 from chextrain.data.catalog import read_catalog
 from chextrain.data.images import load_image
 from chextrain.data.splits import assign_splits
-from chextrain.data.transforms import preprocess
+from chextrain.data.store import ImageStore
+from chextrain.data.transforms import Decoding, preprocess
 from chextrain.evaluation.predict import (
     EvaluationError,
     calibrate_ood_or_none,
@@ -95,6 +96,24 @@ def test_one_pass_gives_the_table_and_ood_calibration_of_separate_passes(
     assert val.features.dtype == np.float32 and np.array_equal(val.features.astype(np.float64), features)
     assert calibration == calibrate_ood(model, features)
     assert calibrate_ood_or_none(model, val.features[:5]) is None  # too few images: uncalibrated
+
+
+@pytest.mark.parametrize("size", [32, 16])  # 16 px: the 48 px demo JPEGs decode at half scale (draft)
+def test_the_store_and_the_files_give_the_same_evaluation(
+    model: CXRNet, catalog: pd.DataFrame, tmp_path: Path, size: int
+) -> None:
+    rows = catalog.loc[catalog["split"] == "val"].reset_index(drop=True)
+    kwargs = {"domain_heads": DOMAIN_HEADS, "image_size": size, "batch_size": 8, "num_workers": 0}
+    files = predict_rows(model, rows, ood_features=True, **kwargs)
+    store = ImageStore(tmp_path / "store", Decoding(size), progress=False)
+    stored = predict_rows(model, rows, ood_features=True, store=store, **kwargs)
+    probs = [f"prob_{s}" for s in SLUGS]
+    a, b = files.table[probs].to_numpy(), stored.table[probs].to_numpy()
+    assert np.array_equal(a >= 0.5, b >= 0.5)  # the same decisions
+    assert np.abs(a - b).max() == 0.0 and np.array_equal(files.features, stored.features)  # the same pixels
+    assert sum(
+        json.loads(f.read_text())[0]["decoded"] for f in (tmp_path / "store").rglob("builds.json")
+    ) == len(rows)
 
 
 def test_inputs_follow_the_model_dtype(model: CXRNet, catalog: pd.DataFrame) -> None:
@@ -191,3 +210,10 @@ def test_evaluate_run_refuses_bad_requests(bundle: Path, demo_root: Path, tmp_pa
         evaluate_run(bundle, demo_root, "test", head="chexpert")
     with pytest.raises(ValueError, match="model.json"):
         evaluate_run(tmp_path, demo_root, "test")
+
+
+def test_evaluate_run_reads_a_store_at_the_bundle_size(bundle: Path, demo_root: Path, tmp_path: Path) -> None:
+    plain = evaluate_run(bundle, demo_root, "test")
+    stored = evaluate_run(bundle, demo_root, "test", store=tmp_path / "store")
+    assert stored == plain
+    assert [p.parent.name for p in (tmp_path / "store").rglob("images.u8")] == [Decoding(32).tag] * 2

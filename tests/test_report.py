@@ -224,9 +224,10 @@ def value(df: pd.DataFrame, **where: str) -> pd.Series:
 def test_csv_tables_have_the_documented_schema(study: tuple[Path, report.ReportPaths]) -> None:
     _, paths = study
     t1, t2 = csv(paths, "table1_val"), csv(paths, "table2_test")
+    assert set(t1["comparison"]) == {"Standard", "Photos", "Standard - Photos"}
+    assert set(t2["comparison"]) == {"Standard", "Photos", "Standard - Photos", "Film"}  # film: test only
     for df in (t1, t2):
         assert list(df.columns) == COLUMNS
-        assert set(df["comparison"]) == {"Standard", "Photos", "Standard - Photos"}
         assert set(df["pathology"]) == {*SLUGS, "average"}
         assert set(df["metric"]) == {"mcc", "auc"}
     assert list(csv(paths, "appendix").columns) == ["split", *COLUMNS]
@@ -252,8 +253,9 @@ def test_numbers_equal_scikit_learn_on_the_saved_predictions(study: tuple[Path, 
     out, paths = study
     test = pd.read_parquet(out / "stages" / "baseline" / "predictions_test.parquet")
     t2, appendix = csv(paths, "table2_test"), csv(paths, "appendix")
-    std, photos = side(test, "chexpert"), side(test, "chexphoto")
-    paired_photos = photos.loc[photos["kind"] != "film"]  # film photos have no source x-ray
+    std, every_photo = side(test, "chexpert"), side(test, "chexphoto")
+    photos = every_photo.loc[every_photo["kind"] != "film"]  # the paper's Photos: no film
+    film = every_photo.loc[every_photo["kind"] == "film"]
     for metric in ("mcc", "auc"):
         for slug in SLUGS:
             got = {
@@ -262,9 +264,11 @@ def test_numbers_equal_scikit_learn_on_the_saved_predictions(study: tuple[Path, 
             }
             assert got["Standard"] == pytest.approx(sk(std, slug, metric), abs=1e-9)
             assert got["Photos"] == pytest.approx(sk(photos, slug, metric), abs=1e-9)
-            # Every x-ray has three photos, so the paired Standard side equals Standard.
-            expected = sk(std, slug, metric) - sk(paired_photos, slug, metric)
-            assert got["Standard - Photos"] == pytest.approx(expected, abs=1e-9)
+            # The difference row is exactly Standard minus Photos as the table shows them.
+            assert got["Standard - Photos"] == pytest.approx(got["Standard"] - got["Photos"], abs=1e-12)
+            if len(np.unique(film[f"target_{slug}"])) == 2 or metric == "mcc":
+                row = value(t2, strategy="Baseline", comparison="Film", pathology=slug, metric=metric)
+                assert row["value"] == pytest.approx(sk(film, slug, metric), abs=1e-9)
         average = value(t2, strategy="Baseline", comparison="Standard", pathology="average", metric=metric)
         average = average["value"]
         assert average == pytest.approx(np.mean([sk(std, s, metric) for s in SLUGS]), abs=1e-9)
@@ -273,6 +277,12 @@ def test_numbers_equal_scikit_learn_on_the_saved_predictions(study: tuple[Path, 
             appendix, split="test", strategy="Baseline", comparison="Photos", pathology="edema", metric=metric
         )
         assert row["value"] == pytest.approx(sk(photos, "edema", metric), abs=1e-9)
+    pooled = tables.frame(
+        tables.evaluate_table(test, "Baseline", n_boot=0, seed=0, kinds=False, pool_film=True).main, COLUMNS
+    )
+    assert "Film" not in set(pooled["comparison"])
+    got = value(pooled, comparison="Photos", pathology="edema", metric="auc")["value"]
+    assert got == pytest.approx(sk(every_photo, "edema", "auc"), abs=1e-9)
 
 
 def test_confidence_intervals_hold_the_estimate_and_are_reproducible(
@@ -334,8 +344,9 @@ def test_every_group_of_a_table_uses_one_bootstrap_of_its_patients() -> None:
     found = tables.evaluate_table(table, "toy", n_boot=120, seed=7)
     boot = Bootstrap(arrays(table), table["patient"].to_numpy(), 120, seed=7)
     rows, kinds = tables.frame(found.main, COLUMNS), tables.frame(found.kinds, ("kind", "n", *COLUMNS))
+    film = (table["kind"] == "film").to_numpy()
     for comparison, dataset in (("Standard", "chexpert"), ("Photos", "chexphoto")):
-        expected = estimates(boot.values(np.flatnonzero(table["dataset"] == dataset)))
+        expected = estimates(boot.values(np.flatnonzero((table["dataset"] == dataset).to_numpy() & ~film)))
         for key in ("edema", "average"):
             for m in ("mcc", "auc", "f1"):
                 got = value(rows, comparison=comparison, pathology=key, metric=m)
@@ -363,12 +374,12 @@ def test_report_files_are_self_contained(study: tuple[Path, report.ReportPaths])
     _, paths = study
     html, md = paths.html.read_text(), paths.md.read_text()
     pngs = sorted(p.name for p in paths.figures.glob("*.png"))
-    assert pngs == ["figure5_budget.png", *(f"roc_{s}.png" for s in sorted(SLUGS))]
+    assert pngs == ["figure5_budget.png", "roc_film.png", "roc_photos.png", "roc_standard.png"]
     assert all((paths.figures / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     assert html.count('src="data:image/png;base64,') == len(pngs)
     assert not re.search(r"https?://", html) and "<script" not in html
     assert all(src.startswith("data:") for src in re.findall(r'(?:src|href)="([^"]*)"', html))
-    assert "figures/roc_edema.png" in md and "figures/figure5_budget.png" in md
+    assert "figures/roc_photos.png" in md and "figures/figure5_budget.png" in md
     # Notes come first, before the summary; the budget caveat and the generated summary are there.
     assert html.index("ImageNet weights absent: random init") < html.index("Summary")
     assert "internal holdout" in md and "Best on Standard (test, average MCC): Baseline" in md
@@ -380,7 +391,7 @@ def test_budget_table_and_tuned_thresholds(study: tuple[Path, report.ReportPaths
     out, paths = study
     budget, t2, th = csv(paths, "budget"), csv(paths, "table2_test"), csv(paths, "thresholds")
     assert sorted(set(budget["digital"])) == [0, 200, 400] and set(budget["total"]) == {400}
-    assert set(budget["comparison"]) == {"Standard", "Photos"}
+    assert set(budget["comparison"]) == {"Standard", "Photos", "Film"}
     row = value(budget, digital=200, comparison="Photos", pathology="average", metric="mcc")
     assert (
         row["value"]
@@ -393,7 +404,8 @@ def test_budget_table_and_tuned_thresholds(study: tuple[Path, report.ReportPaths
     routed = {"strategy": "Mixed + Routed Heads", "comparison": "Photos", "pathology": "edema"}
     tuned = value(th, threshold="tuned", **routed)
     assert tuned["cutoff"] == thresholds["photo"]["edema"]
-    expected = sk(side(test, "chexphoto"), "edema", "mcc", tuned["cutoff"])
+    photos = side(test, "chexphoto").loc[lambda t: t["kind"] != "film"]
+    expected = sk(photos, "edema", "mcc", tuned["cutoff"])
     assert tuned["value"] == pytest.approx(expected, abs=1e-9)
     assert value(th, threshold="0.5", **routed)["value"] == value(t2, metric="mcc", **routed)["value"]
 
@@ -532,5 +544,5 @@ def test_html_opens_in_a_headless_browser_without_errors(study: tuple[Path, repo
         headings = page.eval_on_selector_all("h2", "els => els.map(e => e.textContent)")
         browser.close()
     assert problems == []
-    assert len(widths) == 6 and min(widths) > 100
+    assert len(widths) == 4 and min(widths) > 100
     assert headings[0] == "Summary" and "Table 2: test (official valid sets)" in headings

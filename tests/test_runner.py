@@ -131,7 +131,7 @@ def test_baseline_writes_every_output(runs: dict[str, StageResult]) -> None:
         "config.yaml",
         "done.json",
         "checkpoints/last.ckpt",
-        "checkpoints/best.ckpt",
+        "README.md",
         "predictions_val.parquet",
         "predictions_test.parquet",
         "metrics_val.json",
@@ -140,6 +140,8 @@ def test_baseline_writes_every_output(runs: dict[str, StageResult]) -> None:
     ):
         assert (r.out_dir / name).exists(), name
     assert list((r.out_dir / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+    # keep_checkpoints: last (the default): a finished stage keeps its bundle and last.ckpt only
+    assert [p.name for p in (r.out_dir / "checkpoints").iterdir()] == ["last.ckpt"]
     assert load_stage(r.out_dir / "config.yaml") == tiny("baseline", optimizer={"lr": 1e-3})
     record = done(r)
     assert record["global_step"] == 3 and record["samples_seen_per_rank"] == [24] and record["lr"] == [1e-3]
@@ -265,3 +267,76 @@ def test_bad_stage_setups_fail_clearly(demo_root: Path, catalog: pd.DataFrame, t
         train_stage(
             tiny("r", init="stage:baseline"), demo_root, tmp_path / "r", catalog=catalog, progress=False
         )
+
+
+def test_every_bundle_describes_itself(runs: dict[str, StageResult]) -> None:
+    """A model card with bootstrap CIs per comparison and photo kind, `chextrain info`, a small model.json."""
+    from typer.testing import CliRunner
+
+    from chextrain.cli import build_app
+
+    for name, r in runs.items():
+        assert (r.out_dir / "model.json").stat().st_size < 50_000, name
+        card = (r.out_dir / "README.md").read_text()
+        assert "Not a medical device" in card and "| test | Standard - Photos |" in card, name
+        assert "| test | photos: natural |" in card and " to " in card  # value (low to high)
+        result = CliRunner().invoke(build_app(), ["info", str(r.out_dir)], env={"COLUMNS": "80"})
+        assert result.exit_code == 0 and f"stage: {name}" in result.output, result.output
+        assert max(map(len, result.output.splitlines())) <= 80
+
+
+def test_keep_checkpoints(demo_root: Path, catalog: pd.DataFrame, tmp_path: Path) -> None:
+    def run(name: str, **keys: Any) -> Path:
+        stage = tiny(name, **keys)
+        return train_stage(stage, demo_root, tmp_path / name, catalog=catalog, progress=False).out_dir
+
+    assert not (run("none", keep_checkpoints="none") / "checkpoints").exists()
+    best = run("best", keep_checkpoints="best")
+    assert [p.name for p in (best / "checkpoints").iterdir()] == ["best.ckpt"]
+    every = run("all", keep_checkpoints="all", select="best")
+    assert sorted(p.name for p in (every / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert done_of(every)["weights"] == "best"
+
+
+def done_of(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "done.json").read_text())
+
+
+def test_mlflow_run_is_read_back_from_its_local_store(
+    demo_root: Path, catalog: pd.DataFrame, tmp_path: Path
+) -> None:
+    """A stage of a study logs to MLflow's local store in the study folder: config, metrics, bundle."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    study = tmp_path / "study"
+    (study / "stages").mkdir(parents=True)
+    (study / "study.json").write_text(json.dumps({"name": "tiny_study", "stages": []}))
+    stage = tiny("logged", logger=["csv", "mlflow"])
+    out = train_stage(stage, demo_root, study / "stages" / "logged", catalog=catalog, progress=False).out_dir
+    assert not (out / "logs" / "tensorboard").exists() and (out / "logs" / "csv" / "metrics.csv").exists()
+    client = MlflowClient(f"sqlite:///{study / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tiny_study")
+    [run] = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == "logged" and run.info.status == "FINISHED"
+    assert run.data.params["batch_size"] == "8" and run.data.params["config_hash"]
+    assert run.data.params["bundle"] == str((out / "model.json").resolve())
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert len(history) >= 1 and all(np.isfinite(m.value) for m in history)
+    assert run.data.metrics["eval/test/Standard/auc"] == pytest.approx(
+        json.loads((out / "done.json").read_text())["metrics"]["test/Standard"]["average"]["auc"]
+    )
+    assert "eval/test/kind_natural/mcc" in run.data.metrics
+    assert json.loads((out / "logs" / "runs.json").read_text()) == {"mlflow": run.info.run_id}
+
+
+def test_a_logger_that_is_not_installed_is_refused_before_anything_is_written(
+    demo_root: Path, catalog: pd.DataFrame, tmp_path: Path
+) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed")
+    with pytest.raises(StageError, match=r"chextrain\[wandb\]"):
+        train_stage(tiny("w", logger=["wandb"]), demo_root, tmp_path / "w", catalog=catalog, progress=False)
+    assert not (tmp_path / "w").exists()

@@ -88,3 +88,15 @@ def test_fixed_budget_sampling():
     assert chosen.equals(sample_budget(split, total=100, digital=40, seed=1))
     with pytest.raises(ValueError, match="asks for 5000 digital"):
         sample_budget(split, total=5000, digital=5000)
+
+
+def test_valid_files_are_test_and_the_test_file_is_a_separate_holdout() -> None:
+    """The paper's test set is the official valid files only; CheXpert's test_labels.csv stays apart."""
+    base = catalog(20)
+    extra = base.iloc[[-1]].assign(file="test", patient="patient64741", rel_path="test/patient64741/s/v.jpg")
+    out = assign_splits(pd.concat([base, extra], ignore_index=True))
+    assert dict(out.groupby("file")["split"].unique().map(sorted)) == {
+        "test": ["holdout"],
+        "train": ["train", "val"],
+        "valid": ["test"],
+    }

@@ -181,7 +181,8 @@ def test_shipped_studies_parse():
     assert full.stages["mixed_chexpert_head"].freeze == "encoder"
     assert full.stages["baseline"].image_size == 320 and full.stages["baseline"].epochs == 3
     demo = load_study(root / "chextraining.yaml", profile="demo")
-    assert demo.stages["baseline"].image_size == 64 and demo.fallbacks == {"imagenet": "random"}
+    assert demo.stages["baseline"].image_size == 64
+    assert demo.fallbacks == {"imagenet": "random", "xrv": "random"}
     budget = load_study(root / "fixed_budget.yaml")
     assert [s.data.budget.digital for s in budget.stages.values()] == list(range(0, 10001, 1000))
     reduced = load_study(root / "fixed_budget.yaml", profile="demo")

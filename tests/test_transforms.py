@@ -10,15 +10,18 @@ from PIL import Image
 from chextrain.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    Decoding,
     PhotoSim,
     Preprocessing,
     StandardAugment,
     as_preprocessing,
     augment,
     histeq,
+    input_uint8,
     preprocess,
     resize,
     to_grey,
+    to_network_input,
 )
 
 
@@ -82,7 +85,7 @@ def test_pad_resize_keeps_aspect_ratio() -> None:
     assert out.shape == (40, 40)
     assert (out[:15] == 0).all() and (out[25:] == 0).all() and (out[16:24] == 200).all()
     with pytest.raises(ValueError, match="resize mode"):
-        resize(wide, 8, "crop")
+        resize(wide, 8, "zoom")
 
 
 def test_standard_augment_is_deterministic_small_and_uint8(image: np.ndarray) -> None:
@@ -132,3 +135,66 @@ def test_augment_applies_in_order(image: np.ndarray) -> None:
     rng_a, rng_b = np.random.default_rng(3), np.random.default_rng(3)
     manual = steps[1](steps[0](image, rng_b), rng_b)
     assert np.array_equal(augment(image, steps, rng_a), manual)
+
+
+# --- the two steps: uint8 on the worker, the network input on the device ----------------------
+
+
+def _table_input(small: np.ndarray, spec: Preprocessing) -> torch.Tensor:
+    """The former CPU preprocessing: a float32 table (v / 255 - mean) / std looked up per channel."""
+    values = np.arange(256, dtype=np.float32) / 255.0
+    mean, std = spec.stats()
+    lut = (values[None, :] - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[:, None]
+    return torch.from_numpy(np.stack([lut[c][small] for c in range(3)]).astype(np.float32))
+
+
+@pytest.mark.parametrize("spec", ["imagenet", {"name": "meanstd", "mean": [0.1, 0.5, 0.9], "std": 0.3}])
+def test_device_step_is_the_former_preprocessing_bit_for_bit(spec) -> None:
+    spec = as_preprocessing(spec)
+    every = np.arange(256, dtype=np.uint8).reshape(16, 16)  # every grey level once
+    batch = torch.from_numpy(np.stack([every, every[::-1]]))  # B x S x S
+    x = to_network_input(batch, spec)
+    assert x.shape == (2, 3, 16, 16) and x.dtype == torch.float32
+    assert torch.equal(x[0], _table_input(every, spec)) and torch.equal(x[1], _table_input(every[::-1], spec))
+    assert torch.equal(to_network_input(batch[:, None], spec), x)  # B x 1 x S x S as well
+    assert torch.equal(preprocess(every, 16, spec), x[0])
+
+
+def test_device_step_refuses_floats_and_odd_shapes() -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        to_network_input(torch.zeros(1, 8, 8), "imagenet")
+    with pytest.raises(ValueError, match="B x S x S or B x 1 x S x S"):
+        to_network_input(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), "imagenet")
+
+
+def test_histeq_hands_over_rounded_equalised_uint8(image: np.ndarray) -> None:
+    small = resize(image, 24)
+    out = input_uint8(small, "histeq")
+    assert out.dtype == np.uint8 and np.abs(out.astype(float) - histeq(small)).max() <= 0.5
+    assert input_uint8(small, "imagenet") is small
+    x = to_network_input(torch.from_numpy(out)[None], "histeq")[0]
+    assert torch.equal(x[0], torch.from_numpy(out.astype(np.float32))) and torch.equal(x[0], x[2])
+
+
+def test_decoding_fits_decoded_images_and_names_its_settings(image: np.ndarray, tmp_path) -> None:
+    path = tmp_path / "x.png"
+    Image.fromarray(image).save(path)
+    assert np.array_equal(Decoding(20).load(str(path)), resize(image, 20))
+    assert np.array_equal(Decoding(20, "pad").load(str(path)), resize(image, 20, "pad"))
+    assert np.array_equal(Decoding(20).fit(np.repeat(image[..., None], 3, 2)), resize(image, 20))
+    assert (
+        Decoding(320).tag == "320px-stretch-draft-v1" and Decoding(64, "pad", False).tag == "64px-pad-full-v1"
+    )
+    with pytest.raises(ValueError, match="positive int"):
+        Decoding(0)
+    with pytest.raises(ValueError, match="resize mode"):
+        Decoding(32, "zoom")
+
+
+def test_photo_sim_phone_is_the_grey_recipe(image: np.ndarray) -> None:
+    from chextrain.data.phone_grey import phone_grey
+
+    rng = np.random.default_rng(4)
+    rng.random()  # PhotoSim's draw of p
+    out = PhotoSim(p=1.0, recipe="phone")(image, np.random.default_rng(4))
+    assert out.ndim == 2 and np.array_equal(out, phone_grey(image, rng, 1))

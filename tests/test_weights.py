@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from chextrain.labels import PATHOLOGIES
 from chextrain.models.bundle import load_bundle, save_bundle
 from chextrain.models.net import CXRNet
+from chextrain.models.pretrained import init_fallback
 from chextrain.models.weights import WeightsError, imagenet_checkpoint_path, init_model
 
 
@@ -23,8 +24,11 @@ def _images(n: int = 3, size: int = 32) -> torch.Tensor:
 
 
 def _encoder_equal(model: CXRNet, state: dict[str, torch.Tensor], prefix: str) -> bool:
-    return all(torch.equal(v, state[prefix + k]) for k, v in model.encoder.state_dict().items()
-               if prefix + k in state)
+    return all(
+        torch.equal(v, state[prefix + k])
+        for k, v in model.encoder.state_dict().items()
+        if prefix + k in state
+    )
 
 
 def _source(backbone: str, seed: int = 1) -> CXRNet:
@@ -43,18 +47,32 @@ def test_bundle_round_trip_gives_identical_outputs(tmp_path: Path) -> None:
     with torch.no_grad():
         ref = model.forward_all(x)
     model = model.to(memory_format=torch.channels_last)  # saved tensors must be made contiguous
-    meta = {"image_size": 64, "thresholds": {"photo": {"edema": 0.25}}, "stage": {"name": "ft"},
-            "metrics": {"val": {"auc": np.float32(0.75), "mcc": float("nan")}}, "note": Path("x")}
+    meta = {
+        "image_size": 64,
+        "thresholds": {"photo": {"edema": 0.25}},
+        "stage": {"name": "ft"},
+        "metrics": {"val": {"auc": np.float32(0.75), "mcc": float("nan")}},
+        "note": Path("x"),
+    }
     out = save_bundle(model, tmp_path / "run", meta)
-    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors"]  # no temp files
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "model.json",
+        "model.safetensors",
+    ]  # no temp
     for where in [out, out / "model.json", out / "model.safetensors"]:
         loaded, doc = load_bundle(where)
         assert not loaded.training
         with torch.no_grad():
             got = loaded.forward_all(x)
         assert all(torch.equal(ref[k], got[k]) for k in ref)
-    assert doc["architecture"] == {"backbone": "tiny", "heads": ["digital", "photo"], "router": True,
-                                   "num_features": 48, "num_classes": 5}
+    assert doc["architecture"] == {
+        "backbone": "tiny",
+        "heads": ["digital", "photo"],
+        "router": True,
+        "num_features": 48,
+        "num_classes": 5,
+    }
     assert doc["pathologies"] == list(PATHOLOGIES) and doc["image_size"] == 64
     assert doc["thresholds"]["photo"]["edema"] == 0.25 and doc["thresholds"]["digital"]["edema"] == 0.5
     assert doc["domain_heads"] == {"digital": "digital", "photo": "photo"}
@@ -71,7 +89,9 @@ def test_load_bundle_refuses_other_pathologies_and_missing_files(tmp_path: Path)
     with pytest.raises(WeightsError, match="pathologies"):
         load_bundle(out)
     doc["pathologies"] = list(PATHOLOGIES)
-    doc["architecture"]["heads"] = ["digital", "photo"]  # json no longer matches the weights
+    doc["architecture"]["heads"] = ["other"]  # json no longer matches the weights
+    doc["domain_heads"] = {"digital": "other", "photo": "other"}
+    doc["thresholds"] = {"other": doc["thresholds"]["shared"]}
     (out / "model.json").write_text(json.dumps(doc))
     with pytest.raises(WeightsError, match="does not match"):
         load_bundle(out)
@@ -138,8 +158,12 @@ def test_covidprognosis_moco_checkpoint_loads_the_query_encoder(tmp_path: Path) 
     q = torchvision.models.densenet121(weights=None)
     q.classifier = torch.nn.Sequential(torch.nn.Linear(1024, 256), torch.nn.ReLU(), torch.nn.Linear(256, 128))
     k_state = {f"model.encoder_k.{k}": torch.zeros_like(v) for k, v in q.state_dict().items()}
-    state = {**{f"model.encoder_q.{k}": v for k, v in q.state_dict().items()}, **k_state,
-             "model.queue": torch.randn(128, 16), "model.queue_ptr": torch.zeros(1, dtype=torch.long)}
+    state = {
+        **{f"model.encoder_q.{k}": v for k, v in q.state_dict().items()},
+        **k_state,
+        "model.queue": torch.randn(128, 16),
+        "model.queue_ptr": torch.zeros(1, dtype=torch.long),
+    }
     torch.save({"epoch": 3, "state_dict": state, "hyper_parameters": {"lr": 0.1}}, tmp_path / "cp.pt")
     model = CXRNet("densenet121")
     report = init_model(model, tmp_path / "cp.pt")
@@ -155,8 +179,10 @@ def test_moco_cxr_checkpoint_with_module_prefix(tmp_path: Path) -> None:
     state = {f"module.encoder_q.{k}": v for k, v in net.state_dict().items()}
     state |= {f"module.encoder_k.{k}": v + 1 for k, v in net.state_dict().items() if v.is_floating_point()}
     state["module.queue"] = torch.randn(128, 8)
-    torch.save({"epoch": 20, "arch": "resnet18", "state_dict": state, "optimizer": {"state": {}}},
-               tmp_path / "checkpoint_0019.pth.tar")
+    torch.save(
+        {"epoch": 20, "arch": "resnet18", "state_dict": state, "optimizer": {"state": {}}},
+        tmp_path / "checkpoint_0019.pth.tar",
+    )
     model = CXRNet("resnet18")
     report = init_model(model, tmp_path / "checkpoint_0019.pth.tar")
     assert report.format == "moco-cxr" and report.prefix == "module.encoder_q."
@@ -185,8 +211,10 @@ def test_chexpert_style_prefixes_missing_and_unexpected_keys(tmp_path: Path, pre
 def test_chextrain_lightning_checkpoint_with_heads(tmp_path: Path) -> None:
     source = _source("tiny")
     state = {f"model.{k}": v for k, v in source.state_dict().items()}
-    torch.save({"state_dict": state, "optimizer_states": [{"state": {}}], "hyper_parameters": {"lr": 1e-4}},
-               tmp_path / "last.ckpt")
+    torch.save(
+        {"state_dict": state, "optimizer_states": [{"state": {}}], "hyper_parameters": {"lr": 1e-4}},
+        tmp_path / "last.ckpt",
+    )
     model = CXRNet("tiny", heads=("photo",))
     report = init_model(model, tmp_path / "last.ckpt", load_heads=True)
     assert report.format == "chextrain" and report.heads_loaded == ["photo"]
@@ -268,3 +296,23 @@ def test_imagenet_loads_from_the_hub_cache(tmp_path: Path) -> None:
     report = init_model(model, "imagenet", hub_dir=tmp_path)
     assert report.kind == "imagenet" and report.preprocessing["name"] == "imagenet"
     assert _encoder_equal(model, tv, "") and report.dropped == ["fc.bias", "fc.weight"]
+
+
+def test_profile_fallbacks_replace_named_weights_that_are_missing(tmp_path: Path) -> None:
+    fallbacks = {"imagenet": "random", "xrv": "random"}
+    assert init_fallback("imagenet", "densenet121", fallbacks, hub_dir=tmp_path) == (
+        "random",
+        ["ImageNet weights for densenet121 are not on this machine: init 'random' used"],
+    )
+    assert init_fallback("imagenet", "tiny", fallbacks, hub_dir=tmp_path)[0] == "random"  # none exist
+    assert init_fallback("imagenet", "densenet121", {}, hub_dir=tmp_path) == ("imagenet", [])
+    path, _ = imagenet_checkpoint_path("resnet18", tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"")
+    assert init_fallback("imagenet", "resnet18", fallbacks, hub_dir=tmp_path) == ("imagenet", [])
+    init, notes = init_fallback("xrv:densenet121-res224-all", "densenet121", fallbacks, xrv_root=tmp_path)
+    assert init == "random" and "xrv weights of init 'xrv:densenet121-res224-all'" in notes[0]
+    for other in ("random", "stage:baseline", str(tmp_path / "model.pt")):  # not named weights
+        assert init_fallback(other, "densenet121", fallbacks) == (other, [])
+    with pytest.raises(WeightsError, match="for a timm backbone: init: timm"):
+        init_model(CXRNet("timm:test_convnext"), "imagenet", hub_dir=tmp_path)

@@ -29,6 +29,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from chextrain.errors import ChextrainError
 from chextrain.fileio import atomic_write_bytes
 from chextrain.models.bundle import META_FILE, WEIGHTS_FILE
 from chextrain.models.net import CXRNet
@@ -39,7 +40,7 @@ METADATA_KEY = "chextrain"
 DEFAULT_OPSET = 17
 
 
-class ExportError(ValueError):
+class ExportError(ChextrainError):
     """An export or an ONNX file that cannot be used as asked; the message names the file."""
 
 

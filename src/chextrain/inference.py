@@ -29,7 +29,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from chextrain.data.transforms import as_preprocessing, preprocess, resize, to_grey
+from chextrain.data.images import load_image
+from chextrain.data.transforms import (
+    as_preprocessing,
+    input_uint8,
+    resize,
+    to_grey,
+    to_network_input,
+    xrv_input,
+)
+from chextrain.errors import ChextrainError
 from chextrain.labels import NAME_OF, SLUGS
 from chextrain.models.bundle import load_bundle
 from chextrain.models.net import CXRNet
@@ -50,7 +59,7 @@ TTA_VIEWS: tuple[tuple[float, float, float], ...] = (
 )
 
 
-class PredictorError(ValueError):
+class PredictorError(ChextrainError):
     """A bundle, option or calibration that cannot be used as asked; the message says which."""
 
 
@@ -159,11 +168,24 @@ class Predictor:
         """The pathology names in the model's output order."""
         return list(self.meta["pathologies"])
 
+    def read(self, path: str | Path, *, truncated: str = "error") -> np.ndarray:
+        """Decode an image file as evaluation does for this bundle: a large JPEG at the smallest
+        scale not below the bundle's image size (`draft`), grey. ImageLoadError naming the file."""
+        draft = None if self.preprocessing.name == "xrv" else self.size  # XRV resizes the full decode
+        return load_image(path, truncated=truncated, draft=draft)
+
     def inputs(self, image: np.ndarray, tta: bool = False) -> torch.Tensor:
-        """uint8 H x W (or H x W x 3) -> network inputs V x 3 x S x S (V = 1, or the TTA views)."""
-        small = resize(to_grey(image), self.size, self.preprocessing.resize)  # S x S, once
+        """uint8 H x W (or H x W x 3) -> network inputs V x 3 x S x S (V = 1, or the TTA views).
+
+        The worker's step (resize once, jitter per view, histeq) in uint8, then the device's
+        (transforms.to_network_input) on the CPU, where the runtimes take their input.
+        """
         views = TTA_VIEWS if tta else TTA_VIEWS[:1]
-        return torch.stack([preprocess(jitter(small, *v), self.size, self.preprocessing) for v in views])
+        if self.preprocessing.name == "xrv":  # XRV's resize runs in float on the full image: exact XRV input
+            return torch.stack([xrv_input(jitter(to_grey(image), *v), self.size) for v in views])
+        small = resize(to_grey(image), self.size, self.preprocessing.resize)  # S x S, once
+        batch = np.stack([input_uint8(jitter(small, *v), self.preprocessing) for v in views])  # V x S x S
+        return to_network_input(torch.from_numpy(batch), self.preprocessing)
 
     def predict_images(
         self,

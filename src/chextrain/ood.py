@@ -3,7 +3,8 @@
 `ScoringNet` is what every runtime runs (PyTorch, the ONNX export, batch evaluation): all heads'
 probabilities, the router's P(photo) and the OOD features of a batch, in one forward pass.
 `run_batch` is the one way a network is run on a batch outside training: on the device and in the
-dtype of its parameters, under autocast on CUDA, with float32 numpy outputs on the CPU.
+dtype of its parameters, under autocast on CUDA, with float32 numpy outputs on the CPU. A uint8
+batch (what loader workers hand over) becomes the network input there, on the device.
 
 The check. Per group of features (channel means and spreads of a few encoder blocks, then the
 pooled encoder features) a Mahalanobis distance under a probabilistic-PCA model; an image's score
@@ -25,7 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from chextrain.data.transforms import preprocess
+from chextrain.data.transforms import Preprocessing, preprocess, to_network_input
+from chextrain.errors import ChextrainError
 from chextrain.models.net import CXRNet
 
 OOD_METHOD = "ppca-mahalanobis"
@@ -41,20 +43,28 @@ OOD_TAPS: dict[str, tuple[str, ...]] = {
 }
 
 
-class OODError(ValueError):
+class OODError(ChextrainError):
     """OOD features or a calibration that cannot be used as asked; the message says which."""
 
 
-def run_batch(net: nn.Module, x: torch.Tensor) -> tuple[np.ndarray, ...]:
+def run_batch(
+    net: nn.Module, x: torch.Tensor, preprocessing: str | Preprocessing | Mapping[str, Any] | None = None
+) -> tuple[np.ndarray, ...]:
     """`net(x)` where the net lives; every output as float32 numpy on the CPU.
 
     The device and dtype come from the net's parameters; x moves there (without blocking when
-    it is in pinned memory). On CUDA the forward runs under autocast (bf16 where supported, else
-    fp16); on the CPU exactly as written, so CPU results are bit for bit those of a plain call.
-    The caller sets the mode (eval for inference).
+    it is in pinned memory). A uint8 x (B x 1 x S x S, as loaders hand over) is made the network
+    input there with `preprocessing` (transforms.to_network_input). On CUDA the forward runs
+    under autocast (bf16 where supported, else fp16); on the CPU exactly as written, so CPU
+    results are bit for bit those of a plain call. The caller sets the mode (eval for inference).
     """
     param = next(net.parameters())
-    x = x.to(param.device, dtype=param.dtype, non_blocking=x.is_pinned())
+    x = x.to(param.device, non_blocking=x.is_pinned())
+    if x.dtype == torch.uint8:
+        if preprocessing is None:
+            raise OODError("run_batch got uint8 images without the preprocessing that makes them the input")
+        x = to_network_input(x, preprocessing)
+    x = x.to(dtype=param.dtype)
     amp: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if param.device.type == "cuda":
         amp = torch.autocast(

@@ -66,28 +66,38 @@ def check(
 
 
 def print_report(report: dict, console: Console) -> None:
-    """Rich tables: one row per dataset file, label prevalence, then the problems found."""
+    """Rich tables that fit 80 columns: one row per dataset file, label states per file and
+    pathology, then the problems found."""
+    from rich import box
     from rich.table import Table
 
     from chextrain.labels import SLUGS
 
-    table = Table(title=f"Data under {report['root']}")
-    for column in ("dataset", "file", "rows", "patients", "studies", "kinds", "views"):
-        table.add_column(column, justify="right" if column in ("rows", "patients", "studies") else "left")
+    table = Table(title=f"Data under {report['root']}", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("dataset/file", "rows", "patients/\nstudies", "kinds", "views"):
+        table.add_column(
+            column, justify="right" if column in ("rows", "patients/\nstudies") else "left", no_wrap=True
+        )
     for g in report["datasets"]:
-        kinds = ", ".join(f"{k} {n}" for k, n in g["kinds"].items())
-        views = ", ".join(f"{k} {n}" for k, n in g["views"].items())
+        kinds = "\n".join(f"{k} {n}" for k, n in g["kinds"].items())
+        views = "\n".join(f"{k} {n}" for k, n in g["views"].items())
         table.add_row(
-            g["dataset"], g["file"], str(g["rows"]), str(g["patients"]), str(g["studies"]), kinds, views
+            f"{g['dataset']}/{g['file']}", str(g["rows"]), f"{g['patients']}/{g['studies']}", kinds, views
         )
     console.print(table)
-    labels = Table(title="Labels (positive / negative / uncertain / blank)")
-    labels.add_column("dataset/file")
-    for slug in SLUGS:
-        labels.add_column(slug, justify="right")
+    labels = Table(title="Labels", box=box.SIMPLE_HEAD, pad_edge=False)
+    labels.add_column("dataset/file", no_wrap=True)
+    labels.add_column("pathology", no_wrap=True)
+    for state in ("positive", "negative", "uncertain", "blank"):
+        labels.add_column(state, justify="right", no_wrap=True)
     for g in report["datasets"]:
-        cells = ["{positive} / {negative} / {uncertain} / {blank}".format(**g["labels"][s]) for s in SLUGS]
-        labels.add_row(f"{g['dataset']}/{g['file']}", *cells)
+        for i, slug in enumerate(SLUGS):
+            counts = g["labels"][slug]
+            name = f"{g['dataset']}/{g['file']}" if i == 0 else ""
+            labels.add_row(
+                name, slug, *(str(counts[s]) for s in ("positive", "negative", "uncertain", "blank"))
+            )
+        labels.add_section()
     console.print(labels)
     for key, title in (
         ("issues", "bad rows (skipped)"),

@@ -11,6 +11,7 @@ from chextrain.cli import checks
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "studies"
 DEMO_SIZES = {"digital": 1000, "photos": 1000, "valid": 100, "size": 128}
+KEEP = "none"  # a finished demo stage keeps its bundle only: no checkpoint (keep_checkpoints)
 
 
 def register(app: typer.Typer) -> None:
@@ -39,6 +40,7 @@ def demo(
 
     with checks.reported():
         checks.readable(study_file, "study")
+        checks.out_dir(out)
     from chextrain.cli.study import print_status
     from chextrain.data.demo import write_demo
     from chextrain.evaluation.report import headline_table, write_report
@@ -55,7 +57,7 @@ def demo(
         console.print(f"demo dataset already in {data}")
     studies = [study_file] + ([CONFIGS / "fixed_budget.yaml"] if budget else [])
     for path in studies:
-        study = load_study(path, profile="demo")
+        study = load_study(path, profile="demo", overrides=[f"keep_checkpoints={KEEP}"])
         folder = out / study.name
         state = run_study(
             study, data, folder, log=lambda line: console.print(line, markup=False, highlight=False)
@@ -65,4 +67,7 @@ def demo(
         console.print(headline_table(folder))
         console.print(f"[bold]report:[/bold] {paths.html.resolve()}")
         console.print(f"        {paths.md.resolve()}")
-    console.print(f"demo finished in {(time.time() - t0) / 60:.1f} min")
+    console.print(
+        f"demo finished in {(time.time() - t0) / 60:.1f} min; its stages keep their bundles and no "
+        "checkpoints (keep_checkpoints: none)"
+    )

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from chextrain.cli import checks
+
 RECIPE_HELP = (
     "digital (CheXphoto's random digital, grey), photographic (glare, moire, tilt), phone (monitor in a room)"
 )
@@ -29,6 +31,8 @@ def photo_sim(
 
     Input number i uses the random generator of (seed, i): its photo does not depend on the others.
     """
+    with checks.reported():
+        checks.out_dir(out)
     import numpy as np
     from PIL import Image
     from rich.console import Console
@@ -37,14 +41,10 @@ def photo_sim(
     from chextrain.data.photo import RECIPES, simulate_photo
 
     err = Console(stderr=True, soft_wrap=True, highlight=False)
-    if recipe not in RECIPES:
-        err.print(f"[red]error:[/red] --recipe {recipe!r} is not one of {', '.join(RECIPES)}")
-        raise typer.Exit(2)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        err.print(f"[red]error:[/red] cannot create {out}: {e.strerror or e}")
-        raise typer.Exit(2) from e
+    with checks.reported():
+        if recipe not in RECIPES:
+            raise checks.ArgumentError(f"--recipe {recipe!r} is not one of {', '.join(RECIPES)}")
+    out.mkdir(parents=True, exist_ok=True)
     sources = {p.resolve() for p in inputs}
     targets = _targets(inputs, out)
     failed = 0

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from chextrain.cli import checks, print_error
+from chextrain.cli import checks
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -43,16 +43,10 @@ def probe(
         checks.data_root(data)
         if k < 1 or c <= 0:
             raise checks.ArgumentError(f"k must be >= 1 and c (inverse L2 strength) > 0; got k={k}, c={c}")
-    from chextrain.data.catalog import CatalogError
-    from chextrain.evaluation.probe import METHODS, PROBE_FILE, ProbeError, probe_run
+    from chextrain.evaluation.probe import METHODS, PROBE_FILE, probe_run
     from chextrain.labels import SLUGS
-    from chextrain.models.weights import WeightsError
 
-    try:
-        document = probe_run(run, data, split=split, k=k, c=c, batch_size=batch_size, num_workers=num_workers)
-    except (ProbeError, WeightsError, CatalogError, ValueError) as exc:
-        print_error(exc)
-        raise typer.Exit(2) from exc
+    document = probe_run(run, data, split=split, k=k, c=c, batch_size=batch_size, num_workers=num_workers)
     console = Console()
     for method in METHODS:
         per_group = document["auc"][method]

@@ -74,41 +74,55 @@ def run(
         checks.choice(executor, ("inline", "local", "slurm"), "--executor")
         checks.readable(study_file, "study")
         checks.overrides(overrides or [])
+        checks.data_root(data)
+        checks.out_dir(out)
         if slots < 1:
             raise checks.ArgumentError(f"--slots {slots}: expected 1 or more")
         if gpus_per_stage is not None and gpus_per_stage < 0:
             raise checks.ArgumentError(f"--gpus-per-stage {gpus_per_stage}: expected 0 or more")
         if dry_run and executor != "slurm":
             raise checks.ArgumentError("--dry-run goes with --executor slurm")
-    from chextrain.training.stage import StageError
-    from chextrain.training.study import load_study
+    study = _checked_study(study_file, data, profile, overrides or [], only or None)
     from chextrain.training.study_run import run_study
 
     console = Console()
-    try:
-        study = load_study(study_file, profile=profile, overrides=overrides or [])
-    except StageError as err:
-        print_error(err)
-        raise typer.Exit(2) from err
     t0 = time.time()
     log = lambda line: console.print(line, markup=False, highlight=False)  # noqa: E731
-    try:
-        if executor == "slurm":
-            _submit(study, data, out, only or None, dry_run, log, console)
-            return
-        if executor == "local":
-            state = _run_local(study, data, out, only or None, slots, gpus_per_stage, log)
-        else:
-            state = run_study(study, data, out, only=only or None, progress=not no_progress, log=log)
-    except StageError as err:  # e.g. --only naming no stage of the study
-        print_error(err)
-        raise typer.Exit(2) from err
+    if executor == "slurm":
+        _submit(study, data, out, only or None, dry_run, log, console)
+        return
+    if executor == "local":
+        state = _run_local(study, data, out, only or None, slots, gpus_per_stage, log)
+    else:
+        state = run_study(study, data, out, only=only or None, progress=not no_progress, log=log)
     console.print(f"study {study.name!r} finished in {(time.time() - t0) / 60:.1f} min")
     print_status(state["stages"], console)
     if not no_report:
         _report(out, console)
     if any(s["state"] == "failed" for s in state["stages"]):
         raise typer.Exit(1)
+
+
+def _checked_study(
+    study_file: Path, data: Path, profile: str | None, overrides: list[str], only: list[str] | None
+) -> Any:
+    """The study, refused (once, before anything is written) for a bad file, override, --only or CSV.
+
+    Each `--set` that is not one of the study's variables is checked on its own first, so a bad
+    override is one error, not one per stage; the catalog is read once for the same reason.
+    """
+    from chextrain.data.catalog import read_catalog
+    from chextrain.training.stage import check_overrides, read_yaml
+    from chextrain.training.study import load_study
+    from chextrain.training.study_run import wanted_stages
+
+    data_of_file = read_yaml(study_file, "study")
+    variables = (data_of_file.get("variables") or {}) if isinstance(data_of_file, dict) else {}
+    check_overrides([o for o in overrides if o.partition("=")[0].strip() not in variables])
+    study = load_study(study_file, profile=profile, overrides=overrides)
+    wanted_stages(study, only)
+    read_catalog(data)
+    return study
 
 
 def _run_local(
@@ -122,23 +136,19 @@ def _run_local(
 ) -> dict:
     import torch
 
-    from chextrain.training.executors import ExecutorError, run_local
+    from chextrain.training.executors import run_local
 
     visible = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    try:
-        return run_local(
-            study,
-            data,
-            out,
-            slots=slots,
-            only=only,
-            gpus_per_stage=gpus_per_stage,
-            visible_gpus=visible,
-            log=log,
-        )
-    except ExecutorError as err:
-        print_error(err)
-        raise typer.Exit(2) from err
+    return run_local(
+        study,
+        data,
+        out,
+        slots=slots,
+        only=only,
+        gpus_per_stage=gpus_per_stage,
+        visible_gpus=visible,
+        log=log,
+    )
 
 
 def _submit(
@@ -166,15 +176,11 @@ def status(out: Path = typer.Argument(..., help="Study output folder.")) -> None
 
     with checks.reported():
         checks.file_exists(out / "study.json", f"{out}: no study.json (not a study output folder?)")
+        checks.json_file(out / "study.json", "study state")
     from chextrain.training.executors import scheduler_status
     from chextrain.training.study_run import study_status
 
-    try:
-        stages = scheduler_status(study_status(out), out)
-    except FileNotFoundError as err:
-        print_error(err)
-        raise typer.Exit(2) from err
-    print_status(stages, Console())
+    print_status(scheduler_status(study_status(out), out), Console())
 
 
 def report(
@@ -192,30 +198,37 @@ def _report(out: Path, console: Console, n_boot: int = 1000) -> None:
         checks.file_exists(
             out / "study.json", f"{out}: no study.json (expected a folder written by `chextrain study run`)"
         )
-    from chextrain.evaluation.report import ReportError, headline_table, write_report
+        checks.json_file(out / "study.json", "study state")
+    from chextrain.evaluation.report import headline_table, write_report
 
-    try:
-        paths = write_report(out, n_boot=n_boot)
-    except ReportError as err:
-        print_error(err)
-        raise typer.Exit(2) from err
+    paths = write_report(out, n_boot=n_boot)
     console.print(headline_table(out))
     console.print(f"report: {paths.html}")
     console.print(f"        {paths.md}")
 
 
+def _headline(metrics: dict[str, Any]) -> str:
+    """`test/Standard/auc 0.61` -> `Standard AUC 0.610`, the first three, for an 80-column table."""
+    out = []
+    for key, value in list(metrics.items())[:3]:
+        parts = key.split("/")
+        name = " ".join([*parts[1:-1], parts[-1].upper()]) if len(parts) > 2 else key
+        out.append(f"{name} {value:.3f}")
+    return ", ".join(out)
+
+
 def print_status(stages: list[dict], console: Console) -> None:
-    """A rich table of the stages."""
+    """A rich table of the stages; long names wrap (never cut) so that every row stays distinct."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title="Stages")
+    table = Table(title="Stages", box=box.SIMPLE_HEAD, pad_edge=False)
     jobs = any(s.get("job_id") for s in stages)
     for column in ("stage", "strategy", "state", *(["job"] if jobs else []), "time", "headline", "reason"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold", no_wrap=column in ("state", "time"))
     for s in stages:
         style = STATE_STYLE.get(s["state"], "white")
         seconds = f"{s['seconds']:.0f} s" if s.get("seconds") else ""
-        head = ", ".join(f"{k} {v:.3f}" for k, v in list(s.get("metrics", {}).items())[:3])
         table.add_row(
             s["name"],
             s.get("label", ""),
@@ -226,7 +239,7 @@ def print_status(stages: list[dict], console: Console) -> None:
                 else []
             ),
             seconds,
-            head,
+            _headline(s.get("metrics", {})),
             s.get("reason", ""),
         )
     console.print(table)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from chextrain.cli import checks, print_error
+from chextrain.cli import checks
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -27,7 +27,7 @@ def register(app: typer.Typer) -> None:
 
 
 def train(
-    stage_file: Path = typer.Argument(..., help="Stage YAML (see configs/ and docs)."),
+    stage_file: Path = typer.Argument(..., help="Stage YAML (commented examples: configs/stages/)."),
     data: Path = typer.Option(..., "--data", help=DATA_HELP),
     out: Path = typer.Option(..., "--out", help="Run folder (a checkpoint there resumes)."),
     overrides: list[str] = typer.Option([], "--set", help="Override a stage key: --set optimizer.lr=1e-5"),
@@ -35,32 +35,27 @@ def train(
     num_nodes: int | None = typer.Option(None, "--num-nodes", help="Number of nodes (DDP)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar or model summary."),
 ) -> None:
-    """Train one stage into OUT: checkpoints, logs, model.safetensors + model.json, predictions, metrics."""
+    """Train one stage into OUT: checkpoints, logs, model.safetensors + model.json, predictions, metrics.
+
+    Stage files: see the commented examples in configs/stages/ (baseline, fine-tune, heads, MoCo).
+    """
     from rich.console import Console
-
-    err = Console(stderr=True)
-
-    def show(exc: object) -> None:
-        err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
 
     extra = [
         *overrides,
         *([f"devices={devices}"] if devices else []),
         *([f"num_nodes={num_nodes}"] if num_nodes else []),
     ]
-    with checks.reported(show=show):
+    with checks.reported():
         checks.readable(stage_file, "stage")
         checks.overrides(extra)
-    from chextrain.models.weights import WeightsError
-    from chextrain.training.lifecycle import RunDirError, train_stage
-    from chextrain.training.stage import StageError, load_stage
+        checks.data_root(data)
+        checks.out_dir(out)
+    from chextrain.training.lifecycle import train_stage
+    from chextrain.training.stage import load_stage
 
-    try:
-        stage = load_stage(stage_file, extra)
-        result = train_stage(stage, data, out, progress=not no_progress)
-    except (StageError, RunDirError, WeightsError) as exc:
-        show(exc)
-        raise typer.Exit(2) from exc
+    stage = load_stage(stage_file, extra)
+    result = train_stage(stage, data, out, progress=not no_progress)
     if result.rank != 0:
         return
     console = Console()
@@ -89,15 +84,11 @@ def evaluate(
         if split not in ("val", "test"):
             raise checks.ArgumentError(f"split {split!r}: expected 'val' or 'test'")
         checks.bundle(run)
-    from chextrain.evaluation.predict import EvaluationError, evaluate_run
+        checks.data_root(data)
+    from chextrain.evaluation.predict import evaluate_run
     from chextrain.labels import SLUGS
-    from chextrain.models.weights import WeightsError
 
-    try:
-        document = evaluate_run(run, data, split, head, batch_size=batch_size, num_workers=num_workers)
-    except (EvaluationError, WeightsError, ValueError) as exc:
-        print_error(exc)
-        raise typer.Exit(2) from exc
+    document = evaluate_run(run, data, split, head, batch_size=batch_size, num_workers=num_workers)
     console = Console()
     for name, group in document["groups"].items():
         heads = ", ".join(group["heads"])

@@ -7,12 +7,9 @@ Lightning, and with a model that needs no torchvision backbone not torchvision e
 
 from __future__ import annotations
 
-import csv
 import glob
 import io
 import json
-import math
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,10 +17,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from chextrain.cli import checks, print_error
-
-if TYPE_CHECKING:
-    from rich.console import Console
-
+from chextrain.cli.results import csv_text, print_table
 
 if TYPE_CHECKING:
     from chextrain.inference import Predictor
@@ -38,7 +32,6 @@ DOMAINS: tuple[str, ...] = ("auto", "digital", "photo")
 RUNTIMES: tuple[str, ...] = ("torch", "onnx")
 METHODS: tuple[str, ...] = ("gradient", "gradcam")
 PROGRESS_MIN_FILES = 32  # fewer files: no progress bar
-TABLE_HEADERS = ("eff.", "edema", "atel.", "cons.", "card.")  # SLUGS, shortened for 80 columns
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 BUNDLE_ARG = typer.Argument(..., help="A bundle: the folder holding model.json + model.safetensors.")
@@ -74,10 +67,7 @@ def check_bundle_options(bundle: Path, runtime: str, domain: str) -> None:
 def _predictor(bundle: Path, runtime: str, domain: str, onnx: Path | None = None) -> Predictor:
     from chextrain.inference import Predictor
 
-    try:
-        return Predictor.from_bundle(bundle, runtime=runtime, domain=domain, onnx_path=onnx)
-    except ValueError as err:  # WeightsError, PredictorError, ExportError
-        raise _fail(str(err)) from None
+    return Predictor.from_bundle(bundle, runtime=runtime, domain=domain, onnx_path=onnx)
 
 
 def collect_inputs(args: Sequence[str]) -> tuple[list[Path], list[dict[str, str]]]:
@@ -145,103 +135,6 @@ def run_predictions(
     return out
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
-
-
-def csv_text(results: list[dict[str, Any]]) -> str:
-    """One CSV row per image: routing, OOD, then probability and decision per pathology."""
-    from chextrain.labels import SLUGS
-
-    buf = io.StringIO()
-    head = [
-        "name",
-        "error",
-        "head",
-        "domain",
-        "domain_source",
-        "p_photo",
-        "router_uncertain",
-        "ood_status",
-        "ood_score",
-        "ood_threshold",
-        "flagged",
-    ]
-    writer = csv.writer(buf, lineterminator="\n")
-    per = [f"{s}_{k}" for s in SLUGS for k in ("prob", "threshold", "positive")]
-    writer.writerow(head + per + ["warnings"])
-    for r in results:
-        if "error" in r:
-            writer.writerow([r["name"], r["error"]] + [""] * (len(head) - 2 + 3 * len(SLUGS) + 1))
-            continue
-        ood = r["ood"]
-        row = [
-            r["name"],
-            "",
-            r["head"],
-            r["domain"] or "",
-            r["domain_source"],
-            _fmt(r["p_photo"], 6),
-            int(r["router_uncertain"]),
-            ood["status"],
-            _fmt(ood["score"], 6),
-            _fmt(ood["threshold"], 6),
-            int(r["flagged"]),
-        ]
-        for s in SLUGS:
-            p = r["pathologies"][s]
-            row += [_fmt(p["prob"], 6), _fmt(p["threshold"], 6), int(p["positive"])]
-        writer.writerow(row + ["; ".join(r["warnings"])])
-    return buf.getvalue()
-
-
-def _short_names(names: list[str]) -> tuple[str, list[str]]:
-    """(common folder, names relative to it) so that a table of long paths stays readable."""
-    folders = [os.path.dirname(n) for n in names]
-    common = os.path.commonpath(folders) if len(names) > 1 and all(folders) else ""
-    try:
-        return common, [os.path.relpath(n, common) if common else n for n in names]
-    except ValueError:  # mixed absolute and relative paths
-        return "", names
-
-
-def print_table(results: list[dict[str, Any]], console: Console) -> None:
-    """A rich table: file, head, P(photo), OOD, then each pathology's probability (+ = positive)."""
-    from rich import box
-    from rich.markup import escape
-    from rich.table import Table
-
-    empty = [""] * len(TABLE_HEADERS)  # one cell per pathology
-    common, names = _short_names([r["name"] for r in results])
-    table = Table(
-        title="chextrain predict (+ = at or above the head's threshold)",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-        caption=f"files under {escape(common)}" if common else None,
-    )
-    table.add_column("file", overflow="fold", min_width=8)
-    for column in ("head", "P(ph)", "OOD", *TABLE_HEADERS):
-        table.add_column(column, no_wrap=True, justify="right" if column in TABLE_HEADERS else "left")
-    for r, name in zip(results, names, strict=True):
-        if "error" in r:
-            table.add_row(escape(name), "[red]failed[/red]", "", "", *empty)
-            continue
-        ood = {"uncalibrated": "n/a", "in-distribution": "ok"}.get(r["ood"]["status"], "[red]FLAG[/red]")
-        p_photo = _fmt(r["p_photo"], 2) + (" [red]?[/red]" if r["router_uncertain"] else "")
-        cells = [f"{p['prob']:.2f}{'+' if p['positive'] else ' '}" for p in r["pathologies"].values()]
-        table.add_row(escape(name), r["head"], p_photo, ood, *cells)
-    console.print(table)
-    for r, name in zip(results, names, strict=True):
-        if "error" in r:
-            console.print(f"[red]failed[/red] {escape(name)}: {escape(r['error'])}")
-        for w in r.get("warnings", []):
-            console.print(f"[yellow]warning[/yellow] {escape(name)}: {escape(w)}")
-    if any(r.get("ood", {}).get("status") == "uncalibrated" for r in results):
-        console.print(
-            "note: this bundle has no OOD calibration, so out-of-distribution images are not flagged"
-        )
-
-
 def predict(
     bundle: Path = BUNDLE_ARG,
     paths: list[str] = typer.Argument(..., help="Image files, folders (searched recursively) or globs."),
@@ -255,10 +148,15 @@ def predict(
 ) -> None:
     """Predict the five findings for images; the router picks the head (exit code 1 if any file failed)."""
     from rich.console import Console
+    from rich.markup import escape
 
     with checks.reported():
         checks.choice(output_format, FORMATS, "--format")
         check_bundle_options(bundle, runtime, domain)
+        if out is not None:
+            checks.out_file(out)
+    from chextrain.fileio import atomic_write_text
+
     files, problems = collect_inputs(paths)
     predictor = _predictor(bundle, runtime, domain, onnx)
     show = len(files) >= PROGRESS_MIN_FILES
@@ -269,16 +167,29 @@ def predict(
         text = csv_text(results)
     else:
         console = Console(file=io.StringIO(), width=200) if out else Console()
-        print_table(results, console)
+        print_table(results, console, score_options(tta, domain))
         text = console.file.getvalue() if out else ""
+    err = Console(stderr=True, highlight=False)
     if out:
-        out.write_text(text)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, text)
+        err.print(f"wrote {len(results)} results ({output_format}) to {escape(str(out))}")
     elif text:
         typer.echo(text, nl=False)
     failed = [r for r in results if "error" in r]
     if failed:
-        Console(stderr=True).print(f"[red]{len(failed)} of {len(results)} inputs failed[/red]")
+        err.print(f"[red]{len(failed)} of {len(results)} inputs failed[/red]")
         raise typer.Exit(1)
+
+
+def score_options(tta: bool, domain: str) -> list[str]:
+    """The options that changed the scores, said under the table."""
+    from chextrain.inference import TTA_VIEWS
+
+    found = [f"--tta (the mean of {len(TTA_VIEWS)} zoomed and shifted views)"] if tta else []
+    if domain != "auto":
+        found.append(f"--domain {domain} (every image scored by the {domain} head; the router was not asked)")
+    return found
 
 
 def explain(
@@ -297,6 +208,7 @@ def explain(
     with checks.reported():
         checks.choice(method, METHODS, "--method")
         check_bundle_options(bundle, "torch", domain)
+        checks.out_dir(out)
     from chextrain.data.images import ImageLoadError, load_image
 
     try:
@@ -306,6 +218,7 @@ def explain(
     import torch
 
     from chextrain.evaluation.saliency import saliency_maps, save_explanation
+    from chextrain.fileio import write_json
 
     predictor = _predictor(bundle, "torch", domain)
     result = predictor.predict_images([pixels], [str(image)])[0]
@@ -317,7 +230,7 @@ def explain(
     paths = save_explanation(
         pixels, maps, probs, out, image.stem, resize=predictor.preprocessing.resize, title=title
     )
-    (out / f"{image.stem}.json").write_text(json.dumps({**result, "method": method}, indent=2) + "\n")
+    write_json(out / f"{image.stem}.json", {**result, "method": method}, newline=True)
     console = Console()
     for w in result["warnings"]:
         console.print(f"[yellow]warning[/yellow]: {escape(w)}")
@@ -341,6 +254,7 @@ def serve(
 
     with checks.reported():
         check_bundle_options(bundle, runtime, domain)
+        checks.port_free(host, port)  # before "serving ... on": a port in use is said first
     import torch
     import uvicorn
 
@@ -376,16 +290,14 @@ def export(
 
     with checks.reported():
         checks.bundle(bundle)
+        checks.out_file(onnx, "--onnx")
     import torch
 
     from chextrain.export import OnnxRuntime, export_onnx, max_prob_difference, weights_sha256
     from chextrain.models.bundle import load_bundle
 
-    try:
-        model, meta = load_bundle(bundle)
-        export_onnx(model, meta, onnx, opset=opset, sha256=weights_sha256(bundle))
-    except ValueError as err:
-        raise _fail(str(err)) from None
+    model, meta = load_bundle(bundle)
+    export_onnx(model, meta, onnx, opset=opset, sha256=weights_sha256(bundle))
     console = Console()
     console.print(f"wrote {escape(str(onnx))} ({onnx.stat().st_size / 1e6:.1f} MB, opset {opset})")
     if check:

@@ -21,7 +21,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from chextrain.data.layout import DOMAIN_OF_KIND, inner_paths, normalise, path_fields
+from chextrain.data.layout import (
+    DOMAIN_OF_KIND,
+    dataset_of_folder,
+    inner_paths,
+    normalise,
+    official_csvs,
+    path_fields,
+    relative_name,
+)
+from chextrain.errors import ChextrainError
 from chextrain.labels import CHEXPERT_COLUMNS, PATHOLOGIES, SLUGS
 
 CATALOG_COLUMNS: tuple[str, ...] = (
@@ -42,21 +51,20 @@ CATALOG_COLUMNS: tuple[str, ...] = (
     "ap_pa",
     *SLUGS,
     "row",
-)
-OFFICIAL_FILES: tuple[tuple[str, str], ...] = (
-    # (file key, CSV path relative to the release folder), first found wins per key
-    ("train", "train.csv"),
-    ("valid", "valid.csv"),
-    ("valid", "valid/valid.csv"),
-    ("test", "test_labels.csv"),
-    ("test", "test.csv"),
+    "release",
+    "source",
 )
 REQUIRED_COLUMNS: tuple[str, ...] = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *PATHOLOGIES)
 ON_ERROR: tuple[str, ...] = ("raise", "skip")
+SPLIT_OF_FILE: dict[str, str] = {"train": "train", "valid": "test", "test": "holdout"}  # paper's test = valid
 
 
-class CatalogError(ValueError):
+class CatalogError(ChextrainError):
     """A CSV or path that cannot be read into the catalog; the message names file, line, column."""
+
+    def __init__(self, message: str, line: int | None = None) -> None:
+        super().__init__(message)
+        self.line = line  # the CSV line at fault, when one is
 
 
 @dataclass(frozen=True)
@@ -74,16 +82,6 @@ class CatalogIssue:
         return f"{where}: {self.message}"
 
 
-def dataset_of_folder(name: str) -> str | None:
-    """`chexpert` / `chexphoto` from a release folder name (any version suffix), else None."""
-    low = name.lower()
-    if low.startswith("chexphoto"):
-        return "chexphoto"
-    if low.startswith("chexpert"):
-        return "chexpert"
-    return None
-
-
 def find_releases(root: Path) -> list[Path]:
     """Release folders (CheXpert*/CheXphoto*) at `root` itself or directly below it, sorted."""
     root = Path(root)
@@ -93,17 +91,13 @@ def find_releases(root: Path) -> list[Path]:
     return [p for p in candidates if dataset_of_folder(p.name) and official_csvs(p)]
 
 
-def official_csvs(release: Path) -> dict[str, Path]:
-    """{file key: CSV path} for the official CSVs present in a release folder."""
-    found: dict[str, Path] = {}
-    for key, rel in OFFICIAL_FILES:
-        path = release / rel
-        if key not in found and path.is_file():
-            found[key] = path
-    return found
-
-
-def read_catalog(root: Path, *, on_error: str = "raise", check_files: bool = False) -> pd.DataFrame:
+def read_catalog(
+    root: Path,
+    *,
+    on_error: str = "raise",
+    check_files: bool = False,
+    releases: Iterable[str] | None = None,
+) -> pd.DataFrame:
     """Read every release under `root` into one catalog, in release and file order.
 
     Args:
@@ -111,26 +105,69 @@ def read_catalog(root: Path, *, on_error: str = "raise", check_files: bool = Fal
         on_error: "raise" stops at the first bad row; "skip" drops bad rows and lists them in
             ``catalog.attrs["issues"]`` (the `data check` command reports them).
         check_files: also report rows whose image file is missing.
+        releases: the release folder names to read (e.g. ["CheXpert-v1.0-small", "CheXphoto-v1.1"]);
+            required when one dataset has two releases under `root` (reading both duplicates rows).
     """
-    releases = find_releases(Path(root))
-    if not releases:
+    found = find_releases(Path(root))
+    if not found:
         raise CatalogError(
             f"{root}: no CheXpert or CheXphoto release found (expected e.g. {root}/CheXpert-v1.0-small/"
             f"train.csv or {root}/CheXphoto-v1.0/valid.csv)"
         )
+    releases = choose_releases(found, releases, Path(root))
     parts: list[pd.DataFrame] = []
     issues: list[CatalogIssue] = []
     for release in releases:
         dataset = dataset_of_folder(release.name)
         for file_key, csv_path in official_csvs(release).items():
-            part = read_csv_file(
-                csv_path, release, dataset=dataset, file=file_key, on_error=on_error, check_files=check_files
-            )
+            try:
+                part = read_csv_file(
+                    csv_path,
+                    release,
+                    dataset=dataset,
+                    file=file_key,
+                    on_error=on_error,
+                    check_files=check_files,
+                )
+            except CatalogError as err:  # a whole file unreadable: skip mode reports it and reads on
+                if on_error == "raise":
+                    raise
+                message = (
+                    str(err).removeprefix(f"{csv_path}, line {err.line}: ").removeprefix(f"{csv_path}: ")
+                )
+                issues.append(CatalogIssue(str(csv_path), err.line, None, message))
+                continue
             issues.extend(part.attrs.get("issues", []))
             parts.append(part)
     catalog = concat_catalogs(parts)
     catalog.attrs["issues"] = issues
     return catalog
+
+
+def choose_releases(found: list[Path], wanted: Iterable[str] | None, root: Path) -> list[Path]:
+    """The releases to read: `wanted` by folder name, else all, unless one dataset has two releases.
+
+    Reading CheXpert-v1.0-small with CheXpert-v1.0, or CheXphoto-v1.0 with CheXphoto-v1.1, would
+    put every image in the catalog twice (the same patients in train and test files alike).
+    """
+    if wanted is not None:
+        names = list(dict.fromkeys(wanted))
+        by_name = {p.name: p for p in found}
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise CatalogError(f"{root}: release(s) {missing} not found; releases present: {sorted(by_name)}")
+        return [by_name[n] for n in names]  # named explicitly: the caller's choice, even two of a dataset
+    per_dataset: dict[str, list[str]] = {}
+    for p in found:
+        per_dataset.setdefault(str(dataset_of_folder(p.name)), []).append(p.name)
+    for dataset, names in per_dataset.items():
+        if len(names) > 1:
+            raise CatalogError(
+                f"{root}: {len(names)} releases of {dataset} found ({' and '.join(names)}); reading both "
+                "would duplicate their images. Say which one to use: read_catalog(..., releases=[...]) "
+                "(a stage: `data: {releases: [...]}`)"
+            )
+    return found
 
 
 def concat_catalogs(parts: Iterable[pd.DataFrame]) -> pd.DataFrame:
@@ -249,7 +286,7 @@ def read_csv_file(
             "kind": fields["kind"],
             "device": fields["device"],
             "file": file,
-            "split": "train" if file == "train" else "test",
+            "split": SPLIT_OF_FILE.get(file, "test"),
             "patient": fields["patient"],
             "study": fields["study"],
             "image": fields["image"],
@@ -259,6 +296,8 @@ def read_csv_file(
             "ap_pa": raw["AP/PA"].str.strip(),
             **{slug: labels[slug] for slug in SLUGS},
             "row": lines,
+            "release": base_dir.name,
+            "source": relative_name(csv_path, base_dir),
         }
     )
     for column in ("domain", "kind"):  # generic CSVs may say what the images are
@@ -288,9 +327,12 @@ def _read_raw_csv(csv_path: Path, on_error: str, issues: list[CatalogIssue]) -> 
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
         raise CatalogError(
-            f"{name}: not UTF-8 text (byte {exc.start}: {data[exc.start : exc.start + 1]!r}); "
-            "re-save the CSV as UTF-8"
+            f"{name}, line {line}: not UTF-8 text (byte {data[exc.start : exc.start + 1]!r} at column "
+            f"{column}); re-save the CSV as UTF-8",
+            line,
         ) from exc
     if not text.strip():
         raise CatalogError(f"{name}: empty CSV (expected the header {','.join(CHEXPERT_COLUMNS)})")

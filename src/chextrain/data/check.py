@@ -50,7 +50,10 @@ def check_root(
     verify_images: bool = False,
     verify: Callable[[str], str | None] | None = None,
 ) -> dict[str, Any]:
-    """Read every release under root (skipping bad rows) and report what is wrong.
+    """Read every release under root and report everything that is wrong, in every file.
+
+    Bad rows are skipped and a CSV that cannot be read at all (empty, not UTF-8, missing columns)
+    is one issue naming it, so one broken file never hides the problems of the others.
 
     Returns {"root", "datasets": summarise(...), "issues": [...], "missing_files": [...],
     "unreadable_images": [...], "ok": bool}.

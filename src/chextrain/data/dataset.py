@@ -1,32 +1,38 @@
 """Torch Dataset over catalog rows, and a sampler/loader pair that makes training resumable mid-epoch.
 
-Each item is a dict: image 3 x S x S float32, target 5, mask 5 (policy applied), head (index of
-the classifier head that serves the row), domain (0 digital / 1 photo) and index (the row's
-position). Augmentation draws from a generator seeded by (seed, epoch, index), so an item is
-the same whichever worker makes it and whenever: a resumed run sees the very same batches.
+Each item is a dict: image uint8 1 x S x S (the model step makes it the float network input on
+the device: transforms.to_network_input), target 5, mask 5 (policy applied), head (index of the
+classifier head that serves the row), domain (0 digital / 1 photo) and index (the row's position).
+Images come decoded at the size needed from the files (transforms.Decoding) or from the prepared
+image store (data/store.py), the same bytes either way; augmentation runs at that size and draws
+from a generator seeded by (seed, epoch, index), so an item is the same whichever worker makes
+it and whenever: a resumed run sees the very same batches. A dataset holds numpy arrays and
+tensors only (paths packed in one buffer), so forked workers share it without copying it.
 """
 
 from __future__ import annotations
 
+import gc
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+from torch.utils.data._utils.collate import default_collate
 
-from chextrain.data.images import load_image
-from chextrain.data.transforms import Augment, Preprocessing, augment, preprocess, resize
-from chextrain.fileio import atomic_write
+from chextrain.data.images import ImageLoadError
+from chextrain.data.packed import PackedStrings
+from chextrain.data.transforms import Augment, Decoding, Preprocessing, as_preprocessing, augment, input_uint8
+from chextrain.errors import ChextrainError
 from chextrain.labels import Policy, apply_policy
 
 DOMAIN_INDEX: dict[str, int] = {"digital": 0, "photo": 1}
 
 
-class DatasetError(ValueError):
+class DatasetError(ChextrainError):
     """A row cannot become a training sample (unreadable image, unknown domain or head)."""
 
 
@@ -60,19 +66,50 @@ def head_indices(
     return np.array([lookup[d] for d in domains], dtype=np.int64)
 
 
+class ImageSource(Protocol):
+    """Row-aligned decoded images: `source[i]` is row i's uint8 S x S (data.store.StoredImages, an array)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> np.ndarray: ...
+
+
+def read_row(decoding: Decoding, csv_rows: np.ndarray, index: int, path: str) -> np.ndarray:
+    """`decoding.load(path)` for catalog row `index`; a DatasetError naming row, CSV line and file."""
+    try:
+        return decoding.load(path)
+    except (OSError, ImageLoadError) as err:
+        raise DatasetError(
+            f"cannot read an image of catalog row {index} (CSV line {csv_rows[index]}): {path}: {err}"
+        ) from err
+
+
+def check_source(images: ImageSource | None, n: int, size: int) -> None:
+    """Refuse an image source whose row count or image size does not fit the dataset."""
+    if images is None:
+        return
+    if len(images) != n:
+        raise DatasetError(f"images holds {len(images)} rows for {n} catalog rows")
+    shape = getattr(images, "shape", None)
+    if shape is not None and tuple(shape[1:]) != (size, size):
+        raise DatasetError(f"images are {tuple(shape[1:])} px; the dataset needs {size} x {size} px")
+
+
 class CatalogDataset(Dataset):
-    """Catalog rows -> training/evaluation samples.
+    """Catalog rows -> training/evaluation samples (see the module docstring).
 
     Args:
         rows: catalog rows (schema in docs/architecture.md); their order defines `index`.
         image_size: side S of the square network input.
-        preprocessing: a Preprocessing, its name or its dict (see transforms.preprocess).
+        preprocessing: a Preprocessing, its name or its dict (its resize mode and histeq apply here,
+            its scaling on the device: transforms.to_network_input).
         policy: uncertainty policy for targets and mask (labels.apply_policy).
         head_names / domain_heads / head: how each row picks its head (see head_indices).
-        augment: augmentation callables applied before preprocessing (training only).
+        augment: augmentation callables applied to the S x S image (training only).
         seed: seeds the per-sample augmentation generator together with (epoch, index).
-        cache: optional N x S x S uint8 array (e.g. a np.load(mmap_mode="r") of pre-resized
-            images, row-aligned with `rows`) read instead of decoding the files.
+        images: optional row-aligned S x S uint8 images (the prepared store's reader, an array)
+            read instead of decoding the files.
+        draft: decode large JPEGs at the scale needed (transforms.Decoding); False: full size.
     """
 
     def __init__(
@@ -87,50 +124,57 @@ class CatalogDataset(Dataset):
         head: str | None = None,
         augment: Sequence[Augment] = (),
         seed: int = 0,
-        cache: np.ndarray | None = None,
+        images: ImageSource | None = None,
+        draft: bool = True,
     ) -> None:
         rows = rows.reset_index(drop=True)
         unknown = sorted(set(rows["domain"]) - set(DOMAIN_INDEX))
         if unknown:
             raise DatasetError(f"unknown domain(s) {unknown}; expected {list(DOMAIN_INDEX)}")
-        if cache is not None and cache.shape[0] != len(rows):
-            raise DatasetError(f"cache holds {cache.shape[0]} images for {len(rows)} rows")
-        self.paths: list[str] = rows["path"].astype(str).tolist()
-        self.csv_rows: list[int] = rows["row"].astype(int).tolist() if "row" in rows else [0] * len(rows)
+        check_source(images, len(rows), image_size)
+        self.paths = PackedStrings(rows["path"].astype(str).tolist())
+        self.csv_rows = (
+            rows["row"].to_numpy(dtype=np.int64) if "row" in rows else np.zeros(len(rows), np.int64)
+        )
         targets, mask = apply_policy(rows, policy)  # N x 5 each
         self.targets = torch.from_numpy(targets)
         self.mask = torch.from_numpy(mask)
         self.domains = torch.from_numpy(rows["domain"].map(DOMAIN_INDEX).to_numpy(dtype=np.int64).copy())
         self.heads = torch.from_numpy(head_indices(rows["domain"].tolist(), head_names, domain_heads, head))
         self.image_size = image_size
-        self.preprocessing = preprocessing
+        self.spec = as_preprocessing(preprocessing)
+        self.decoding = Decoding(image_size, self.spec.resize, draft)
         self.augment = tuple(augment)
         self.seed = seed
-        self.cache = cache
+        self.images = images
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def load(self, index: int) -> np.ndarray:
-        """The decoded uint8 image of row `index` (from the cache when there is one)."""
-        if self.cache is not None:
-            return np.asarray(self.cache[index])
-        try:
-            return load_image(self.paths[index])
-        except (OSError, ValueError) as err:
-            raise DatasetError(
-                f"cannot read the image of catalog row {index} (CSV line {self.csv_rows[index]}): "
-                f"{self.paths[index]}: {err}"
-            ) from err
+    def path(self, index: int) -> str:
+        """The image file of row `index`."""
+        return self.paths[index]
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        index, epoch = key if isinstance(key, tuple) else (key, 0)
-        image = self.load(index)
+    def load(self, index: int) -> np.ndarray:
+        """Row `index`'s image, uint8 S x S: from `images` when given, else decoded from its file."""
+        if self.images is not None:
+            return np.asarray(self.images[index])
+        return read_row(self.decoding, self.csv_rows, index, self.paths[index])
+
+    def hand_over(self, index: int, epoch: int = 0) -> np.ndarray:
+        """What a worker hands over for row `index` in `epoch`: uint8 S x S, augmented (seeded by
+        (seed, epoch, index)) and histogram-equalised for histeq. May be read-only."""
+        image = self.load(index)  # S x S
         if self.augment:
             rng = np.random.default_rng([self.seed, epoch, index])
             image = augment(image, self.augment, rng)
+        return input_uint8(image, self.spec)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        image = torch.from_numpy(np.array(self.hand_over(index, epoch)))[None]  # 1 x S x S
         return {
-            "image": preprocess(image, self.image_size, self.preprocessing),  # 3 x S x S
+            "image": image,
             "target": self.targets[index],  # 5
             "mask": self.mask[index],  # 5
             "head": self.heads[index],
@@ -138,33 +182,68 @@ class CatalogDataset(Dataset):
             "index": index,
         }
 
+    def __getitems__(self, keys: Sequence[int | tuple[int, int]]) -> Batch:
+        """A batch of keys read whole (what a DataLoader asks a worker for): the same tensors as
+        collating `self[key]` one by one, with one copy per image into the batch.
 
-def build_cache(
-    rows: pd.DataFrame, size: int, path: Path | None = None, resize_mode: str = "stretch"
-) -> np.ndarray:
-    """Decode and resize every row's image once: N x size x size uint8, row-aligned (the `cache`).
+        Images go straight into one B x 1 x S x S tensor, in shared memory inside a worker (the
+        main process receives it without a copy); images read unchanged from the store (no
+        augmentation, no histeq) are copied there from its memory map directly. `collate` hands
+        the Batch on as it is.
+        """
+        pairs = [k if isinstance(k, tuple) else (int(k), 0) for k in keys]
+        index = [i for i, _ in pairs]
+        n, size = len(index), self.image_size
+        shared = get_worker_info() is not None
+        storage = torch.UntypedStorage._new_shared(n * size * size) if shared else torch.UntypedStorage(n * size * size)
+        images = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (n, 1, size, size))
+        out = images.numpy()[:, 0]  # B x S x S
+        read_into = getattr(self.images, "read_into", None)
+        if read_into is not None and not self.augment and self.spec.name != "histeq":
+            read_into(index, out)
+        else:
+            for j, (i, epoch) in enumerate(pairs):
+                out[j] = self.hand_over(i, epoch)
+        rows = torch.tensor(index, dtype=torch.int64)
+        return Batch(
+            {
+                "image": images,  # B x 1 x S x S
+                "target": self.targets[rows],  # B x 5
+                "mask": self.mask[rows],  # B x 5
+                "head": self.heads[rows],  # B
+                "domain": self.domains[rows],  # B
+                "index": rows,  # B
+            }
+        )
 
-    With `path`, the array is written there atomically as .npy and returned memory-mapped
-    read-only, so loader workers share it through the page cache instead of each holding a copy.
+
+class Batch(Sequence[dict[str, Any]]):
+    """A batch read whole (CatalogDataset.__getitems__): the collated dict, and its samples on demand
+    (so torch's default_collate, given one, still builds the same batch)."""
+
+    def __init__(self, batch: dict[str, torch.Tensor]) -> None:
+        self.batch = batch
+
+    def __len__(self) -> int:
+        return len(self.batch["index"])
+
+    def __getitem__(self, j: int) -> dict[str, Any]:  # type: ignore[override]
+        return {k: (int(v[j]) if k == "index" else v[j]) for k, v in self.batch.items()}
+
+
+def worker_init(worker_id: int) -> None:
+    """A loader worker's start: freeze the garbage collector's view of what the worker inherited.
+
+    A forked worker shares the parent's memory copy-on-write, and the first full collection would
+    write into every inherited container object (tens of MB of copied pages per worker); frozen,
+    they are never traversed. Objects the worker makes itself are collected as usual.
     """
-    dataset = CatalogDataset(rows, image_size=size)
-    shape = (len(dataset), size, size)
+    gc.freeze()
 
-    def fill(out: np.ndarray) -> np.ndarray:
-        for i in range(len(dataset)):
-            out[i] = resize(dataset.load(i), size, resize_mode)
-        return out
 
-    if path is None:
-        return fill(np.empty(shape, dtype=np.uint8))
-
-    def write(tmp: Path) -> None:
-        out = fill(np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape))
-        out.flush()
-        del out
-
-    atomic_write(path, write)  # a killed build leaves no half-filled cache behind
-    return np.load(Path(path), mmap_mode="r")
+def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """torch's default_collate, except that a Batch read whole is handed on as it is (no second copy)."""
+    return samples.batch if isinstance(samples, Batch) else default_collate(list(samples))
 
 
 class EpochSampler(Sampler[tuple[int, int]]):
@@ -254,8 +333,12 @@ def make_loader(
     world_size: int = 1,
     num_workers: int = 0,
     pin_memory: bool = False,
+    worker_init_fn: Callable[[int], None] = worker_init,
 ) -> ResumableLoader:
-    """The loader used for training (shuffle=True) and validation (shuffle=False, padded shards)."""
+    """The loader used for training (shuffle=True) and validation (shuffle=False, padded shards).
+
+    Batches come from `collate`; workers start with `worker_init_fn` (which should call
+    `worker_init`)."""
     sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
     return ResumableLoader(
         dataset,
@@ -265,4 +348,6 @@ def make_loader(
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         drop_last=False,
+        collate_fn=collate,
+        worker_init_fn=worker_init_fn,
     )

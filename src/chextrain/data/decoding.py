@@ -1,4 +1,5 @@
-"""What every image decoder shares: the errors it raises, the pixel-count guard, high depths -> uint8.
+"""What every image decoder shares: the errors it raises, the pixel-count guard, high depths -> uint8,
+and naming a file's format from its first bytes.
 
 data/images.py (PIL formats) and data/dicom.py (DICOM) both decode to uint8 H x W grey and
 both refuse files the same way. What they have in common lives here, so images.py depends on
@@ -12,10 +13,15 @@ import math
 
 import numpy as np
 
+from chextrain.errors import ChextrainError
+
 BIT_DEPTHS: tuple[int, ...] = (8, 10, 12, 14, 16, 24, 32)  # the depths integer data is scaled by
+HEIF_BRANDS = frozenset(
+    {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
+)
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(ChextrainError):
     """An image could not be opened; `name` is the file, `reason` says why.
 
     Re-exported by chextrain.data.images, where callers import it from.
@@ -93,3 +99,44 @@ def minmax_to_uint8(a: np.ndarray) -> np.ndarray:
     if not math.isfinite(hi - lo) or hi <= lo:
         return np.zeros(a.shape, dtype=np.uint8)
     return np.rint((a - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+READABLE: frozenset[str] = frozenset({"JPEG", "PNG", "TIFF", "BMP", "WEBP", "HEIF", "DICOM"})
+
+
+def sniff_format(head: bytes) -> str | None:
+    """Name the format of a file from its first bytes (the content, never the file name).
+
+    READABLE lists the names load_image decodes; others (GIF, PDF, AVIF) are named for messages.
+    """
+    if head[128:132] == b"DICM":
+        return "DICOM"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "TIFF"
+    if head.startswith(b"BM"):
+        return "BMP"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if head[:4] == b"%PDF":
+        return "PDF"
+    if is_heif(head):
+        return "HEIF"
+    if head[4:12] == b"ftypavif":
+        return "AVIF"
+    return None
+
+
+def is_dicom(head: bytes, name: str) -> bool:
+    """DICOM by its preamble, or a .dcm / .dicom file (which may lack the preamble)."""
+    return head[128:132] == b"DICM" or name.lower().endswith((".dcm", ".dicom"))
+
+
+def is_heif(head: bytes) -> bool:
+    """HEIF/HEIC by the brand of the ftyp box."""
+    return head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS

@@ -14,6 +14,7 @@ from importlib import resources
 
 import numpy as np
 
+from chextrain.errors import ChextrainError
 from chextrain.labels import LABEL_COLUMNS, NAME_OF, PATHOLOGIES, SLUG_OF, SLUGS
 
 CHEXPERT_DIR, CHEXPHOTO_DIR = "CheXpert-v1.0-small", "CheXphoto-v1.0"
@@ -41,7 +42,7 @@ VALID_POSITIVE = {
 }
 
 
-class DemoError(ValueError):
+class DemoError(ChextrainError):
     """Bad arguments to write_demo (counts, size, seed)."""
 
 

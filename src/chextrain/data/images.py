@@ -12,6 +12,10 @@ Every reader (dataset, predict, web upload, `data check`) goes through `load_ima
   by its bit depth (12-bit data in a 16-bit container uses the full 0-255 range); nothing is
   clipped at 255. Transparent pixels are composited on BLACK, the colour of the air around
   a body on a radiograph and of the padding used elsewhere in the package.
+- `draft=S` decodes a large JPEG at the smallest scale libjpeg offers (1/2, 1/4, 1/8) whose
+  sides stay >= S px: all a network input of S px needs, 3-8x faster for a full-size x-ray or
+  a phone photo. `load_resized` decodes, makes grey and resizes to S x S in one pass (no numpy
+  round trip in between): the path datasets and the image store take.
 - A truncated JPEG either loads the part that is there with a `TruncatedImageWarning`
   (`truncated="warn"`) or raises (`truncated="error"`). PIL's global
   `LOAD_TRUNCATED_IMAGES` is never touched: the missing end-of-image marker is appended to
@@ -21,13 +25,15 @@ Every reader (dataset, predict, web upload, `data check`) goes through `load_ima
   pixel or byte limit it is an `ImageTooLargeError`, a missing optional reader a `ReaderMissingError`.
 
 DICOM is decoded by data/dicom.py; what both decoders share (`ImageLoadError`, the pixel-count
-guard, `scale_to_uint8`) lives in data/decoding.py. Imports go images -> dicom -> decoding only;
-The errors and `scale_to_uint8` are re-exported here, the import point for callers.
+guard, `scale_to_uint8`, format sniffing) lives in data/decoding.py. Imports go images -> dicom ->
+decoding only; the errors, `scale_to_uint8`, `sniff_format` and `READABLE` are re-exported here,
+the import point for callers.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,11 +44,15 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from chextrain.data.decoding import (
+    READABLE,
     ImageLoadError,
     ImageTooLargeError,
     ReaderMissingError,
     check_pixel_count,
+    is_dicom,
+    is_heif,
     scale_to_uint8,
+    sniff_format,
 )
 from chextrain.data.dicom import decode_dicom, read_dicom
 
@@ -59,6 +69,8 @@ __all__ = [
     "image_size",
     "load_image",
     "load_image_bytes",
+    "load_resized",
+    "resize_pil",
     "scale_to_uint8",
     "sniff_format",
     "verify_image",
@@ -69,7 +81,6 @@ TRUNCATED_OPTIONS: tuple[str, ...] = ("warn", "error")
 PIL_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "TIFF", "BMP", "WEBP")  # JPEG also opens phone MPO
 SUPPORTED = "JPEG, PNG, TIFF, BMP, WebP, DICOM, HEIC (with chextrain[heic])"
 
-_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
 _EOI = b"\xff\xd9"  # JPEG end-of-image marker
 # EXIF Orientation tag value -> PIL transpose, the table ImageOps.exif_transpose uses.
 _ORIENTATION = {
@@ -88,7 +99,11 @@ class TruncatedImageWarning(UserWarning):
 
 
 def load_image(
-    path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, truncated: str = "warn"
+    path: str | Path,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    truncated: str = "warn",
+    draft: int | None = None,
 ) -> np.ndarray:
     """Read an image file as uint8 H x W greyscale (see the module docstring for the rules).
 
@@ -96,20 +111,35 @@ def load_image(
         path: the image file.
         max_pixels: refuse images whose width * height exceeds this (checked from the header).
         truncated: "warn" loads what a truncated JPEG holds and warns; "error" raises.
+        draft: decode a JPEG at the smallest reduced scale whose sides stay >= draft px (None:
+            full size). Other formats always decode at full size.
 
     Raises:
         ImageLoadError: naming the file and the reason. ValueError for bad options.
     """
-    _check_options(max_pixels, truncated)
-    name = str(path)
-    path = Path(path)
-    with _file_errors(name):
-        size = path.stat().st_size
-        if path.is_dir():
-            raise ImageLoadError(name, "is a directory, not an image file")
-        _check_file_size(name, size, max_pixels)
-        data = path.read_bytes()
-    return _decode(data, name, max_pixels, truncated)
+    _check_options(max_pixels, truncated, draft)
+    return _array(_decode(_read(path, max_pixels), str(path), max_pixels, truncated, draft))
+
+
+def load_resized(
+    path: str | Path,
+    size: int,
+    mode: str = "stretch",
+    *,
+    draft: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    truncated: str = "warn",
+) -> np.ndarray:
+    """Read an image file as uint8 size x size grey (`mode` as in `resize_pil`).
+
+    The same bytes as `load_image(path, draft=size if draft else None)` resized by
+    transforms.resize, without the round trip through numpy in between. Read-only, like
+    load_image's arrays (np.array(...) for a copy to write into).
+    """
+    limit = size if draft else None
+    _check_options(max_pixels, truncated, limit)
+    image = _decode(_read(path, max_pixels), str(path), max_pixels, truncated, limit)
+    return _array(resize_pil(image, size, mode))
 
 
 def load_image_bytes(
@@ -118,14 +148,39 @@ def load_image_bytes(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     truncated: str = "warn",
+    draft: int | None = None,
 ) -> np.ndarray:
     """Like `load_image` for bytes already in memory (an upload); `name` is used in messages."""
-    _check_options(max_pixels, truncated)
+    _check_options(max_pixels, truncated, draft)
     if not isinstance(data, bytes | bytearray | memoryview):
         raise TypeError(f"data must be bytes, got {type(data).__name__}")
     data = bytes(data)
     _check_file_size(name, len(data), max_pixels)
-    return _decode(data, name, max_pixels, truncated)
+    return _array(_decode(data, name, max_pixels, truncated, draft))
+
+
+def centre_square(width: int, height: int) -> tuple[int, int, int]:
+    """(left, top, side) of the centred square crop, as torchxrayvision's XRayCenterCrop takes it."""
+    side = min(width, height)
+    return width // 2 - side // 2, height // 2 - side // 2, side
+
+
+def resize_pil(image: Image.Image, size: int, mode: str = "stretch") -> Image.Image:
+    """A grey PIL image -> size x size, bilinear: `stretch`, `pad` (aspect kept, black borders) or
+    `crop` (the centred square, torchxrayvision's crop)."""
+    if mode == "crop":
+        left, top, side = centre_square(*image.size)
+        image, mode = image.crop((left, top, left + side, top + side)), "stretch"
+    if mode == "stretch":
+        return image.resize((size, size), Image.Resampling.BILINEAR)
+    if mode != "pad":
+        raise ValueError(f"unknown resize mode {mode!r}; expected 'stretch', 'pad' or 'crop'")
+    w, h = image.size
+    scale = size / max(h, w)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    canvas = Image.new("L", (size, size), 0)
+    canvas.paste(image.resize((nw, nh), Image.Resampling.BILINEAR), ((size - nw) // 2, (size - nh) // 2))
+    return canvas
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
@@ -137,14 +192,14 @@ def image_size(path: str | Path) -> tuple[int, int]:
             raise ImageLoadError(name, "empty file (0 bytes)")
         f.seek(0)
         if head[128:132] != b"DICM":
-            if _is_heif(head):
+            if is_heif(head):
                 _register_heif(name)
             try:
                 with _open_pil(f, name, head) as im:
                     w, h = im.size
                     return (h, w) if _orientation(im, header_only=True) in (5, 6, 7, 8) else (w, h)
             except ImageLoadError:
-                if not _is_dicom(head, name):
+                if not is_dicom(head, name):
                     raise
             f.seek(0)
         ds = read_dicom(f, name, stop_before_pixels=True)
@@ -183,7 +238,22 @@ def _file_errors(name: str) -> Iterator[None]:
         raise ImageLoadError(name, f"cannot read the file ({e.strerror or e})") from None
 
 
-def _check_options(max_pixels: int, truncated: str) -> None:
+def _read(path: str | Path, max_pixels: int) -> bytes:
+    """The bytes of an image file; the OS's errors, empty and oversized files as ImageLoadError."""
+    name = str(path)
+    with _file_errors(name), open(path, "rb", buffering=0) as f:  # a folder: IsADirectoryError
+        size = os.fstat(f.fileno()).st_size
+        _check_file_size(name, size, max_pixels)
+        return f.read()
+
+
+def _array(image: Image.Image) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(image))
+
+
+def _check_options(max_pixels: int, truncated: str, draft: int | None = None) -> None:
+    if draft is not None and (isinstance(draft, bool) or not isinstance(draft, int) or draft <= 0):
+        raise ValueError(f"draft must be a positive int (px) or None, got {draft!r}")
     if truncated not in TRUNCATED_OPTIONS:
         raise ValueError(f"truncated={truncated!r} is not one of {list(TRUNCATED_OPTIONS)}")
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels <= 0:
@@ -198,40 +268,40 @@ def _check_file_size(name: str, size: int, max_pixels: int) -> None:
         raise ImageTooLargeError(name, f"file too large ({size:,} bytes) for max_pixels={max_pixels:,}")
 
 
-def _decode(data: bytes, name: str, max_pixels: int, truncated: str) -> np.ndarray:
-    """Sniff the content of `data` and decode it to uint8 H x W."""
+def _decode(data: bytes, name: str, max_pixels: int, truncated: str, draft: int | None) -> Image.Image:
+    """Sniff the content of `data` and decode it to a grey ("L"), upright PIL image."""
     if not data:
         raise ImageLoadError(name, "empty file (0 bytes)")
     if data[128:132] == b"DICM":
-        return decode_dicom(data, name, max_pixels)
-    if _is_heif(data):
+        return Image.fromarray(decode_dicom(data, name, max_pixels))
+    if is_heif(data):
         _register_heif(name)
     try:
         im = _open_pil(io.BytesIO(data), name, data)
     except ImageLoadError:
-        if _is_dicom(data, name):  # a .dcm file without the 128-byte preamble
-            return decode_dicom(data, name, max_pixels)
+        if is_dicom(data, name):  # a .dcm file without the 128-byte preamble
+            return Image.fromarray(decode_dicom(data, name, max_pixels))
         raise
     with im:
         check_pixel_count(name, im.size, max_pixels)
         try:
-            _load(im)
+            _load(im, draft)
         except OSError as e:
             if "truncated" not in str(e):
                 raise ImageLoadError(name, f"corrupt image data ({e})") from None
-            im = _load_truncated(data, name, im.format, truncated, e)
+            im = _load_truncated(data, name, im.format, truncated, e, draft)
         except (ValueError, SyntaxError, EOFError, MemoryError) as e:
             raise ImageLoadError(name, f"corrupt image data ({e})") from None
-        grey = _to_grey(im, name)
+        grey = im if im.mode == "L" else Image.fromarray(_to_grey(im, name))
         orientation = _orientation(im, header_only=False)
     if orientation in _ORIENTATION:
-        grey = np.asarray(Image.fromarray(grey).transpose(_ORIENTATION[orientation]))
-    return np.ascontiguousarray(grey)
+        grey = grey.transpose(_ORIENTATION[orientation])
+    return grey
 
 
 def _open_pil(fp: IO[bytes], name: str, head: bytes) -> Image.Image:
     """Image.open restricted to the accepted formats, with errors translated."""
-    formats = PIL_FORMATS + (("HEIF",) if _is_heif(head) else ())
+    formats = PIL_FORMATS + (("HEIF",) if is_heif(head) else ())
     try:
         return Image.open(fp, formats=formats)
     except Image.DecompressionBombError as e:
@@ -249,14 +319,17 @@ def _open_pil(fp: IO[bytes], name: str, head: bytes) -> Image.Image:
         raise ImageLoadError(name, f"corrupt image header ({e})") from None
 
 
-def _load(im: Image.Image) -> None:
-    """Decode pixels; colour JPEGs decode straight to greyscale in libjpeg (faster)."""
-    if im.format in ("JPEG", "MPO") and im.mode == "RGB":
-        im.draft("L", None)
+def _load(im: Image.Image, draft: int | None = None) -> None:
+    """Decode pixels; colour JPEGs decode straight to greyscale in libjpeg (faster), and with
+    `draft` at the smallest scale (1/2, 1/4, 1/8) whose sides stay >= draft px."""
+    if im.format in ("JPEG", "MPO") and (im.mode == "RGB" or draft):
+        im.draft("L" if im.mode == "RGB" else im.mode, (draft, draft) if draft else None)
     im.load()
 
 
-def _load_truncated(data: bytes, name: str, fmt: str | None, truncated: str, err: OSError) -> Image.Image:
+def _load_truncated(
+    data: bytes, name: str, fmt: str | None, truncated: str, err: OSError, draft: int | None
+) -> Image.Image:
     """Recover a truncated JPEG by appending the end-of-image marker, or raise."""
     if truncated == "error":
         raise ImageLoadError(name, f"truncated image file ({err})") from None
@@ -264,7 +337,7 @@ def _load_truncated(data: bytes, name: str, fmt: str | None, truncated: str, err
         raise ImageLoadError(name, f"truncated {fmt} file; only truncated JPEGs can be partly loaded")
     try:
         im = Image.open(io.BytesIO(data + _EOI), formats=("JPEG",))
-        _load(im)
+        _load(im, draft)
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise ImageLoadError(name, f"truncated JPEG that cannot be recovered ({e})") from None
     warnings.warn(
@@ -279,6 +352,8 @@ def _orientation(im: Image.Image, header_only: bool) -> int:
     """The EXIF Orientation tag (1 = upright). PNG's getexif would decode pixels: read info."""
     if header_only and im.format == "PNG" and "exif" not in im.info:
         return 1
+    if im.format in ("JPEG", "MPO") and "exif" not in im.info and "xmp" not in im.info:
+        return 1  # a JPEG keeps its orientation in EXIF or XMP only
     try:
         value = im.getexif().get(0x0112, 1)
         return int(value) if isinstance(value, int) else 1
@@ -303,48 +378,6 @@ def _to_grey(im: Image.Image, name: str) -> np.ndarray:
         return np.asarray(im.convert("L"))
     except ValueError as e:
         raise ImageLoadError(name, f"unsupported pixel mode {mode} ({e})") from None
-
-
-# --- format sniffing --------------------------------------------------------------------
-
-
-READABLE: frozenset[str] = frozenset({"JPEG", "PNG", "TIFF", "BMP", "WEBP", "HEIF", "DICOM"})
-
-
-def sniff_format(head: bytes) -> str | None:
-    """Name the format of a file from its first bytes (the content, never the file name).
-
-    READABLE lists the names load_image decodes; others (GIF, PDF, AVIF) are named for messages.
-    """
-    if head[128:132] == b"DICM":
-        return "DICOM"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    if head[:4] in (b"II*\x00", b"MM\x00*"):
-        return "TIFF"
-    if head.startswith(b"BM"):
-        return "BMP"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "WEBP"
-    if head[:6] in (b"GIF87a", b"GIF89a"):
-        return "GIF"
-    if head[:4] == b"%PDF":
-        return "PDF"
-    if _is_heif(head):
-        return "HEIF"
-    if head[4:12] == b"ftypavif":
-        return "AVIF"
-    return None
-
-
-def _is_dicom(head: bytes, name: str) -> bool:
-    return head[128:132] == b"DICM" or name.lower().endswith((".dcm", ".dicom"))
-
-
-def _is_heif(head: bytes) -> bool:
-    return head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS
 
 
 def _register_heif(name: str) -> None:

@@ -10,6 +10,7 @@ image (the file stem) from the last three components.
 from __future__ import annotations
 
 import posixpath
+from pathlib import Path
 
 import pandas as pd
 
@@ -22,6 +23,42 @@ DOMAIN_OF_KIND: dict[str, str] = {
     "film": "photo",
 }
 SPLIT_DIRS: frozenset[str] = frozenset({"train", "valid", "test"})
+OFFICIAL_FILES: tuple[tuple[str, str], ...] = (
+    # (file key, CSV path relative to the release folder), first found wins per key
+    ("train", "train.csv"),
+    ("valid", "valid.csv"),
+    ("valid", "valid/valid.csv"),
+    ("test", "test_labels.csv"),
+    ("test", "test.csv"),
+)
+
+
+def dataset_of_folder(name: str) -> str | None:
+    """`chexpert` / `chexphoto` from a release folder name (any version suffix), else None."""
+    low = name.lower()
+    if low.startswith("chexphoto"):
+        return "chexphoto"
+    if low.startswith("chexpert"):
+        return "chexpert"
+    return None
+
+
+def official_csvs(release: Path) -> dict[str, Path]:
+    """{file key: CSV path} for the official CSVs present in a release folder."""
+    found: dict[str, Path] = {}
+    for key, rel in OFFICIAL_FILES:
+        path = release / rel
+        if key not in found and path.is_file():
+            found[key] = path
+    return found
+
+
+def relative_name(csv_path: Path, base_dir: Path) -> str:
+    """The CSV's path below the release folder (`valid.csv`, `valid/valid.csv`), else its name."""
+    try:
+        return csv_path.relative_to(base_dir).as_posix()
+    except ValueError:
+        return csv_path.name
 
 
 def inner_paths(rel: pd.Series, dataset: str | None, strip_prefix: bool | None) -> list[str]:

@@ -26,6 +26,7 @@ import numpy as np
 
 from chextrain.data.phantom_frame import EXTRA_SLUGS, F32, draw_patient, lerp
 from chextrain.data.phantom_views import CTR_RANGES, draw_frontal, draw_lateral
+from chextrain.errors import ChextrainError
 from chextrain.labels import SLUGS
 
 __all__ = ["CTR_RANGES", "EXTRA_SLUGS", "VIEWS", "PhantomError", "PhantomInfo", "render_xray"]
@@ -40,7 +41,7 @@ VIEWS: dict[str, str] = {
 }
 
 
-class PhantomError(ValueError):
+class PhantomError(ChextrainError):
     """Bad arguments to the phantom renderer (labels, view or size)."""
 
 

@@ -1,9 +1,11 @@
 """Patient-level train/val splits and fixed-budget sampling.
 
-The official valid (and test) files are the test set. Rows of the official train files are
-split into train/val. By default the split is by PATIENT and the assignment is a stable hash of
-(seed, patient): a CheXphoto photo keeps the CheXpert patient name of the x-ray it shows, so it
-always lands in the same split as that x-ray, and adding rows never moves a patient.
+The official valid files are the test set (as in the paper); CheXpert's later test_labels.csv is
+the separate `holdout` split, scored only when a stage asks for it (`evaluate: [..., holdout]`).
+Rows of the official train files are split into train/val. By default the split is by PATIENT and
+the assignment is a stable hash of (seed, patient): a CheXphoto photo keeps the CheXpert patient
+name of the x-ray it shows, so it always lands in the same split as that x-ray, and adding rows
+never moves a patient.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ def assign_splits(
     u = np.ones(len(out))
     if is_train.any():
         u[is_train] = unit_hash(keys[is_train], seed)
-    out["split"] = np.where(~is_train, "test", np.where(u < val_fraction, "val", "train"))
+    held = np.where((out["file"] == "test").to_numpy(), "holdout", "test")
+    out["split"] = np.where(~is_train, held, np.where(u < val_fraction, "val", "train"))
     return out
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 from chextrain.evaluation import render as R
 from chextrain.evaluation import tables
 from chextrain.evaluation.metrics import AVERAGE
-from chextrain.evaluation.tables import COMPARISONS, DIFFERENCE, PHOTOS, STANDARD
+from chextrain.evaluation.tables import AT_THRESHOLD, COMPARISONS, DIFFERENCE, NO_POSITIVE, PHOTOS, STANDARD
 from chextrain.labels import NAME_OF, SLUGS
 
 SPLITS: dict[str, str] = {"val": "validation (patient-level holdout)", "test": "test (official valid sets)"}
@@ -25,17 +25,31 @@ BUDGET_NOTE = (
     "are not directly comparable with the paper's figure."
 )
 METHOD = (
-    "Standard = CheXpert x-rays; Photos = CheXphoto photos, every kind pooled; Standard - Photos = "
-    "the paired difference over (x-ray, photo of that x-ray) pairs matched by patient/study/image "
-    "(film photos have no source x-ray and are not paired), with both sides on the same bootstrap "
-    "resamples. MCC, precision, recall, F1 and accuracy at threshold 0.5 (the paper's). "
-    "Validation = the patient-level holdout; test = the official valid sets."
+    "Standard = CheXpert x-rays; Photos = CheXphoto photos of the paper's kinds (natural, synthetic "
+    "digital, synthetic photographic); Film = CheXphoto v1.1 photos of physical films, shown apart "
+    "unless the study pools them. MCC, precision, recall, F1 and accuracy at threshold 0.5 (the "
+    "paper's). Validation = the patient-level holdout; test = the official valid sets."
+)
+POOLED = "Film photos are pooled into Photos in this study (pool_film)."
+DIFFERENCE_NOTE = (
+    "Standard - Photos = the Standard value minus the Photos value above it. Its 95% CI is paired by "
+    "patient: each bootstrap resample draws patients, with all their x-rays and the photos of them, and "
+    "the difference is taken on that same resample."
+)
+NO_POSITIVE_NOTE = (
+    f"'{NO_POSITIVE}': the model predicted no positive case at threshold 0.5, so MCC (and precision, "
+    "recall, F1) say nothing about ranking; see MCC at the thresholds tuned on validation just below, "
+    "and AUC."
+)
+FIGURE5_MISSING = (
+    "Figure 5 (MCC against the number of digital training images) needs the fixed-budget study: "
+    "`chextrain study run configs/studies/fixed_budget.yaml --data ROOT --out DIR`, then "
+    "`chextrain study report DIR`."
 )
 FILES = [
     "tables/table1_val.csv, tables/table2_test.csv: strategy, comparison, pathology, metric, value, ci_low, "
     "ci_high",
     "tables/appendix.csv: split + the same columns (precision, recall, f1, accuracy)",
-    "tables/budget.csv: the same columns + digital, total (test split)",
     "tables/kinds.csv: Photos by kind (split, strategy, kind, n, pathology, metric, value, ci_low, ci_high)",
     "tables/thresholds.csv: MCC at 0.5 and at tuned thresholds (threshold, cutoff), test split",
     "figures/*.png: the figures above. An empty CSV value means undefined (e.g. AUC with one class).",
@@ -51,8 +65,20 @@ def cell(value: float, low: float, high: float) -> str:
     return f"{value:.3f}"
 
 
-def pivot(df: pd.DataFrame, metric: str, group: str, order: Sequence[str], caption: str) -> R.Table:
-    """Paper layout: a row per (strategy, value of `group`), a column per pathology and the average."""
+def pivot(
+    df: pd.DataFrame,
+    metric: str,
+    group: str,
+    order: Sequence[str],
+    caption: str,
+    flags: set[tuple[str, str, str]] | frozenset = frozenset(),
+    notes: Sequence[str] = (),
+) -> R.Table:
+    """Paper layout: a row per (strategy, value of `group`), a column per pathology and the average.
+
+    flags: (strategy, group value, slug) cells with no positive prediction at 0.5; for metrics at
+    that threshold they read NO_POSITIVE instead of a number.
+    """
     header = ["Strategy", group.capitalize(), *(NAME_OF[s] for s in SLUGS), "Average"]
     part = df.loc[df["metric"] == metric, ["strategy", group, "pathology", "value", "ci_low", "ci_high"]]
     found = {tuple(r[:3]): r[3:] for r in part.itertuples(index=False, name=None)}
@@ -62,9 +88,14 @@ def pivot(df: pd.DataFrame, metric: str, group: str, order: Sequence[str], capti
         mine = set(part.loc[part["strategy"] == strategy, group])
         present = [g for g in order if g in mine] + sorted(mine - set(order))
         for i, g in enumerate(present):
-            cells = [cell(*found.get((strategy, g, k), nan)) for k in (*SLUGS, AVERAGE)]
+            cells = [
+                NO_POSITIVE
+                if metric in AT_THRESHOLD and (strategy, g, k) in flags
+                else cell(*found.get((strategy, g, k), nan))
+                for k in (*SLUGS, AVERAGE)
+            ]
             rows.append([strategy if i == 0 else "", g, *cells])
-    return R.Table(caption, header, rows, numeric_from=2)
+    return R.Table(caption, header, rows, numeric_from=2, notes=notes)
 
 
 def _ci(row: Any) -> str:
@@ -107,8 +138,14 @@ def summary(df: pd.DataFrame, split: str) -> list[str]:
     return lines or ["No strategy has predictions to compare yet."]
 
 
-def stage_rows(stages: Sequence[Any], has: Mapping[str, Sequence[str]]) -> list[list[str]]:
-    """A row per stage: name, strategy, state, time, and its predictions or why it has no numbers."""
+def stage_rows(
+    stages: Sequence[Any], has: Mapping[str, Sequence[str]], inputs: Mapping[str, str] | None = None
+) -> list[list[str]]:
+    """A row per stage: name, strategy, state, time, input (size, preprocessing), predictions or why none.
+
+    inputs: model.json's image size and preprocessing per stage: those its init weights brought
+    (e.g. 224 px histeq for CovidPrognosis MoCo) unless the stage set its own.
+    """
     rows = []
     for s in stages:
         if s.state != "done":
@@ -119,7 +156,7 @@ def stage_rows(stages: Sequence[Any], has: Mapping[str, Sequence[str]]) -> list[
             found = has.get(s.name) or []
             what = f"predictions: {', '.join(found)}" if found else "no predictions tables"
         seconds = f"{s.seconds:.0f} s" if isinstance(s.seconds, int | float) else ""
-        rows.append([s.name, s.strategy, s.state, seconds, what])
+        rows.append([s.name, s.strategy, s.state, seconds, (inputs or {}).get(s.name, ""), what])
     return rows
 
 
@@ -142,8 +179,12 @@ def build_document(
     *,
     n_boot: int,
     seed: int,
+    no_positive: set[tuple[str, str, str, str]] | frozenset = frozenset(),
+    pool_film: bool = False,
+    inputs: Mapping[str, str] | None = None,
 ) -> list[R.Block]:
     """The report's blocks: notes, summary, stages, Tables 1-2, kinds, thresholds, ROC, Figure 5, appendix."""
+    notes_in = notes
     warn = notes_of(study, stages)
     not_run = [s for s in stages if s.state != "done"]
     if not_run:
@@ -164,30 +205,28 @@ def build_document(
         R.Bullets(summary(main, split)),
         R.Paragraph(
             f"Study {study.get('name', '?')!r} ({study.get('source') or 'unknown source'}, "
-            f"profile {study.get('profile') or 'none'}). {METHOD} CIs: {ci}."
+            f"profile {study.get('profile') or 'none'}). {METHOD}{' ' + POOLED if pool_film else ''} "
+            f"CIs: {ci}."
         ),
         R.Heading("Stages"),
         R.Table(
             "Stages of the study",
-            ["Stage", "Strategy", "State", "Time", "Predictions / reason"],
-            stage_rows(stages, has),
-            numeric_from=5,
+            ["Stage", "Strategy", "State", "Time", "Input", "Predictions / reason"],
+            stage_rows(stages, has, inputs),
+            numeric_from=6,
         ),
     ]
     for name, sp, number in (("table1_val", "val", 1), ("table2_test", "test", 2)):
         blocks.append(R.Heading(f"Table {number}: {SPLITS[sp]}"))
         if csv[name].empty:
             blocks.append(R.Paragraph(f"No stage has {sp} predictions."))
+        flags = {k[1:] for k in no_positive if k[0] == sp}
         for metric in tables.MAIN_METRICS if len(csv[name]) else ():
-            blocks.append(
-                pivot(
-                    csv[name],
-                    metric,
-                    "comparison",
-                    COMPARISONS,
-                    f"Table {number} ({sp}): {metric.upper()} per pathology",
-                )
-            )
+            notes = [DIFFERENCE_NOTE] + ([NO_POSITIVE_NOTE] if metric == "mcc" and flags else [])
+            caption = f"Table {number} ({sp}): {metric.upper()} per pathology"
+            blocks.append(pivot(csv[name], metric, "comparison", COMPARISONS, caption, flags, notes))
+            if sp == "test" and metric == "mcc":  # the tuned-threshold table next to MCC at 0.5
+                blocks += _thresholds(csv["thresholds"], notes_in, flags)
     kinds = csv["kinds"].loc[csv["kinds"]["split"] == "test"]
     blocks.append(R.Heading("Photos by kind (test)"))
     for metric in tables.MAIN_METRICS if len(kinds) else ():
@@ -196,7 +235,6 @@ def build_document(
         )
     if kinds.empty:
         blocks.append(R.Paragraph("No test predictions with photos."))
-    blocks += _thresholds(csv["thresholds"], notes)
     blocks.append(R.Heading("ROC curves"))
     rocs = [i for i in images if i.path.name.startswith("roc_")]
     blocks += rocs or [R.Paragraph("No predictions to plot.")]
@@ -205,13 +243,20 @@ def build_document(
     appendix = csv["appendix"]
     for sp in SPLITS:
         part = appendix.loc[appendix["split"] == sp]
+        flags = {k[1:] for k in no_positive if k[0] == sp}
         for metric in tables.APPENDIX_METRICS if len(part) else ():
-            blocks.append(pivot(part, metric, "comparison", COMPARISONS, f"{SPLITS[sp]}: {metric}"))
-    return [*blocks, R.Heading("Files"), R.Bullets(FILES)]
+            caption = f"{SPLITS[sp]}: {metric}"
+            blocks.append(pivot(part, metric, "comparison", COMPARISONS, caption, flags))
+    files = FILES[:2] + (
+        ["tables/budget.csv: Table 2's columns + digital, total"] if len(csv["budget"]) else []
+    )
+    return [*blocks, R.Heading("Files"), R.Bullets(files + FILES[2:])]
 
 
-def _thresholds(df: pd.DataFrame, notes: Sequence[str]) -> list[R.Block]:
-    blocks: list[R.Block] = [R.Heading("MCC at 0.5 vs at tuned thresholds (test)")]
+def _thresholds(
+    df: pd.DataFrame, notes: Sequence[str], flags: set[tuple[str, str, str]] | frozenset = frozenset()
+) -> list[R.Block]:
+    blocks: list[R.Block] = [R.Heading("MCC at 0.5 vs at tuned thresholds (test)", level=3)]
     if len(df):
         df = df.assign(comparison=df["comparison"] + " @ " + df["threshold"])
         order = [f"{c} @ {t}" for c in (STANDARD, PHOTOS) for t in ("0.5", "tuned")]
@@ -222,6 +267,7 @@ def _thresholds(df: pd.DataFrame, notes: Sequence[str]) -> list[R.Block]:
                 "comparison",
                 order,
                 "MCC at 0.5 vs at the thresholds tuned on validation (per head, maximising MCC)",
+                {(s, f"{c} @ 0.5", k) for s, c, k in flags},
             )
         )
     else:
@@ -231,7 +277,7 @@ def _thresholds(df: pd.DataFrame, notes: Sequence[str]) -> list[R.Block]:
 
 def _budget(df: pd.DataFrame, images: Sequence[R.Image]) -> list[R.Block]:
     if df.empty:
-        return []
+        return [R.Heading("Figure 5: fixed budget"), R.Paragraph(FIGURE5_MISSING)]
     rows = []
     for (strategy, digital, total), part in df.groupby(["strategy", "digital", "total"], sort=False):
         rows.append(

@@ -1,4 +1,4 @@
-"""The report's figures as PNG files: ROC curves per pathology and Figure 5 (MCC vs digital images).
+"""The report's figures as PNG files: ROC small multiples per comparison and Figure 5 (MCC vs digital images).
 
 Drawn on matplotlib `Figure` objects with the Agg canvas (no pyplot, so no global figure state
 and no display needed).
@@ -21,10 +21,10 @@ DPI = 110
 
 @dataclass(frozen=True)
 class RocSeries:
-    """One ROC line: a strategy on one side (Standard or Photos) for one pathology."""
+    """One ROC line: a strategy on one panel (a pathology) of one comparison."""
 
     strategy: str
-    comparison: str
+    panel: str
     y_true: np.ndarray  # N, 0/1
     y_prob: np.ndarray  # N
 
@@ -47,35 +47,50 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def plot_roc(series: Sequence[RocSeries], title: str, path: Path) -> Path:
-    """One figure: a line per (strategy, side); colour = strategy, solid = Standard, dashed = Photos.
+def plot_roc_grid(series: Sequence[RocSeries], title: str, path: Path, columns: int = 3) -> Path:
+    """roc_grid drawn into the PNG file `path`."""
+    return _save(roc_grid(series, title, columns), path)
 
-    Series with a single class (ROC undefined) are left out.
+
+def roc_grid(series: Sequence[RocSeries], title: str, columns: int = 3) -> Figure:
+    """Small multiples: a panel per `panel` value, a curve per strategy, one legend outside the axes.
+
+    Series with a single class (ROC undefined) are left out; the legend lists every strategy once,
+    below the panels, so no curve is hidden behind it.
     """
-    fig = Figure(figsize=(6.4, 5.6))
-    ax = fig.add_subplot()
+    panels = list(dict.fromkeys(s.panel for s in series))
     strategies = list(dict.fromkeys(s.strategy for s in series))
     colours = _colours(len(strategies))
-    for s in series:
-        if len(np.unique(s.y_true)) < 2:
+    rows = max(1, -(-len(panels) // columns))
+    legend_rows = -(-len(strategies) // 2)
+    fig = Figure(figsize=(3.0 * columns, 2.9 * rows + 0.25 * legend_rows + 0.6))
+    axes = fig.subplots(rows, columns, squeeze=False)
+    handles: dict[str, object] = {}
+    for i, ax in enumerate(axes.ravel()):
+        if i >= len(panels):
+            ax.set_axis_off()
             continue
-        fpr, tpr, _ = roc_curve(s.y_true, s.y_prob)
-        ax.plot(
-            fpr,
-            tpr,
-            LINE_STYLES.get(s.comparison, ":"),
-            color=colours[strategies.index(s.strategy)],
-            linewidth=1.3,
-            label=f"{s.strategy} ({s.comparison})",
-        )
-    ax.plot([0, 1], [0, 1], color="0.75", linewidth=0.8)
-    ax.set(
-        xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate", ylabel="True positive rate", title=title
-    )
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=6.5, loc="lower right", ncol=1 if len(series) <= 12 else 2)
-    fig.tight_layout()
-    return _save(fig, path)
+        for s in (s for s in series if s.panel == panels[i]):
+            if len(np.unique(s.y_true)) < 2:
+                continue
+            fpr, tpr, _ = roc_curve(s.y_true, s.y_prob)
+            colour = colours[strategies.index(s.strategy)]
+            (handles[s.strategy],) = ax.plot(fpr, tpr, color=colour, linewidth=1.2)
+        ax.plot([0, 1], [0, 1], color="0.75", linewidth=0.8)
+        ax.set(xlim=(0, 1), ylim=(0, 1.01), title=panels[i])
+        ax.title.set_fontsize(9)
+        ax.tick_params(labelsize=7)
+        if i % columns == 0:
+            ax.set_ylabel("True positive rate", fontsize=8)
+        if i >= len(panels) - columns:
+            ax.set_xlabel("False positive rate", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    shown = [k for k in strategies if k in handles]
+    bottom = (0.25 * legend_rows + 0.3) / fig.get_figheight()
+    if shown:
+        fig.legend([handles[k] for k in shown], shown, loc="lower center", ncol=2, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, bottom, 1, 0.97))
+    return fig
 
 
 def plot_budget(points: Sequence[BudgetPoint], total: int | None, path: Path) -> Path:

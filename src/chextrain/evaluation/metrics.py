@@ -21,13 +21,14 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from chextrain.errors import ChextrainError
 from chextrain.labels import SLUG_OF, SLUGS
 
 METRICS: tuple[str, ...] = ("mcc", "auc", "precision", "recall", "f1", "accuracy", "support", "positives")
 AVERAGE = "average"
 
 
-class MetricsError(ValueError):
+class MetricsError(ChextrainError):
     """Bad metric inputs; the message names the array, pathology or value."""
 
 

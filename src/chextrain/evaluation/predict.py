@@ -5,8 +5,10 @@ image with its identity columns, the head that scored it, and per pathology `pro
 `target_<slug>` and `mask_<slug>` (targets and mask from the stage's uncertainty policy).
 
 One pass over a split gives the table and, when asked for, every row's OOD features (those of
-the validation split calibrate the bundle's OOD check): each batch runs `ood.ScoringNet` through
-`ood.run_batch`, which feeds the model on its own device and hands back float32 on the CPU.
+the validation split calibrate the bundle's OOD check): each batch (uint8, from loader workers
+decoding the files or reading the prepared image store) runs `ood.ScoringNet` through
+`ood.run_batch`, which makes it the network input on the model's device and hands back float32
+on the CPU.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from chextrain.data.catalog import read_catalog
-from chextrain.data.dataset import CatalogDataset
+from chextrain.data.dataset import CatalogDataset, collate, worker_init
 from chextrain.data.splits import assign_splits
-from chextrain.data.transforms import Preprocessing
+from chextrain.data.store import ImageStore
+from chextrain.data.transforms import Decoding, Preprocessing, as_preprocessing
+from chextrain.errors import ChextrainError
 from chextrain.evaluation.metrics import pathology_metrics, tune_thresholds
 from chextrain.fileio import atomic_write, write_json
 from chextrain.labels import SLUGS, Policy
@@ -42,7 +46,7 @@ GROUPS: dict[str, tuple[str, str]] = {
 }
 
 
-class EvaluationError(ValueError):
+class EvaluationError(ChextrainError):
     """An evaluation that cannot run as asked (unknown split or head, no rows)."""
 
 
@@ -76,6 +80,7 @@ def predict_rows(
     policy: Policy = "ones",
     device: str | torch.device | None = None,
     ood_features: bool = False,
+    store: ImageStore | None = None,
 ) -> Predictions:
     """Score catalog rows in one pass: the predictions table (same rows, same order) and OOD features.
 
@@ -83,6 +88,7 @@ def predict_rows(
     `domain_heads`; or "router" to let the model's router pick the domain (as at deployment).
     device: where the model runs (it is moved there and left there); None: CUDA when available.
     num_workers: loader processes (None: `default_workers()`; 0 loads in this process).
+    store: read the images from this prepared image store (built first where rows are missing).
     """
     if head == ROUTED and model.router is None:
         raise EvaluationError("head='router' needs a model with a domain router")
@@ -97,6 +103,7 @@ def predict_rows(
         head_names=model.head_names,
         domain_heads=None if fixed else domain_heads,
         head=fixed,
+        images=None if store is None else store.prepare(rows["path"].astype(str).tolist()),
     )
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     workers = default_workers() if num_workers is None else num_workers
@@ -107,6 +114,8 @@ def predict_rows(
         shuffle=False,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
+        collate_fn=collate,
+        worker_init_fn=worker_init,
     )
     if head == ROUTED:
         names = list(model.head_names)
@@ -116,7 +125,9 @@ def predict_rows(
     probs, heads, routers, features = [], [], [], []
     try:
         for batch in loader:
-            out = run_batch(net, batch["image"])  # logits B x heads x 5, [router B,] features B x D
+            out = run_batch(
+                net, batch["image"], dataset.spec
+            )  # logits B x heads x 5, [router B,] features B x D
             r = torch.sigmoid(torch.from_numpy(out[1])).numpy() if len(out) == 3 else None
             h = by_domain[(r > 0.5).astype(np.int64)] if head == ROUTED else batch["head"].numpy()
             # The sigmoid of each row's own head, B x 5, as before: CPU kernels round a value by its
@@ -145,6 +156,12 @@ def predict_rows(
         return Predictions(table)
     width = sum(size for _, size in feature_groups(model))
     return Predictions(table, np.concatenate(features) if features else np.zeros((0, width), np.float32))
+
+
+def bundle_store(folder: str | Path, meta: Mapping[str, Any]) -> ImageStore:
+    """The image store in `folder` at a bundle's image size and resize mode."""
+    spec = as_preprocessing(meta.get("preprocessing", "imagenet"))
+    return ImageStore(folder, Decoding(int(meta["image_size"]), spec.resize))
 
 
 def predict(model: CXRNet, rows: pd.DataFrame, **kwargs: Any) -> pd.DataFrame:
@@ -260,11 +277,13 @@ def evaluate_run(
     catalog: pd.DataFrame | None = None,
     batch_size: int = 64,
     num_workers: int | None = None,
+    store: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score a finished run's bundle on a split of the data and write its predictions and metrics.
 
     The split is rebuilt with the run's own split settings (model.json `config.split`), so `val`
-    is the same validation set the run tuned its thresholds on. Returns the metrics document.
+    is the same validation set the run tuned its thresholds on. `store`: a prepared image store
+    folder to read the images from (the same pixels as the files). Returns the metrics document.
     """
     if split not in ("val", "test"):
         raise EvaluationError(f"split {split!r}: expected 'val' or 'test'")
@@ -293,5 +312,6 @@ def evaluate_run(
         batch_size=batch_size,
         num_workers=num_workers,
         policy=config.get("policy", "ones"),
+        store=None if store is None else bundle_store(store, meta),
     )
     return write_evaluation(table, Path(run_dir), split, head, meta.get("thresholds"))

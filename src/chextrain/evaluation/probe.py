@@ -28,10 +28,12 @@ from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader
 
 from chextrain.data.catalog import pair_keys, read_catalog
-from chextrain.data.dataset import CatalogDataset
+from chextrain.data.dataset import CatalogDataset, collate, worker_init
 from chextrain.data.splits import assign_splits
+from chextrain.data.store import ImageStore
 from chextrain.data.transforms import Preprocessing
-from chextrain.evaluation.predict import GROUPS, default_workers
+from chextrain.errors import ChextrainError
+from chextrain.evaluation.predict import GROUPS, bundle_store, default_workers
 from chextrain.fileio import write_json
 from chextrain.labels import SLUGS, Policy, apply_policy
 from chextrain.models.bundle import load_bundle
@@ -42,7 +44,7 @@ PROBE_FILE = "probe.json"
 METHODS: tuple[str, ...] = ("linear", "knn")
 
 
-class ProbeError(ValueError):
+class ProbeError(ChextrainError):
     """A probe that cannot run as asked (empty split, bad k or c)."""
 
 
@@ -55,11 +57,13 @@ def encode(
     batch_size: int = 64,
     num_workers: int | None = 0,
     device: str | torch.device | None = None,
+    store: ImageStore | None = None,
 ) -> np.ndarray:
     """Pooled encoder features of catalog rows, N x F float32 (eval mode, no augmentation).
 
     device: where the model runs (moved there and left there); None: CUDA when available.
     num_workers: loader processes (None: `default_workers()`).
+    store: read the images from this prepared image store (built first where rows are missing).
     """
     dataset = CatalogDataset(
         rows,
@@ -67,16 +71,23 @@ def encode(
         preprocessing=preprocessing,
         head_names=model.head_names,
         head=model.head_names[0],
+        images=None if store is None else store.prepare(rows["path"].astype(str).tolist()),
     )
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     workers = default_workers() if num_workers is None else num_workers
     loader = DataLoader(
-        dataset, batch_size=batch_size, num_workers=workers, shuffle=False, pin_memory=device.type == "cuda"
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        shuffle=False,
+        pin_memory=device.type == "cuda",
+        collate_fn=collate,
+        worker_init_fn=worker_init,
     )
     was_training = model.training
     model.eval().to(device)
     try:
-        out = [run_batch(model.encoder, batch["image"])[0] for batch in loader]  # B x F each
+        out = [run_batch(model.encoder, batch["image"], dataset.spec)[0] for batch in loader]  # B x F each
     finally:
         model.train(was_training)
     return np.concatenate(out) if out else np.zeros((0, model.num_features), np.float32)
@@ -187,11 +198,13 @@ def probe(
     num_workers: int = 0,
     seed: int = 0,
     device: str | torch.device | None = None,
+    store: ImageStore | None = None,
 ) -> dict[str, Any]:
     """Linear-probe and kNN AUCs (eval split: all rows and per dataset group) and pair similarity.
 
     The classifiers learn from every `train_split` row of the catalog (x-rays and photos); the
-    catalog must already carry its `split` column (splits.assign_splits).
+    catalog must already carry its `split` column (splits.assign_splits). `store`: read the
+    images from this prepared image store.
     """
     if k < 1 or c <= 0:
         raise ProbeError(f"k must be >= 1 and c (inverse L2 strength) > 0; got k={k}, c={c}")
@@ -208,6 +221,7 @@ def probe(
         "batch_size": batch_size,
         "num_workers": num_workers,
         "device": device,
+        "store": store,
     }
     train_x, test_x = encode(model, rows[train_split], **kwargs), encode(model, rows[eval_split], **kwargs)
     train_t, train_m = apply_policy(rows[train_split], policy)
@@ -250,11 +264,13 @@ def probe_run(
     batch_size: int = 64,
     num_workers: int = 0,
     device: str | torch.device | None = None,
+    store: str | Path | None = None,
 ) -> dict[str, Any]:
     """Probe a run's bundle (its encoder) on the data and write RUN/probe.json; returns the document.
 
     The splits are rebuilt with the run's own split settings (model.json `config.split`), and
-    images are prepared as the bundle says (image_size, preprocessing).
+    images are prepared as the bundle says (image_size, preprocessing); `store` is a prepared
+    image store folder to read them from.
     """
     run_dir = Path(run_dir)
     model, meta = load_bundle(run_dir)
@@ -276,6 +292,7 @@ def probe_run(
         batch_size=batch_size,
         num_workers=num_workers,
         device=device,
+        store=None if store is None else bundle_store(store, meta),
     )
     document = {
         "run": str(run_dir),

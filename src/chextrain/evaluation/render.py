@@ -2,7 +2,9 @@
 
 The HTML embeds every figure as a base64 PNG and carries its own CSS: it loads nothing from
 anywhere (no scripts, fonts, stylesheets or favicon), so it opens offline and in a headless
-browser without console errors.
+browser without console errors. The page fits its window (1,280 px down to a 390 px phone)
+without sideways scrolling: each table is a collapsible <details> whose own box scrolls when
+it is wider than the window, and figures shrink to the page width.
 """
 
 from __future__ import annotations
@@ -66,20 +68,23 @@ class Image:
 Block = Heading | Paragraph | Bullets | Callout | Table | Image
 
 CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 90rem;
-       padding: 0 1rem; color: #1d1d1f; line-height: 1.45; }
+*, *::before, *::after { box-sizing: border-box; }
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.5rem auto; max-width: 76rem;
+       padding: 0 1rem; color: #1d1d1f; line-height: 1.45; overflow-wrap: anywhere; }
+details { margin: 0.6rem 0 1rem; } summary { cursor: pointer; font-weight: 600; font-size: 0.9rem; }
+.scroll { overflow-x: auto; max-width: 100%; }
 h1 { font-size: 1.7rem; } h2 { margin-top: 2.2rem; border-bottom: 1px solid #ddd; } h3 { margin-top: 1.6rem; }
 table { border-collapse: collapse; margin: 0.6rem 0 0.3rem; font-size: 0.82rem; }
-caption { text-align: left; font-weight: 600; padding-bottom: 0.3rem; }
-th, td { padding: 0.22rem 0.55rem; border-bottom: 1px solid #eee; white-space: nowrap; }
+th, td { padding: 0.22rem 0.45rem; border-bottom: 1px solid #eee; white-space: nowrap;
+         overflow-wrap: normal; }
 th { background: #f4f4f6; text-align: left; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr.group td { border-top: 2px solid #bbb; }
 .callout { border-left: 5px solid #d97706; background: #fff7ed; padding: 0.5rem 1rem; margin: 1rem 0; }
 .callout strong { display: block; margin-bottom: 0.2rem; }
 .tnote { font-size: 0.78rem; color: #555; margin: 0 0 1rem; }
-figure { display: inline-block; margin: 0.5rem 1rem 1rem 0; vertical-align: top; }
-figure img { max-width: 42rem; width: 100%; border: 1px solid #eee; }
+figure { margin: 0.5rem 0 1rem; max-width: 100%; }
+figure img { max-width: min(100%, 62rem); height: auto; border: 1px solid #eee; }
 figcaption { font-size: 0.85rem; color: #444; }
 """
 
@@ -157,8 +162,8 @@ def _html_table(block: Table) -> str:
         body.append(f"<tr{cls}>{cells}</tr>")
     notes = "".join(f'<p class="tnote">{esc(n)}</p>' for n in block.notes)
     return (
-        f"<table><caption>{esc(block.caption)}</caption><thead><tr>{head}</tr></thead>"
-        f"<tbody>{''.join(body)}</tbody></table>{notes}"
+        f'<details open><summary>{esc(block.caption)}</summary><div class="scroll">'
+        f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>{notes}</details>"
     )
 
 

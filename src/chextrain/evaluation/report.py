@@ -13,7 +13,11 @@ valid sets) and model.json thresholds. It never trains or scores a model. It wri
 - tables/kinds.csv: `split, strategy, kind, n, pathology, metric, value, ci_low, ci_high`.
 - tables/thresholds.csv: `strategy, comparison, threshold (0.5 | tuned), cutoff, pathology,
   metric, value, ci_low, ci_high` (test split; thresholds tuned on validation, from model.json).
-- figures/roc_<slug>.png, figures/figure5_budget.png, report.md and a self-contained report.html.
+- figures/roc_<comparison>.png (one panel per pathology, a curve per strategy),
+  figures/figure5_budget.png, report.md and a self-contained report.html.
+
+Film photos (CheXphoto v1.1) are their own comparison, Film; study.json's `pool_film: true` (or
+write_report's pool_film) counts them in Photos instead.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import pandas as pd
 from chextrain.evaluation import figures, render, tables
 from chextrain.evaluation.document import SPLITS, build_document, cell
 from chextrain.evaluation.metrics import AVERAGE, MetricsError
-from chextrain.evaluation.tables import COLUMNS, DIFFERENCE, PHOTOS, STANDARD, ReportError
+from chextrain.evaluation.tables import COLUMNS, DIFFERENCE, FILM, PHOTOS, STANDARD, ReportError
 from chextrain.fileio import atomic_write_text
 from chextrain.labels import NAME_OF, SLUGS
 
@@ -79,6 +83,7 @@ class Results:
     thresholds: list[dict[str, Any]] = field(default_factory=list)  # test split
     predictions: dict[str, dict[str, pd.DataFrame]] = field(default_factory=dict)  # stage -> split -> table
     notes: list[str] = field(default_factory=list)
+    no_positive: set[tuple[str, str, str, str]] = field(default_factory=set)  # split, strategy, side, slug
 
 
 def read_study(study_dir: Path) -> tuple[dict[str, Any], list[StageInfo]]:
@@ -134,6 +139,20 @@ def stage_thresholds(stage: StageInfo) -> dict[str, dict[str, float]]:
     }
 
 
+def stage_input(stage: StageInfo) -> str:
+    """The input the stage's model was trained and scored at, from model.json: `224 px, histeq`."""
+    path = stage.dir / "model.json"
+    if not path.is_file():
+        return ""
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ReportError(f"{path}: not valid JSON ({err})") from err
+    size, prep = meta.get("image_size"), meta.get("preprocessing")
+    name = prep.get("name") if isinstance(prep, dict) else None
+    return ", ".join(x for x in (f"{size} px" if size else "", str(name or "")) if x)
+
+
 def evaluate_study(
     stages: Sequence[StageInfo],
     *,
@@ -141,6 +160,7 @@ def evaluate_study(
     seed: int,
     splits: Sequence[str] = tuple(SPLITS),
     extras: bool = True,
+    pool_film: bool = False,
 ) -> Results:
     """Metric rows of every finished stage's predictions (extras: photo kinds and tuned thresholds)."""
     out = Results(main={s: [] for s in splits})
@@ -156,7 +176,13 @@ def evaluate_study(
             thresholds = stage_thresholds(stage) if extras and split == "test" else None
             try:
                 found = tables.evaluate_table(
-                    table, stage.strategy, n_boot=n_boot, seed=seed, kinds=extras, thresholds=thresholds
+                    table,
+                    stage.strategy,
+                    n_boot=n_boot,
+                    seed=seed,
+                    kinds=extras,
+                    thresholds=thresholds,
+                    pool_film=pool_film,
                 )
             except MetricsError as err:
                 raise ReportError(f"{file}: {err}") from err
@@ -164,21 +190,26 @@ def evaluate_study(
             out.kinds += [{"split": split, **r} for r in found.kinds]
             out.thresholds += found.thresholds
             out.notes += found.notes
+            out.no_positive |= {(split, *key) for key in found.no_positive}
     return out
 
 
-def write_report(study_dir: Path, *, n_boot: int = 1000, seed: int = 0) -> ReportPaths:
+def write_report(
+    study_dir: Path, *, n_boot: int = 1000, seed: int = 0, pool_film: bool | None = None
+) -> ReportPaths:
     """Write DIR/report.md, DIR/report.html, DIR/tables/*.csv and DIR/figures/*.png from saved predictions.
 
     Every number comes from the stage folders' predictions tables; confidence intervals are 95%
     percentile intervals of `n_boot` patient-level bootstrap resamples drawn from `seed`, so a
-    re-run gives identical numbers. n_boot=0 skips the intervals.
+    re-run gives identical numbers. n_boot=0 skips the intervals. pool_film: count film photos
+    in Photos (None: study.json's `pool_film`, default False).
     """
     if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 0:
         raise ReportError(f"n_boot must be an integer >= 0; got {n_boot!r}")
     study_dir = Path(study_dir)
     study, stages = read_study(study_dir)
-    results = evaluate_study(stages, n_boot=n_boot, seed=seed)
+    pool = bool(study.get("pool_film", False)) if pool_film is None else pool_film
+    results = evaluate_study(stages, n_boot=n_boot, seed=seed, pool_film=pool)
     paths = ReportPaths(
         md=study_dir / "report.md",
         html=study_dir / "report.html",
@@ -190,9 +221,22 @@ def write_report(study_dir: Path, *, n_boot: int = 1000, seed: int = 0) -> Repor
     csv = csv_tables(results, stages)
     for name, df in csv.items():
         atomic_write_text(paths.tables / f"{name}.csv", df.to_csv(index=False))
-    images = _write_figures(results, stages, csv["budget"], paths.figures)
+    images = _write_figures(results, stages, csv["budget"], paths.figures, pool)
     has = {s.name: sorted(results.predictions.get(s.name, {})) for s in stages}
-    blocks = build_document(study, stages, has, csv, images, results.notes, n_boot=n_boot, seed=seed)
+    inputs = {s.name: stage_input(s) for s in stages if s.state == "done"}
+    blocks = build_document(
+        study,
+        stages,
+        has,
+        csv,
+        images,
+        results.notes,
+        n_boot=n_boot,
+        seed=seed,
+        no_positive=results.no_positive,
+        pool_film=pool,
+        inputs=inputs,
+    )
     title = f"chextrain study report: {study.get('name') or study_dir.name}"
     atomic_write_text(paths.md, render.to_markdown(title, blocks, study_dir))
     atomic_write_text(paths.html, render.to_html(title, blocks))
@@ -234,21 +278,27 @@ def csv_tables(results: Results, stages: Sequence[StageInfo]) -> dict[str, pd.Da
 
 
 def _write_figures(
-    results: Results, stages: Sequence[StageInfo], budget: pd.DataFrame, folder: Path
+    results: Results, stages: Sequence[StageInfo], budget: pd.DataFrame, folder: Path, pool_film: bool
 ) -> list[render.Image]:
-    """ROC curves per pathology (test, else validation) and Figure 5 when budget stages have numbers."""
+    """ROC small multiples per comparison (test, else validation); Figure 5 when budget stages have numbers.
+
+    One figure per comparison (Standard, Photos, Film), a panel per pathology, a curve per strategy;
+    budget stages are left out of the ROC figures (Figure 5 shows them).
+    """
     images: list[render.Image] = []
     split = "test" if any("test" in p for p in results.predictions.values()) else "val"
-    done = [s for s in stages if split in results.predictions.get(s.name, {})]
-    for slug in SLUGS if done else ():
+    done = [s for s in stages if split in results.predictions.get(s.name, {}) and not s.budget]
+    for side in (STANDARD, PHOTOS, FILM) if done else ():
         series = []
         for s in done:
-            for side in (STANDARD, PHOTOS):
-                y, p = tables.roc_inputs(results.predictions[s.name][split], side, slug)
+            for slug in SLUGS:
+                y, p = tables.roc_inputs(results.predictions[s.name][split], side, slug, pool_film)
                 if len(y):
-                    series.append(figures.RocSeries(s.strategy, side, y, p))
-        title = f"ROC: {NAME_OF[slug]}, {SPLITS[split]}"
-        images.append(render.Image(title, figures.plot_roc(series, title, folder / f"roc_{slug}.png")))
+                    series.append(figures.RocSeries(s.strategy, NAME_OF[slug], y, p))
+        if series:
+            title = f"ROC curves: {side}, {SPLITS[split]}"
+            path = figures.plot_roc_grid(series, title, folder / f"roc_{side.lower()}.png")
+            images.append(render.Image(title, path))
     avg = budget.loc[(budget["metric"] == "mcc") & (budget["pathology"] == AVERAGE)]
     if len(avg):
         points = [

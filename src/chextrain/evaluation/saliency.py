@@ -29,13 +29,14 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from chextrain.errors import ChextrainError
 from chextrain.labels import PATHOLOGIES, SLUGS
 from chextrain.models.net import CXRNet
 
 METHODS: tuple[str, ...] = ("gradient", "gradcam")
 
 
-class SaliencyError(ValueError):
+class SaliencyError(ChextrainError):
     """Bad arguments to a saliency function (method, targets, shapes)."""
 
 

@@ -1,13 +1,16 @@
 """The report's numbers: long-format metric rows with patient-bootstrap CIs, from predictions tables.
 
 Every row is `strategy, comparison, pathology, metric, value, ci_low, ci_high` (plus a few
-documented extra columns in some tables). Standard = CheXpert rows, Photos = CheXphoto rows
-(every kind pooled), "Standard - Photos" = the paired difference over (x-ray, photo of that
-x-ray) pairs (bootstrap.pair_rows: matched by patient/study/image).
+documented extra columns in some tables). Standard = CheXpert rows; Photos = CheXphoto photos of
+the v1.0 kinds (natural, synthetic digital, synthetic photographic), as in the paper; Film = the
+v1.1 photos of physical films, a comparison of their own unless `pool_film` puts them in Photos.
+"Standard - Photos" = the Standard value minus the Photos value shown above it; its CI is the
+percentile interval of that difference over the shared patient resamples (paired by patient:
+a resample draws a patient's x-rays and the photos of them together).
 
 Each predictions table gets one bootstrap.Bootstrap: one set of patient-level resamples shared by
-every group (Standard, Photos, pairs, photo kinds), metric and pathology, so the paired difference
-is exactly (Standard - Photos) on identical resamples. Nothing here trains or scores a model.
+every group (Standard, Photos, Film, photo kinds), metric and pathology. Nothing here trains or
+scores a model.
 """
 
 from __future__ import annotations
@@ -20,14 +23,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from chextrain.errors import ChextrainError
 from chextrain.evaluation.bootstrap import Bootstrap, Estimates, difference, estimates, pair_rows
 from chextrain.evaluation.metrics import AVERAGE
 from chextrain.evaluation.predict import GROUPS, ID_COLUMNS, arrays
 from chextrain.labels import SLUGS
 
 COLUMNS: tuple[str, ...] = ("strategy", "comparison", "pathology", "metric", "value", "ci_low", "ci_high")
-STANDARD, PHOTOS, DIFFERENCE = "Standard", "Photos", "Standard - Photos"
-COMPARISONS: tuple[str, ...] = (STANDARD, PHOTOS, DIFFERENCE)
+STANDARD, PHOTOS, DIFFERENCE, FILM = "Standard", "Photos", "Standard - Photos", "Film"
+COMPARISONS: tuple[str, ...] = (STANDARD, PHOTOS, DIFFERENCE, FILM)
+SIDES: tuple[str, ...] = (STANDARD, PHOTOS, FILM)
+NO_POSITIVE = "no positives at 0.5"
+AT_THRESHOLD: tuple[str, ...] = ("mcc", "precision", "recall", "f1")  # undefined-looking without positives
 MAIN_METRICS: tuple[str, ...] = ("mcc", "auc")
 APPENDIX_METRICS: tuple[str, ...] = ("precision", "recall", "f1", "accuracy")
 REPORTED: tuple[str, ...] = MAIN_METRICS + APPENDIX_METRICS
@@ -39,7 +46,7 @@ PREDICTION_COLUMNS: tuple[str, ...] = (
 )
 
 
-class ReportError(ValueError):
+class ReportError(ChextrainError):
     """A study folder, predictions table or argument the report cannot use; names the file or value."""
 
 
@@ -58,10 +65,32 @@ def read_predictions(path: Path) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
-def side_rows(table: pd.DataFrame, comparison: str) -> np.ndarray:
-    """Row indices of one side: Standard (dataset chexpert) or Photos (dataset chexphoto)."""
-    column, value = GROUPS[comparison]
-    return np.flatnonzero((table[column] == value).to_numpy())
+def side_rows(table: pd.DataFrame, comparison: str, pool_film: bool = False) -> np.ndarray:
+    """Row indices of one side: Standard (chexpert), Photos (chexphoto but film), Film (film photos).
+
+    pool_film: count film photos in Photos (and leave Film empty), as some studies choose to.
+    """
+    if comparison not in SIDES:
+        raise ReportError(f"comparison {comparison!r}; expected one of {list(SIDES)}")
+    column, value = GROUPS[PHOTOS if comparison == FILM else comparison]
+    chosen = (table[column] == value).to_numpy().copy()
+    film = (table["kind"].astype(str) == "film").to_numpy()
+    if comparison == PHOTOS and not pool_film:
+        chosen = chosen & ~film
+    if comparison == FILM:
+        chosen = chosen & film & (not pool_film)
+    return np.flatnonzero(chosen)
+
+
+def no_positive(table: pd.DataFrame, rows: np.ndarray, threshold: float = 0.5) -> list[str]:
+    """Slugs with no positive prediction (prob >= threshold) among the rows' unmasked entries."""
+    part = table.iloc[rows]
+    out = []
+    for slug in SLUGS:
+        keep = part[f"mask_{slug}"].to_numpy() > 0
+        if keep.any() and not (part[f"prob_{slug}"].to_numpy()[keep] >= threshold).any():
+            out.append(slug)
+    return out
 
 
 def long_rows(found: Estimates, **fixed: Any) -> list[dict[str, Any]]:
@@ -81,7 +110,8 @@ class TableRows:
     kinds: list[dict[str, Any]]  # + kind, n: Photos by kind, MAIN_METRICS
     thresholds: list[dict[str, Any]]  # + threshold (0.5 | tuned), cutoff: MCC
     notes: list[str]
-    pairs: int
+    pairs: int  # (x-ray, photo of it) pairs among the rows (bootstrap.pair_rows)
+    no_positive: list[tuple[str, str, str]]  # (strategy, comparison, slug): no prediction >= 0.5
 
 
 def evaluate_table(
@@ -92,30 +122,35 @@ def evaluate_table(
     seed: int,
     kinds: bool = True,
     thresholds: Mapping[str, Mapping[str, float]] | None = None,
+    pool_film: bool = False,
 ) -> TableRows:
     """Every number the report shows for one stage's predictions table (threshold 0.5 unless tuned).
 
     thresholds: model.json's {head: {slug: t}}; when given, MCC at those (tuned) thresholds is
     reported next to MCC at 0.5 for each side scored by a single head.
+    pool_film: film photos count as Photos (default: their own comparison, Film).
     """
     boot = Bootstrap(arrays(table), table["patient"].to_numpy(), n_boot, seed)  # arrays: N x 5 each
-    out = TableRows([], [], [], [], 0)
-    sides = {name: side_rows(table, name) for name in (STANDARD, PHOTOS)}
+    out = TableRows([], [], [], [], 0, [])
+    sides = {name: side_rows(table, name, pool_film) for name in SIDES}
     values = {name: boot.values(rows, metrics=REPORTED) for name, rows in sides.items() if len(rows)}
-    for name, v in values.items():
-        out.main += long_rows(estimates(v), strategy=strategy, comparison=name)
-    if len(values) == 2:
-        i_std, i_photo = pair_rows(table.iloc[sides[STANDARD]], table.iloc[sides[PHOTOS]])
-        out.pairs = len(i_std)
-        if len(i_std):
-            a = boot.paired(sides[STANDARD], i_std, values[STANDARD])
-            b = boot.paired(sides[PHOTOS], i_photo, values[PHOTOS])
-            out.main += long_rows(difference(a, b), strategy=strategy, comparison=DIFFERENCE)
-    if kinds and len(sides[PHOTOS]):
-        photo_kinds = table["kind"].astype(str).to_numpy()[sides[PHOTOS]]
+    for name in (STANDARD, PHOTOS):
+        if name in values:
+            out.main += long_rows(estimates(values[name]), strategy=strategy, comparison=name)
+    if STANDARD in values and PHOTOS in values:
+        out.pairs = len(pair_rows(table.iloc[sides[STANDARD]], table.iloc[sides[PHOTOS]])[0])
+        found = difference(values[STANDARD], values[PHOTOS])  # same resamples: paired by patient
+        out.main += long_rows(found, strategy=strategy, comparison=DIFFERENCE)
+    if FILM in values:
+        out.main += long_rows(estimates(values[FILM]), strategy=strategy, comparison=FILM)
+    for name, rows in sides.items():
+        out.no_positive += [(strategy, name, slug) for slug in no_positive(table, rows)] if len(rows) else []
+    photos = np.union1d(sides[PHOTOS], sides[FILM])
+    if kinds and len(photos):
+        photo_kinds = table["kind"].astype(str).to_numpy()[photos]
         names = [k for k in PHOTO_KINDS if k in photo_kinds] + sorted(set(photo_kinds) - set(PHOTO_KINDS))
         for kind in names:
-            rows = sides[PHOTOS][photo_kinds == kind]
+            rows = photos[photo_kinds == kind]
             found = estimates(boot.values(rows, metrics=MAIN_METRICS))
             out.kinds += long_rows(found, strategy=strategy, kind=kind, n=len(rows))
     if thresholds is not None:
@@ -153,9 +188,11 @@ def _threshold_rows(
             out.thresholds.append({**r, "threshold": "tuned", "cutoff": cutoff})
 
 
-def roc_inputs(table: pd.DataFrame, comparison: str, slug: str) -> tuple[np.ndarray, np.ndarray]:
+def roc_inputs(
+    table: pd.DataFrame, comparison: str, slug: str, pool_film: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """(y_true, y_prob) of one side and pathology, masked entries left out (for ROC plots)."""
-    part = table.iloc[side_rows(table, comparison)]
+    part = table.iloc[side_rows(table, comparison, pool_film)]
     keep = part[f"mask_{slug}"].to_numpy() > 0
     return part[f"target_{slug}"].to_numpy()[keep].astype(np.int64), part[f"prob_{slug}"].to_numpy()[keep]
 

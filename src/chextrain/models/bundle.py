@@ -1,75 +1,62 @@
-"""Bundles: `model.safetensors` + `model.json`, the one format chextrain saves and serves.
+"""Bundles: `model.safetensors` + `model.json` + `README.md`, the one format chextrain saves and serves.
 
 model.json holds the architecture (backbone, heads, router), the pathologies in order, image size,
 preprocessing, thresholds per head, domain_heads, the stage that made the model and its metrics;
-loading checks the pathologies against the package's and reads weights with safetensors only.
+the OOD calibration's arrays (per feature group: mean, axes, variances) are float64 tensors of
+model.safetensors named `ood.groups.<i>.<array>`, so model.json stays a few KB. README.md is the
+model card (models/card.py). Loading checks the files (models/meta.py), reads weights with
+safetensors only and puts the OOD arrays back into meta["ood"] as lists, as they were written.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from safetensors.torch import load_file, save_file
 
 from chextrain.fileio import atomic_write, atomic_write_text, json_text
 from chextrain.labels import PATHOLOGIES, SLUGS
+from chextrain.models.card import model_card
+from chextrain.models.meta import (
+    BUNDLE_FORMAT,
+    BUNDLE_VERSION,
+    CARD_FILE,
+    META_FILE,
+    OOD_ARRAYS,
+    OOD_PREFIX,
+    WEIGHTS_FILE,
+    WeightsError,
+    bundle_meta_path,
+    meta_path_of,
+    read_bundle_meta,
+    read_safetensors_header,
+)
 from chextrain.models.net import CXRNet
 
-BUNDLE_FORMAT = "chextrain-bundle"
-BUNDLE_VERSION = 1
-WEIGHTS_FILE, META_FILE = "model.safetensors", "model.json"
+__all__ = [
+    "BUNDLE_FORMAT",
+    "BUNDLE_VERSION",
+    "CARD_FILE",
+    "IMAGENET_PREPROCESSING",
+    "META_FILE",
+    "WEIGHTS_FILE",
+    "WeightsError",
+    "bundle_meta_path",
+    "load_bundle",
+    "read_bundle_meta",
+    "save_bundle",
+    "write_model_card",
+]
 IMAGENET_PREPROCESSING: dict[str, Any] = {
     "name": "imagenet",
     "mean": [0.485, 0.456, 0.406],
     "std": [0.229, 0.224, 0.225],
 }
-
-
-class WeightsError(ValueError):
-    """A checkpoint or bundle that cannot be used as asked; the message names the file."""
-
-
-def bundle_meta_path(path: Path) -> Path | None:
-    if path.is_dir():
-        return path / META_FILE if (path / META_FILE).is_file() else None
-    if path.name == META_FILE:
-        return path
-    if path.name == WEIGHTS_FILE and (path.parent / META_FILE).is_file():
-        return path.parent / META_FILE
-    return None
-
-
-def read_bundle_meta(meta_path: Path) -> dict[str, Any]:
-    """Read and check a bundle's model.json (format, version, pathologies, architecture)."""
-    if not meta_path.is_file():
-        raise WeightsError(f"bundle file {meta_path} is missing")
-    if not (meta_path.parent / WEIGHTS_FILE).is_file():
-        raise WeightsError(f"bundle file {meta_path.parent / WEIGHTS_FILE} is missing (next to {meta_path})")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise WeightsError(f"bundle file {meta_path} is not valid JSON: {err}") from None
-    if not isinstance(meta, dict) or meta.get("format") != BUNDLE_FORMAT:
-        raise WeightsError(f"{meta_path} is not a chextrain bundle (format {BUNDLE_FORMAT!r} expected)")
-    if int(meta.get("format_version", 0)) > BUNDLE_VERSION:
-        raise WeightsError(
-            f"bundle {meta_path} has format_version {meta.get('format_version')}; this "
-            f"chextrain reads up to {BUNDLE_VERSION}: upgrade chextrain"
-        )
-    if meta.get("pathologies") != list(PATHOLOGIES):
-        raise WeightsError(
-            f"bundle {meta_path} has pathologies {meta.get('pathologies')}; this chextrain "
-            f"expects {list(PATHOLOGIES)} in that order"
-        )
-    arch = meta.get("architecture")
-    if not isinstance(arch, dict) or not {"backbone", "heads", "router"} <= set(arch):
-        raise WeightsError(f"bundle {meta_path} lacks architecture.backbone/heads/router")
-    return meta
 
 
 def _jsonable(value: Any, where: str) -> Any:
@@ -122,7 +109,7 @@ def _domain_heads(model: CXRNet, given: Any) -> dict[str, str]:
 
 
 def save_bundle(model: CXRNet, out_dir: Path, meta: dict[str, Any]) -> Path:
-    """Write model.safetensors and model.json (each atomically) into out_dir; return out_dir.
+    """Write model.safetensors, model.json and the model card README.md (each atomically); return out_dir.
 
     meta may set image_size (default 320, the paper's), preprocessing (default imagenet),
     thresholds {head: {slug: t}} (default 0.5), domain_heads {digital: head, photo: head}
@@ -160,35 +147,88 @@ def save_bundle(model: CXRNet, out_dir: Path, meta: dict[str, Any]) -> Path:
         "stage": _jsonable(meta.get("stage"), "meta.stage"),
         "metrics": _jsonable(meta.get("metrics", {}), "meta.metrics"),
     }
+    arrays: dict[str, torch.Tensor] = {}
+    if "ood" in document:
+        document["ood"], arrays = _split_ood(document["ood"])
     text = json_text(document, newline=True)  # before any file is written: a bad meta writes nothing
+    card = model_card(document)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors.update(arrays)
     atomic_write(out_dir / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     atomic_write_text(out_dir / META_FILE, text)
+    atomic_write_text(out_dir / CARD_FILE, card)
     return out_dir
+
+
+def _split_ood(ood: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(meta["ood"] without its arrays, {safetensors name: float64 tensor}) of an OOD calibration."""
+    if not isinstance(ood, Mapping) or not isinstance(ood.get("groups"), list):
+        return ood, {}
+    groups, arrays = [], {}
+    for i, group in enumerate(ood["groups"]):
+        kept = {k: v for k, v in group.items() if k not in OOD_ARRAYS}
+        for name in OOD_ARRAYS:
+            if name in group:
+                arrays[f"{OOD_PREFIX}{i}.{name}"] = torch.tensor(np.asarray(group[name], dtype=np.float64))
+        groups.append(kept | {"tensors": f"{OOD_PREFIX}{i}"})
+    return {**ood, "groups": groups}, arrays
+
+
+def _restore_ood(ood: Any, arrays: Mapping[str, torch.Tensor], weights: Path) -> Any:
+    """meta["ood"] with each group's arrays read back from the safetensors tensors (as lists)."""
+    if not isinstance(ood, Mapping) or not isinstance(ood.get("groups"), list):
+        return ood
+    groups = []
+    for i, group in enumerate(ood["groups"]):
+        group = {k: v for k, v in group.items() if k != "tensors"}
+        for name in OOD_ARRAYS:
+            if name in group:  # a bundle written with the arrays in model.json
+                continue
+            key = f"{OOD_PREFIX}{i}.{name}"
+            if key not in arrays:
+                raise WeightsError(
+                    f"bundle {weights} lacks the OOD tensor {key} that its {META_FILE} refers to"
+                )
+            group[name] = arrays[key].tolist()
+        groups.append(group)
+    return {**ood, "groups": groups}
+
+
+def write_model_card(out_dir: Path, evaluation: list[dict[str, Any]] | None = None) -> Path:
+    """(Re)write out_dir/README.md from its model.json, with bootstrap CIs when `evaluation` gives them."""
+    path = Path(out_dir) / CARD_FILE
+    return atomic_write_text(path, model_card(read_bundle_meta(Path(out_dir) / META_FILE), evaluation))
 
 
 def load_bundle(path: Path) -> tuple[CXRNet, dict[str, Any]]:
     """Rebuild a CXRNet from a bundle (folder, model.json or model.safetensors); eval mode.
 
-    Loads the safetensors strictly; returns (model, the parsed model.json).
+    Loads the safetensors strictly; returns (model, the parsed model.json with meta["ood"]'s
+    arrays read back from the weights file).
     """
-    path = Path(path)
-    meta_path = path / META_FILE if path.is_dir() else path.parent / META_FILE
-    if not path.exists():
-        raise WeightsError(f"bundle path {path} does not exist")
+    meta_path = meta_path_of(Path(path))
     meta = read_bundle_meta(meta_path)
+    weights = meta_path.parent / WEIGHTS_FILE
+    read_safetensors_header(weights)  # a truncated or foreign file: an error naming it
+    try:
+        state = load_file(str(weights))  # safetensors: never a pickle
+    except Exception as err:  # safetensors raises its own error types
+        raise WeightsError(f"bundle {weights} is not a readable safetensors file: {err}") from None
+    arrays = {k: state.pop(k) for k in [k for k in state if k.startswith(OOD_PREFIX)]}
+    if "ood" in meta:
+        meta["ood"] = _restore_ood(meta["ood"], arrays, weights)
     arch = meta["architecture"]
-    model = CXRNet(
-        arch["backbone"],
-        heads=arch["heads"],
-        router=bool(arch["router"]),
-        num_classes=int(arch.get("num_classes", len(PATHOLOGIES))),
-    )
-    state = load_file(str(meta_path.parent / WEIGHTS_FILE))  # safetensors: never a pickle
+    try:
+        model = CXRNet(
+            arch["backbone"],
+            heads=arch["heads"],
+            router=bool(arch["router"]),
+            num_classes=int(arch.get("num_classes", len(PATHOLOGIES))),
+        )
+    except (ValueError, TypeError) as err:
+        raise WeightsError(f"bundle {meta_path}: architecture {arch} cannot be built: {err}") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise WeightsError(
-            f"bundle {meta_path.parent / WEIGHTS_FILE} does not match its {META_FILE}: {str(err)[:500]}"
-        ) from None
+        raise WeightsError(f"bundle {weights} does not match its {META_FILE}: {str(err)[:500]}") from None
     return model.eval(), meta

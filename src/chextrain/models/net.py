@@ -3,6 +3,8 @@
 The encoders keep torchvision's parameter names (`features.denseblock1...`, `layer4...`), so a
 torchvision-style checkpoint loads into `CXRNet.encoder` once its classifier is dropped
 (see models/weights.py). No weights are downloaded here: every backbone starts random.
+Besides the names in BACKBONES, `timm:NAME` makes any timm model the encoder
+(models/timm_backbone.py); `check_backbone` says whether a name is valid.
 
 torchvision is imported by the builders that need it, not by this module: `import torchvision`
 also imports torchvision.ops and with it torch._dynamo (about 1.5 s), which a tiny model, a
@@ -22,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from chextrain.models.timm_backbone import build_timm_encoder, check_timm_backbone, is_timm
+
 if TYPE_CHECKING:
     from torchvision.models import ResNet
 
@@ -37,8 +41,9 @@ class FeaturesEncoder(nn.Module):
     `last_block` names the submodules that `last-block` freezing leaves trainable.
     """
 
-    def __init__(self, features: nn.Sequential, num_features: int, last_block: tuple[str, ...],
-                 final_relu: bool) -> None:
+    def __init__(
+        self, features: nn.Sequential, num_features: int, last_block: tuple[str, ...], final_relu: bool
+    ) -> None:
         super().__init__()
         self.features = features
         self.num_features = num_features
@@ -105,11 +110,13 @@ def _conv_bn_relu(c_in: int, c_out: int, stride: int) -> nn.Sequential:
 
 def _tiny() -> nn.Module:
     """Three conv-BN-ReLU blocks (16, 32, 48 channels): a backbone for tests, seconds on a CPU."""
-    features = nn.Sequential(OrderedDict(
-        block1=_conv_bn_relu(3, 16, 2),
-        block2=_conv_bn_relu(16, 32, 2),
-        block3=_conv_bn_relu(32, 48, 2),
-    ))
+    features = nn.Sequential(
+        OrderedDict(
+            block1=_conv_bn_relu(3, 16, 2),
+            block2=_conv_bn_relu(16, 32, 2),
+            block3=_conv_bn_relu(32, 48, 2),
+        )
+    )
     return FeaturesEncoder(features, 48, ("features.block3",), final_relu=False)
 
 
@@ -123,13 +130,25 @@ BACKBONES: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-def build_encoder(name: str) -> tuple[nn.Module, int]:
-    """Build the random-init encoder `name` of BACKBONES; returns (encoder, F).
+def check_backbone(name: str) -> str:
+    """`name` if it is a backbone: one of BACKBONES, or `timm:NAME` of a model timm knows; else ValueError."""
+    if name in BACKBONES:
+        return name
+    if is_timm(name):
+        return check_timm_backbone(name)
+    raise ValueError(
+        f"{name!r} is not one of {sorted(BACKBONES)} or timm:NAME (a model of timm.list_models())"
+    )
 
-    The encoder maps images B x 3 x H x W to globally average-pooled features B x F.
+
+def build_encoder(name: str) -> tuple[nn.Module, int]:
+    """Build the random-init encoder `name` (see check_backbone); returns (encoder, F).
+
+    The encoder maps images B x 3 x H x W to globally pooled features B x F; its `last_block`
+    names the submodules `last-block` freezing leaves trainable (empty: the model has no stages).
     """
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(BACKBONES)}")
+    if is_timm(check_backbone(name)):
+        return build_timm_encoder(name)
     encoder = BACKBONES[name]()
     return encoder, int(encoder.num_features)
 
@@ -142,16 +161,23 @@ class CXRNet(nn.Module):
     `train()` is called, so their running statistics never move (see `apply_freeze`).
     """
 
-    def __init__(self, backbone: str = "densenet121", heads: Sequence[str] = ("shared",),
-                 router: bool = False, num_classes: int = 5) -> None:
+    def __init__(
+        self,
+        backbone: str = "densenet121",
+        heads: Sequence[str] = ("shared",),
+        router: bool = False,
+        num_classes: int = 5,
+    ) -> None:
         super().__init__()
         head_names = [heads] if isinstance(heads, str) else list(heads)
         if not head_names:
             raise ValueError("CXRNet needs at least one head; got heads=[]")
         for h in head_names:
             if not isinstance(h, str) or not _HEAD_NAME.match(h) or h == ROUTER:
-                raise ValueError(f"bad head name {h!r}: expected letters, digits and '_', starting with a "
-                                 f"letter, and not {ROUTER!r}")
+                raise ValueError(
+                    f"bad head name {h!r}: expected letters, digits and '_', starting with a "
+                    f"letter, and not {ROUTER!r}"
+                )
         if len(set(head_names)) != len(head_names):
             raise ValueError(f"head names must be unique; got {head_names}")
         if num_classes < 1:
@@ -200,8 +226,10 @@ class CXRNet(nn.Module):
         if head.shape != (batch,):
             raise ValueError(f"head indices must have shape ({batch},); got {tuple(head.shape)}")
         if batch and (int(head.min()) < 0 or int(head.max()) >= len(self.head_names)):
-            raise ValueError(f"head indices must lie in [0, {len(self.head_names)}) for heads "
-                             f"{self.head_names}; got {head.tolist()}")
+            raise ValueError(
+                f"head indices must lie in [0, {len(self.head_names)}) for heads "
+                f"{self.head_names}; got {head.tolist()}"
+            )
         return head.long()
 
     def forward_all(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -236,6 +264,11 @@ def _trainable_encoder_modules(model: CXRNet, mode: str) -> list[nn.Module]:
         return [model.encoder]
     if mode == "encoder":
         return []
+    if not model.encoder.last_block:
+        raise ValueError(
+            f"freeze 'last-block': backbone {model.backbone_name!r} has no stages to tell its last "
+            "block by; use freeze 'encoder' or 'none'"
+        )
     return [model.encoder.get_submodule(name) for name in model.encoder.last_block]
 
 
@@ -244,7 +277,8 @@ def apply_freeze(model: CXRNet, mode: str, train_heads: Sequence[str]) -> list[n
 
     mode: `none` (whole encoder trains), `encoder` (encoder frozen), `last-block` (only the
     encoder's last block trains: DenseNet denseblock4 + norm5, ResNet layer4, EfficientNet
-    its last stage + head conv, tiny its last block). Heads not in train_heads are always
+    its last stage + head conv, tiny its last block, a timm model its last stage and what
+    follows it; a model without stages refuses it). Heads not in train_heads are always
     frozen; the router trains only when "router" is in train_heads. Frozen BatchNorm layers
     are put in eval mode now and by every later `model.train()`.
     """

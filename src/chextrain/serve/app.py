@@ -39,6 +39,7 @@ from chextrain.data.images import (
     load_image_bytes,
     sniff_format,
 )
+from chextrain.errors import ChextrainError
 from chextrain.evaluation.saliency import METHODS, display_image, overlay, png_bytes, saliency_maps
 from chextrain.inference import Predictor
 
@@ -71,7 +72,7 @@ _UPLOAD_BODY = {
 }
 
 
-class ApiError(Exception):
+class ApiError(ChextrainError):
     """An error answered as JSON {"error": code, "detail": detail}; each subclass fixes status and code."""
 
     status, code = 500, "internal-error"

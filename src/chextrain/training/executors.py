@@ -25,6 +25,7 @@ from typing import Any
 
 import submitit
 
+from chextrain.errors import ChextrainError
 from chextrain.training.specs import ResourcesSpec
 from chextrain.training.study import Study
 from chextrain.training.study_run import (
@@ -42,7 +43,7 @@ JOBS_DIR = "jobs"  # submitit's folder (pickled jobs, logs) inside the study fol
 POLL_S = 1.0
 
 
-class ExecutorError(ValueError):
+class ExecutorError(ChextrainError):
     """An executor cannot run the study as asked (bad slots, GPUs, resources)."""
 
 

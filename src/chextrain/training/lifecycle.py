@@ -1,21 +1,26 @@
 """The stage lifecycle: one stage, whatever its objective, from its config to done.json.
 
-`train_stage` resolves the init, returns a finished run of the same config hash as it is,
-resumes an interrupted one from checkpoints/last.ckpt, seeds, builds the Lightning Trainer,
-fits, and (on rank 0) has the objective write the bundle before done.json is written last. What
-a stage optimises comes from its objective (training/objectives/: supervised, moco).
+`train_stage` returns a finished run of the same config hash as it is; otherwise it first checks
+everything it can refuse (loggers installed, the resume point loadable, the catalog, the init's
+file) before it creates or changes the output folder, then resolves the init, resumes an
+interrupted run from checkpoints/last.ckpt, seeds, builds the Lightning Trainer, fits, and (on
+rank 0) has the objective write the bundle before done.json is written. What a stage optimises
+comes from its objective (training/objectives/: supervised, moco).
 
 The output folder holds config.yaml (the resolved stage), checkpoints/last.ckpt (resumable;
 written atomically every N steps and at each epoch end) and checkpoints/best.ckpt (by the
-stage's monitor, when it validates), logs/ (TensorBoard + CSV), model.safetensors + model.json,
-the objective's outputs (predictions and metrics per evaluated split) and done.json last: a folder
-with done.json is never trained again.
+stage's monitor, when the bundle takes the best weights or the stage keeps it), logs/ (the
+stage's loggers, training/loggers.py), model.safetensors + model.json + README.md (the model
+card, with bootstrap CIs from the test predictions), the objective's outputs (predictions and
+metrics per evaluated split) and done.json: a folder with done.json is never trained again, and
+keeps only the checkpoints its `keep_checkpoints` says (training/checkpoints.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,17 +31,28 @@ import lightning as L
 import pandas as pd
 import torch
 import yaml
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 
 from chextrain.data.transforms import as_preprocessing
+from chextrain.errors import ChextrainError
 from chextrain.fileio import atomic_write_text, write_json
+from chextrain.models.bundle import write_model_card
 from chextrain.models.net import CXRNet
 from chextrain.models.weights import expected_input, init_model
-from chextrain.training.checkpoints import BEST_CKPT, CKPT_DIR, LAST_CKPT, AtomicCheckpointIO, LastCheckpoint
+from chextrain.training.checkpoints import (
+    BEST_CKPT,
+    CKPT_DIR,
+    LAST_CKPT,
+    AtomicCheckpointIO,
+    LastCheckpoint,
+    check_resumable,
+    prune_checkpoints,
+)
 from chextrain.training.loaders import prepare_catalog, stage_rows
+from chextrain.training.loggers import RememberRuns, build_loggers, check_loggers, log_outcome
 from chextrain.training.objectives import LoaderSettings, objective_of
+from chextrain.training.progress import EpochLines, StageProgressBar, lightning_info_quiet
 from chextrain.training.stage import (
     REF_PREFIX,
     BaseStage,
@@ -50,7 +66,7 @@ from chextrain.training.stage import (
 DONE_FILE, CONFIG_FILE = "done.json", "config.yaml"
 
 
-class RunDirError(ValueError):
+class RunDirError(ChextrainError):
     """The output folder belongs to another configuration."""
 
 
@@ -103,7 +119,11 @@ def auto_workers(devices: int | str) -> int:
 def build_trainer(
     stage: BaseStage, out_dir: Path, *, progress: bool, has_val: bool, steps_per_epoch: int
 ) -> L.Trainer:
-    """The Lightning Trainer for a stage (devices, precision, DDP, loggers, checkpoints)."""
+    """The Lightning Trainer for a stage (devices, precision, DDP, loggers, checkpoints, progress).
+
+    progress: one line per epoch (EpochLines), plus Lightning's rich bar when stdout is a terminal;
+    no model summary (its FLOPs column is empty for our models).
+    """
     on_gpu = torch.cuda.is_available()
     precision = stage.precision
     if precision == "auto":
@@ -115,9 +135,12 @@ def build_trainer(
             process_group_backend=None if on_gpu else "gloo", checkpoint_io=AtomicCheckpointIO()
         )
     callbacks: list[Callback] = [
-        LastCheckpoint(out_dir / CKPT_DIR / LAST_CKPT, stage.checkpoint_every_n_steps)
+        LastCheckpoint(out_dir / CKPT_DIR / LAST_CKPT, stage.checkpoint_every_n_steps),
+        RememberRuns(out_dir),
     ]
-    if has_val:
+    # best.ckpt: for a bundle of the best weights, or when the finished stage keeps it
+    wants_best = getattr(stage, "select", "last") == "best" or stage.keep_checkpoints in ("best", "all")
+    if has_val and wants_best:
         callbacks.append(
             ModelCheckpoint(
                 dirpath=out_dir / CKPT_DIR,
@@ -131,9 +154,13 @@ def build_trainer(
                 save_on_train_epoch_end=False,
             )
         )
+    bar = progress and sys.stdout.isatty()
     if progress:
-        callbacks.append(RichProgressBar())
+        callbacks.append(EpochLines(stage.name))
+    if bar:
+        callbacks.append(StageProgressBar())
     val_every = getattr(stage, "val_every_n_steps", None) if has_val else None
+    loggers = build_loggers(stage.logger, out_dir, stage.name)
     return L.Trainer(
         accelerator="auto",
         devices=stage.devices,
@@ -150,14 +177,13 @@ def build_trainer(
         deterministic=not on_gpu,
         benchmark=on_gpu,
         callbacks=callbacks,
+        # no default ModelCheckpoint (it would write logs/*/checkpoints/epoch=*.ckpt): ours only
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         plugins=[AtomicCheckpointIO()] if strategy == "auto" else None,
-        logger=[
-            TensorBoardLogger(out_dir, name="logs", version="tensorboard", default_hp_metric=False),
-            CSVLogger(out_dir, name="logs", version="csv"),
-        ],
-        log_every_n_steps=max(1, min(50, steps_per_epoch)),
-        enable_progress_bar=progress,
-        enable_model_summary=progress,
+        logger=loggers or False,
+        log_every_n_steps=max(1, min(50, steps_per_epoch, stage.max_steps or steps_per_epoch)),
+        enable_progress_bar=bar,
+        enable_model_summary=False,
         default_root_dir=out_dir,
     )
 
@@ -167,11 +193,17 @@ def _check_out_dir(out_dir: Path, stage: BaseStage, digest: str) -> dict[str, An
     done = out_dir / DONE_FILE
     config = out_dir / CONFIG_FILE
     if done.exists():
-        record = json.loads(done.read_text())
-        if record.get("config_hash") != digest:
+        try:
+            record = json.loads(done.read_text())
+        except (OSError, ValueError) as err:
+            raise RunDirError(
+                f"{done} is not readable JSON ({err}); delete the folder to train again"
+            ) from None
+        if not isinstance(record, dict) or record.get("config_hash") != digest:
             raise RunDirError(
                 f"{out_dir} holds a finished run of another configuration (hash "
-                f"{record.get('config_hash')}, this stage {digest}); use another --out"
+                f"{record.get('config_hash') if isinstance(record, dict) else None}, this stage "
+                f"{digest}); use another --out"
             )
         return record
     if config.exists() and (out_dir / CKPT_DIR / LAST_CKPT).exists():
@@ -188,11 +220,14 @@ def _check_out_dir(out_dir: Path, stage: BaseStage, digest: str) -> dict[str, An
 
 
 def finished_result(out_dir: Path, stage: BaseStage, digest: str) -> StageResult | None:
-    """The result of a finished run of this config in out_dir (created if absent), else None."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """The result of a finished run of this config in out_dir, else None (the folder is not created).
+
+    A finished run keeps only the checkpoints its `keep_checkpoints` says (pruned again here).
+    """
     finished = _check_out_dir(out_dir, stage, digest)
     if finished is None:
         return None
+    prune_checkpoints(out_dir, stage.keep_checkpoints)
     return StageResult(
         out_dir,
         out_dir / "model.json",
@@ -237,7 +272,7 @@ def train_stage(
         out_dir: the stage's folder; a finished one (done.json of this config) is returned as is.
         resolve_ref: maps a referenced stage NAME (from `init: stage:NAME`) to its folder.
         catalog: an already-read catalog (its split column is recomputed from the stage's split).
-        progress: show the rich progress bar and model summary.
+        progress: print a line per epoch (and Lightning's rich bar when stdout is a terminal).
     """
     objective = objective_of(stage)
     t0 = time.time()
@@ -246,8 +281,12 @@ def train_stage(
     cached = finished_result(out_dir, stage, digest)
     if cached is not None:
         return cached
+    # Everything that can be refused is checked before out_dir is created or changed.
+    check_loggers(stage.logger)
     last = out_dir / CKPT_DIR / LAST_CKPT
     resumed = last.exists()
+    if resumed:
+        check_resumable(last)
     L.seed_everything(stage.seed, workers=True, verbose=False)  # model init and Lightning's RNGs
     catalog = prepare_catalog(stage, data_root, catalog)
     train_rows = stage_rows(stage, catalog, "train")
@@ -256,8 +295,10 @@ def train_stage(
             f"stage {stage.name!r}: no training rows for data {stage.data.model_dump()} in {data_root}"
         )
     init = resolve_init(stage.init, resolve_ref)
+    fitted = apply_expected_input(stage, init)  # reads the init file: a pickle or a bad file stops here
+    out_dir.mkdir(parents=True, exist_ok=True)
     model, init_note = initial_model(stage, init, out_dir, resumed=resumed, load_heads=objective.load_heads)
-    stage = apply_expected_input(stage, init)
+    stage = fitted
     on_gpu = torch.cuda.is_available()
     workers = auto_workers(stage.devices) if stage.num_workers == "auto" else stage.num_workers
     plan = objective.plan(
@@ -269,13 +310,18 @@ def train_stage(
     )
     steps = -(-len(train_rows) // stage.batch_size)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
-    try:
-        trainer = build_trainer(
-            stage, out_dir, progress=progress, has_val=plan.val_rows > 0, steps_per_epoch=steps
-        )
-        trainer.fit(plan.module, datamodule=plan.data, ckpt_path=last if resumed else None, weights_only=True)
-    finally:  # Trainer(deterministic=True) switches a process-wide flag: give it back
-        torch.use_deterministic_algorithms(was_deterministic)
+    with lightning_info_quiet():
+        try:
+            trainer = build_trainer(
+                stage, out_dir, progress=progress, has_val=plan.val_rows > 0, steps_per_epoch=steps
+            )
+            for lg in trainer.loggers:
+                lg.log_hyperparams({**resolved_config(stage), "config_hash": digest})
+            trainer.fit(
+                plan.module, datamodule=plan.data, ckpt_path=last if resumed else None, weights_only=True
+            )
+        finally:  # Trainer(deterministic=True) switches a process-wide flag: give it back
+            torch.use_deterministic_algorithms(was_deterministic)
     if trainer.global_rank != 0:
         return StageResult(out_dir, out_dir / "model.json", rank=trainer.global_rank, resumed=resumed)
     weights = objective.select_weights(stage, plan, out_dir)
@@ -313,5 +359,38 @@ def train_stage(
         **outcome.record,
         "metrics": outcome.metrics,
     }
+    write_model_card(out_dir, card_evaluation(out_dir, stage.title))
     write_json(out_dir / DONE_FILE, record)
+    prune_checkpoints(out_dir, stage.keep_checkpoints)  # done.json first: a finished stage needs none
+    log_outcome(trainer.loggers, outcome.metrics, out_dir / "model.json", trainer.global_step)
     return StageResult(out_dir, out_dir / "model.json", outcome.metrics, duration, resumed=resumed)
+
+
+def card_evaluation(out_dir: Path, label: str, n_boot: int = 1000) -> list[dict[str, Any]] | None:
+    """AUC and MCC (averages) with patient-bootstrap 95% CIs per comparison and photo kind, from
+    out_dir's test predictions (the report's engine and seed), for the model card; None without them."""
+    from chextrain.evaluation.tables import DIFFERENCE, evaluate_table, read_predictions, side_rows
+
+    path = out_dir / "predictions_test.parquet"
+    if not path.exists():
+        return None
+    table = read_predictions(path)
+    found = evaluate_table(table, label, n_boot=n_boot, seed=0)
+    rows = []
+    for r in found.main + found.kinds:
+        if r["pathology"] != "average" or r["metric"] not in ("auc", "mcc"):
+            continue
+        if "kind" in r:  # a photo kind: its rows counted by the engine
+            group, n = f"photos: {r['kind']}", r["n"]
+        else:  # Standard, Photos (their rows), Standard - Photos (the x-ray/photo pairs)
+            group = r["comparison"]
+            n = found.pairs if group == DIFFERENCE else len(side_rows(table, group))
+        rows.append(
+            {
+                "split": "test",
+                "group": group,
+                "n": n,
+                **{k: r[k] for k in ("metric", "value", "ci_low", "ci_high")},
+            }
+        )
+    return rows

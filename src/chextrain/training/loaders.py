@@ -1,17 +1,22 @@
-"""A stage's rows and loaders: the catalog split the stage's way, and resumable per-rank loaders."""
+"""A stage's rows, its image store and loaders: the catalog split the stage's way, the prepared image
+store of `data.store`, and resumable per-rank loaders."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import pandas as pd
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import Dataset
 
 from chextrain.data.catalog import read_catalog
-from chextrain.data.dataset import make_loader
+from chextrain.data.dataset import make_loader, worker_init
 from chextrain.data.splits import assign_splits, sample_budget
+from chextrain.data.store import ImageStore
+from chextrain.data.transforms import Decoding
 from chextrain.training.stage import BaseStage, StageError
 
 
@@ -39,6 +44,23 @@ def stage_rows(stage: BaseStage, catalog: pd.DataFrame, split: str) -> pd.DataFr
     return rows.reset_index(drop=True)
 
 
+def seeded_worker_init(worker_id: int, rank: int) -> None:
+    """dataset.worker_init, then Lightning's worker seeding (which a set worker_init_fn replaces)."""
+    worker_init(worker_id)
+    pl_worker_init_function(worker_id, rank=rank)
+
+
+def stage_store(stage: BaseStage, progress: bool = True) -> ImageStore | None:
+    """The prepared image store of the stage's `data.store` at its image size and resize mode (None
+    without one). Every stage and DDP rank naming the same folder shares it: images are decoded
+    once per size and decoding; a build is serialised by a file lock."""
+    if stage.data.store is None:
+        return None
+    return ImageStore(
+        stage.data.store, Decoding(stage.image_size, stage.preprocessing.resize), progress=progress
+    )
+
+
 class TrainData(L.LightningDataModule):
     """A training loader over `train`; each DDP rank draws its own shard of every epoch's order.
 
@@ -64,6 +86,7 @@ class TrainData(L.LightningDataModule):
             world_size=self.trainer.world_size,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
+            worker_init_fn=partial(seeded_worker_init, rank=self.trainer.global_rank),
         )
 
     def train_dataloader(self) -> Any:

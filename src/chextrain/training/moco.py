@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from chextrain.data.transforms import Preprocessing, as_preprocessing, to_network_input
 from chextrain.training.optim import cosine, make_optimizer
 from chextrain.training.specs import MocoSpec, OptimizerSpec
 
@@ -123,7 +124,8 @@ def batch_unshuffle(x: torch.Tensor, unshuffle: torch.Tensor | None) -> torch.Te
 
 
 class MocoModule(L.LightningModule):
-    """MoCo v2 on batches {"view1": B x 3 x S x S, "view2": B x 3 x S x S} (training.moco_data).
+    """MoCo v2 on batches {"view1", "view2"} (training.moco_data): uint8 B x 1 x S x S, made the
+    network input on the device here (transforms.to_network_input), or float B x 3 x S x S as is.
 
     Args:
         encoder: the query encoder (images -> features B x F), e.g. CXRNet(...).encoder; trained in place.
@@ -131,6 +133,7 @@ class MocoModule(L.LightningModule):
         spec: queue size, momentum, temperature, projection sizes, schedule, shuffle-BN.
         optimizer: the stage's optimiser (over the query encoder and its projection).
         seed: seeds the initial queue and the shuffle-BN permutations.
+        preprocessing: how uint8 views become the network input (the stage's).
     """
 
     def __init__(
@@ -141,9 +144,11 @@ class MocoModule(L.LightningModule):
         spec: MocoSpec = MocoSpec(),
         optimizer: OptimizerSpec = OptimizerSpec(),
         seed: int = 0,
+        preprocessing: str | Preprocessing = "imagenet",
     ) -> None:
         super().__init__()
         self.spec, self.optimizer_spec = spec, optimizer
+        self.preprocessing = as_preprocessing(preprocessing)
         self.encoder_q = encoder
         self.projection_q = projection_mlp(num_features, spec.hidden_dim or num_features, spec.proj_dim)
         self.encoder_k = copy.deepcopy(encoder).requires_grad_(False)  # starts equal to the query
@@ -198,7 +203,10 @@ class MocoModule(L.LightningModule):
         return loss, logits
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss, logits = self(batch["view1"], batch["view2"])
+        views = [batch[k] for k in ("view1", "view2")]
+        loss, logits = self(
+            *(to_network_input(v, self.preprocessing) if v.dtype == torch.uint8 else v for v in views)
+        )
         n = logits.shape[0]
         acc = (logits.argmax(dim=1) == 0).float().mean()  # the positive beats every negative
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=n)

@@ -37,11 +37,17 @@ Kind = Literal["digital", "natural", "synthetic-digital", "synthetic-photographi
 
 
 class DataSpec(Spec):
-    """Which catalog rows train the stage."""
+    """Which catalog rows train the stage, and where its prepared images live.
+
+    store: a folder for the prepared image store (data/store.py), shared by every stage that names
+    it; None decodes the files in the loader workers. The store holds the very bytes decoding
+    gives, so it changes speed only: it is left out of the resolved config and the config hash.
+    """
 
     train: list[Literal["chexpert", "chexphoto", "other"]] = Field(default=["chexpert"], min_length=1)
     kinds: list[Kind] | None = None
     budget: BudgetSpec | None = None
+    store: str | None = Field(default=None, exclude=True)
 
 
 class SplitSpec(Spec):
@@ -180,3 +186,57 @@ class ResourcesSpec(Spec):
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
+
+
+LOGGER_NAMES: tuple[str, ...] = ("tensorboard", "csv", "mlflow", "wandb")
+
+
+class NoOptions(Spec):
+    """A logger with nothing to set (tensorboard, csv: files under STAGE/logs/)."""
+
+
+class MlflowSpec(Spec):
+    """Where MLflow logs (training/loggers.py). Needs `chextrain[mlflow]`."""
+
+    tracking_uri: str | None = None  # None: sqlite:///<study folder, else stage folder>/mlflow.db
+    experiment: str | None = None  # None: the study's name, or "chextrain"
+
+
+class WandbSpec(Spec):
+    """Weights & Biases through Lightning's WandbLogger. Needs `chextrain[wandb]`."""
+
+    project: str = "chextrain"
+    entity: str | None = None
+    offline: bool = True  # offline: no network; `wandb sync STAGE/logs/wandb/...` uploads later
+
+
+class LoggerSpec(Spec):
+    """The stage's experiment loggers (default: tensorboard and csv); YAML: see `logger_shorthand`."""
+
+    tensorboard: NoOptions | None = NoOptions()
+    csv: NoOptions | None = NoOptions()
+    mlflow: MlflowSpec | None = None
+    wandb: WandbSpec | None = None
+
+    @property
+    def names(self) -> list[str]:
+        """The loggers in use, in LOGGER_NAMES order."""
+        return [name for name in LOGGER_NAMES if getattr(self, name) is not None]
+
+
+def logger_shorthand(value: Any) -> Any:
+    """A stage's `logger:` as LoggerSpec data: `none`, a name, a list of names, or a mapping of
+    name -> options (`true` for none) that lists every logger in use."""
+    if value is None or value == "none":
+        value = []
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list):
+        unknown = [v for v in value if v not in LOGGER_NAMES]
+        if unknown:
+            raise ValueError(f"{unknown}: expected names from {list(LOGGER_NAMES)}")
+        return {name: ({} if name in value else None) for name in LOGGER_NAMES}
+    if isinstance(value, Mapping):
+        unset = {name: None for name in LOGGER_NAMES if name not in value}
+        return unset | {k: ({} if v is True else None if v is False else v) for k, v in value.items()}
+    return value

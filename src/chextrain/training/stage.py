@@ -20,7 +20,6 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
     Discriminator,
     Field,
     StringConstraints,
@@ -32,17 +31,21 @@ from pydantic import (
 )
 
 from chextrain.data.transforms import Preprocessing
+from chextrain.errors import ChextrainError
 from chextrain.labels import resolve_policy
-from chextrain.models.net import BACKBONES
+from chextrain.models.net import check_backbone
 from chextrain.training.specs import (
     AugmentSpec,
     DataSpec,
+    LoggerSpec,
     MocoSpec,
     OptimizerSpec,
     ResourcesSpec,
     Spec,
     SplitSpec,
+    logger_shorthand,
 )
+from chextrain.training.stage_errors import format_errors, related
 
 PRECISIONS: tuple[str, ...] = ("auto", "32-true", "16-mixed", "bf16-mixed", "64-true")
 _PRECISION_ALIASES: dict[str, str] = {
@@ -53,13 +56,14 @@ _PRECISION_ALIASES: dict[str, str] = {
 }
 REF_PREFIX = "stage:"
 # Keys that change neither the weights nor the outputs: left out of the config hash.
-HASH_EXCLUDE: tuple[str, ...] = ("label", "num_workers", "resources")
+HASH_EXCLUDE: tuple[str, ...] = ("label", "num_workers", "resources", "keep_checkpoints", "logger")
+KEEP_CHECKPOINTS: tuple[str, ...] = ("last", "best", "all", "none")
 
 
 HeadName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")]
 
 
-class StageError(ValueError):
+class StageError(ChextrainError):
     """A stage file or override is invalid; the message lists every bad field."""
 
 
@@ -85,19 +89,25 @@ class BaseStage(Spec):
     checkpoint_every_n_steps: int = Field(default=1000, gt=0)
     num_workers: int | Literal["auto"] = "auto"
     resources: ResourcesSpec | None = None  # SLURM resources (executors.py); not hashed
+    # What a finished stage keeps besides its bundle: checkpoints/last.ckpt, best.ckpt, all, none.
+    keep_checkpoints: Literal["last", "best", "all", "none"] = "last"
+    logger: LoggerSpec = LoggerSpec()  # tensorboard, csv, mlflow, wandb (training/loggers.py)
 
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, value: str) -> str:
-        if value not in BACKBONES:
-            raise ValueError(f"{value!r} is not one of {sorted(BACKBONES)}")
-        return value
+        return check_backbone(value)  # a name of BACKBONES, or timm:NAME
 
     @field_validator("preprocessing", mode="before")
     @classmethod
     def _preprocessing_name(cls, value: Any) -> Any:
         # `preprocessing: imagenet` (or histeq): a bare name. Set or not, see lifecycle.apply_expected_input.
         return {"name": value} if isinstance(value, str) else value
+
+    @field_validator("logger", mode="before")
+    @classmethod
+    def _logger_names(cls, value: Any) -> Any:
+        return logger_shorthand(value)
 
     @field_validator("precision", mode="before")
     @classmethod
@@ -168,7 +178,7 @@ class SupervisedStage(BaseStage):
     monitor: str = "val/auc_mean"
     monitor_mode: Literal["max", "min"] = "max"
     select: Literal["last", "best"] = "last"  # which weights go into the bundle
-    evaluate: list[Literal["val", "test"]] = ["val", "test"]
+    evaluate: list[Literal["val", "test", "holdout"]] = ["val", "test"]  # holdout: test_labels.csv
 
     @field_validator("policy")
     @classmethod
@@ -286,14 +296,49 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
 
 
 def parse_stage(data: Any, overrides: Sequence[str] = (), *, source: str = "stage") -> Stage:
-    """Validate plain data (a YAML mapping) into a Stage, or raise StageError listing every problem."""
+    """Validate plain data (a YAML mapping) into a Stage, or raise StageError listing every problem.
+
+    A problem at an override's key is said to come from it (`(from --set KEY=VALUE)`), and when
+    every problem does, the override is named instead of `source`.
+    """
     if not isinstance(data, Mapping):
         raise StageError(f"{source}: expected a mapping of stage keys, got {type(data).__name__}")
     data = apply_overrides(data, overrides)
     try:
         return _STAGE_ADAPTER.validate_python(data)
     except ValidationError as err:
-        raise StageError(_format_errors(err, source, data)) from None
+        raise StageError(
+            format_errors(err.errors(), source, data, STAGE_TYPES, overrides=overrides)
+        ) from None
+
+
+def check_overrides(overrides: Sequence[str]) -> None:
+    """Each `key.sub=value` override alone must be valid for at least one stage type.
+
+    Checked on its own (a stage with just a name and the override), so the error names the
+    override whatever file it is applied to, and a study can check its overrides once.
+    """
+    for item in overrides:
+        data = apply_overrides({}, [item])
+        path = tuple(item.partition("=")[0].strip().split("."))
+        objective = data.get("objective")
+        if objective is not None and objective not in STAGE_TYPES:
+            raise StageError(f"--set {item}: objective: expected one of {list(STAGE_TYPES)}")
+        found: list[tuple[type[BaseStage], list[Any]]] = []
+        for name, model in STAGE_TYPES.items():
+            if objective not in (None, name):
+                continue
+            try:
+                model.model_validate({"name": "x", **data, "objective": name})
+                break  # valid for this stage type
+            except ValidationError as err:
+                mine = [e for e in err.errors() if related(tuple(e["loc"]), path)]
+                if not mine:
+                    break
+                found.append((model, mine))
+        else:
+            model, errors = next(((m, e) for m, e in found if path[0] in m.model_fields), found[0])
+            raise StageError(format_errors(errors, f"--set {item}", data, STAGE_TYPES, model))
 
 
 def read_yaml(path: str | Path, what: str = "stage") -> Any:
@@ -304,54 +349,12 @@ def read_yaml(path: str | Path, what: str = "stage") -> Any:
     except OSError as err:
         raise StageError(f"cannot read {what} file {path}: {err.strerror}") from err
     except yaml.YAMLError as err:
-        raise StageError(f"{path}: not valid YAML: {err}") from err
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        reason = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise StageError(f"{path}{where}: not valid YAML ({reason})") from err
 
 
 def load_stage(path: str | Path, overrides: Sequence[str] = ()) -> Stage:
     """Read a stage YAML file, apply `key.sub=value` overrides and validate it."""
     return parse_stage(read_yaml(path), overrides, source=str(path))
-
-
-def _format_errors(err: ValidationError, source: str, data: Mapping[str, Any]) -> str:
-    lines = []
-    for e in err.errors():
-        parts = tuple(e["loc"])
-        tag, model = "supervised", SupervisedStage
-        if parts and parts[0] in STAGE_TYPES:  # the union's tag: the stage type that was validated
-            tag, parts = str(parts[0]), parts[1:]
-            model = STAGE_TYPES[tag]
-        loc = ".".join(str(p) for p in parts) or "(top level)"
-        if e["type"] == "objective":
-            msg = f"{e['msg']} (got {data.get('objective')!r})"
-            loc = "objective"
-        elif e["type"] == "extra_forbidden":
-            msg = f"unknown key; allowed keys: {', '.join(_allowed_keys(model, parts[:-1]))}"
-            if len(parts) == 1 and any(str(parts[0]) in t.model_fields for t in STAGE_TYPES.values()):
-                users = [n for n, t in STAGE_TYPES.items() if str(parts[0]) in t.model_fields]
-                msg = f"does not apply to an `objective: {tag}` stage (only to {', '.join(users)}); {msg}"
-        elif e["type"] == "missing":
-            msg = "required key is missing"
-        elif not parts and e["type"] == "value_error":  # cross-field checks: one "field: problem" a line
-            lines += [f"  {line}" for line in e["msg"].removeprefix("Value error, ").splitlines()]
-            continue
-        else:
-            msg = e["msg"].removeprefix("Value error, ")
-            if "input" in e and not isinstance(e["input"], Mapping):
-                msg += f" (got {e['input']!r})"
-        lines.append(f"  {loc}: {msg}")
-    return f"{source}: {len(lines)} invalid field(s):\n" + "\n".join(lines)
-
-
-def _allowed_keys(model: Any, loc: Sequence[Any]) -> list[str]:
-    for part in loc:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
-        annotation = getattr(field, "annotation", None)
-        candidates = [annotation, *getattr(annotation, "__args__", ())]
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if model is None:
-            return []
-    keys = list(model.model_fields)
-    if "objective" in keys:  # read first: it decides which other keys apply
-        keys.remove("objective")
-        keys.insert(keys.index("label") + 1, "objective")
-    return keys

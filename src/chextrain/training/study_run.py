@@ -299,25 +299,11 @@ def _retire_stale(folder: Path, current: str) -> None:
 
 
 def _apply_fallbacks(stage: Stage, fallbacks: Mapping[str, str]) -> tuple[Stage, list[str]]:
-    """Profile fallbacks, e.g. {imagenet: random} when the ImageNet weights are not on disk."""
-    notes: list[str] = []
-    if stage.init == "imagenet" and "imagenet" in fallbacks:
-        if not _imagenet_available(stage.backbone):
-            replacement = fallbacks["imagenet"]
-            stage = stage.model_copy(update={"init": replacement})
-            notes.append(
-                f"ImageNet weights for {stage.backbone} are not on this machine: init {replacement!r} used"
-            )
-    return stage, notes
+    """Profile fallbacks, e.g. {imagenet: random, xrv: random} when those weights are not on disk."""
+    from chextrain.models.pretrained import init_fallback
 
-
-def _imagenet_available(backbone: str) -> bool:
-    from chextrain.models.weights import WeightsError, imagenet_checkpoint_path
-
-    try:
-        return imagenet_checkpoint_path(backbone)[0].is_file()
-    except WeightsError:
-        return False
+    init, notes = init_fallback(stage.init, stage.backbone, fallbacks)
+    return (stage.model_copy(update={"init": init}) if init != stage.init else stage), notes
 
 
 def _headline(metrics: Any) -> dict[str, float]:

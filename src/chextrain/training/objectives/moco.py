@@ -15,7 +15,7 @@ import torch
 
 from chextrain.models.bundle import save_bundle
 from chextrain.models.net import CXRNet
-from chextrain.training.loaders import TrainData
+from chextrain.training.loaders import TrainData, stage_store
 from chextrain.training.moco import MocoModule
 from chextrain.training.moco_data import moco_dataset
 from chextrain.training.objectives.plan import LoaderSettings, Outcome, Plan
@@ -35,13 +35,19 @@ class Moco:
         train_rows: pd.DataFrame,
         loader: LoaderSettings,
     ) -> Plan:
-        """MocoModule over the encoder; views of the train rows, real partners from the train split."""
+        """MocoModule over the encoder; views of the train rows, real partners from the train split
+        (read from the stage's image store when it has one)."""
         module = MocoModule(
-            model.encoder, model.num_features, spec=stage.moco, optimizer=stage.optimizer, seed=stage.seed
+            model.encoder,
+            model.num_features,
+            spec=stage.moco,
+            optimizer=stage.optimizer,
+            seed=stage.seed,
+            preprocessing=stage.preprocessing,
         )
         pool = catalog.loc[catalog["split"] == "train"].reset_index(drop=True)  # real photo partners
         data = TrainData(
-            moco_dataset(stage, train_rows, pool),
+            moco_dataset(stage, train_rows, pool, stage_store(stage)),
             batch_size=stage.batch_size,
             seed=stage.seed,
             num_workers=loader.num_workers,

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from chextrain.data.dataset import CatalogDataset
+from chextrain.data.transforms import Preprocessing, as_preprocessing, to_network_input
 from chextrain.evaluation.metrics import pathology_metrics
 from chextrain.evaluation.predict import (
     Predictions,
@@ -35,7 +36,7 @@ from chextrain.labels import SLUGS
 from chextrain.models.bundle import save_bundle
 from chextrain.models.net import ROUTER, CXRNet, apply_freeze
 from chextrain.training.checkpoints import BEST_CKPT, CKPT_DIR
-from chextrain.training.loaders import TrainValData, stage_rows
+from chextrain.training.loaders import TrainValData, stage_rows, stage_store
 from chextrain.training.objectives.plan import LoaderSettings, Outcome, Plan
 from chextrain.training.optim import make_optimizer
 from chextrain.training.specs import OptimizerSpec
@@ -54,12 +55,16 @@ def masked_bce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -
 class SupervisedModule(L.LightningModule):
     """Trains a CXRNet on batches from data.dataset (image, target, mask, head, domain, index).
 
+    Images arrive uint8 B x 1 x S x S and become the network input here, on the device
+    (transforms.to_network_input with the stage's preprocessing); float B x 3 x S x S is used as is.
+
     Args:
         model: the network, already initialised (weights only).
         optimizer: the stage's optimiser spec.
         freeze: none | encoder | last-block.
         train_heads: heads that learn (plus "router" to train the domain router).
         channels_last: use the channels-last memory format (set on CUDA).
+        preprocessing: how uint8 images become the network input (the stage's).
     """
 
     def __init__(
@@ -70,9 +75,11 @@ class SupervisedModule(L.LightningModule):
         freeze: str = "none",
         train_heads: list[str] | tuple[str, ...] = ("shared",),
         channels_last: bool = False,
+        preprocessing: str | Preprocessing = "imagenet",
     ) -> None:
         super().__init__()
         self.model = model
+        self.preprocessing = as_preprocessing(preprocessing)
         self.optimizer_spec = optimizer
         self.trainable = apply_freeze(model, freeze, list(train_heads))
         self.train_router = model.router is not None and ROUTER in train_heads
@@ -82,7 +89,9 @@ class SupervisedModule(L.LightningModule):
         self._val: list[tuple[torch.Tensor, ...]] = []
 
     def _images(self, batch: dict[str, Any]) -> torch.Tensor:
-        x = batch["image"]  # B x 3 x S x S
+        x = batch["image"]  # uint8 B x 1 x S x S (or float B x 3 x S x S)
+        if x.dtype == torch.uint8:
+            x = to_network_input(x, self.preprocessing)  # B x 3 x S x S, on the device
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def on_fit_start(self) -> None:
@@ -170,7 +179,11 @@ class Supervised:
         train_rows: pd.DataFrame,
         loader: LoaderSettings,
     ) -> Plan:
-        """SupervisedModule over the stage's train rows, validated on its val rows."""
+        """SupervisedModule over the stage's train rows, validated on its val rows.
+
+        With a `data.store`, every image the stage reads (train, val and the evaluated splits) is
+        prepared first, and the datasets read the store.
+        """
         val_rows = stage_rows(stage, catalog, "val")
         module = SupervisedModule(
             model,
@@ -178,7 +191,12 @@ class Supervised:
             freeze=stage.freeze,
             train_heads=stage.train_heads,
             channels_last=loader.channels_last,
+            preprocessing=stage.preprocessing,
         )
+        store = stage_store(stage)
+        if store is not None:
+            evaluated = catalog.loc[catalog["split"].isin(["val", *stage.evaluate])]
+            store.prepare([*train_rows["path"], *val_rows["path"], *evaluated["path"]])
 
         def dataset(rows: pd.DataFrame, train: bool) -> CatalogDataset:
             return CatalogDataset(
@@ -190,6 +208,7 @@ class Supervised:
                 domain_heads=stage.domain_heads,
                 augment=stage.augment.build() if train else (),
                 seed=stage.seed,
+                images=None if store is None else store.images(rows["path"].astype(str).tolist()),
             )
 
         data = TrainValData(
@@ -228,6 +247,7 @@ class Supervised:
             "preprocessing": stage.preprocessing,
             "batch_size": max(stage.batch_size, 32),
             "policy": stage.policy,
+            "store": stage_store(stage),
         }
         scored: dict[str, Predictions] = {}
         for split in ("val", "test"):

@@ -1,0 +1,277 @@
+"""The phone recipe on one channel, fast enough to augment at the training size (320 px).
+
+`phone_grey(image, rng, level)` makes what `to_grey(phone(image, rng, level))` makes (data/phone.py:
+the x-ray on a monitor with a bezel, in a room with a desk, clutter and a stand, under a projective
+warp, uneven light and vignetting, lens or motion blur, sensor noise, a colour cast, exposure and
+JPEG re-compression), computed on the luma alone and with fewer passes:
+
+- the screen, its bezel and the x-ray inside it are sampled in ONE warp from the x-ray (the RGB
+  recipe resizes the x-ray into the screen, then warps the whole monitor face);
+- colours (wall, desk, clutter, stand) are drawn as their luma, and the colour cast becomes the
+  gain it gives a grey pixel;
+- blurs at training sizes are a few pixels wide: direct sums over the kernel's taps;
+- noise comes from a torch generator seeded by `rng` (luma noise only: chroma noise averages out
+  in the luma).
+
+The random draws are those of `phone` up to the sensor noise, so a seed gives the same screen,
+room and warp in both recipes; later draws differ (the RGB recipe also draws chroma noise).
+PhotoSim (training augmentation) uses this recipe; `simulate_photo(..., "phone")` and the demo's
+photos keep the RGB one. Takes uint8 H x W (RGB is made grey first), returns uint8 H x W.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from chextrain.data.phone import _lighting, _random_quad, _vignette_gain
+from chextrain.data.photo import simulate_photo
+from chextrain.data.pixels import (
+    check_image,
+    check_level,
+    reference_scale,
+    round_to_uint8,
+)
+
+LUMA: tuple[float, float, float] = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's "L"
+
+
+def luma(colour: np.ndarray | tuple[float, ...]) -> int:
+    """The grey level PIL's "L" conversion gives an (r, g, b) colour of ints."""
+    r, g, b = (int(v) for v in colour)
+    return (r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16
+
+
+def simulate_photo_grey(image: np.ndarray, recipe: str, level: int, rng: np.random.Generator) -> np.ndarray:
+    """A simulated photo of `image`, grey uint8 H x W: `phone_grey` for the phone recipe, else
+    data/photo.py's `simulate_photo` made grey (its digital and photographic recipes are grey inside)."""
+    if recipe == "phone":
+        return phone_grey(image, rng, level)
+    out = simulate_photo(image, recipe, level=level, rng=rng)
+    return out if out.ndim == 2 else np.asarray(Image.fromarray(out).convert("L"))
+
+
+def phone_grey(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.ndarray:
+    """A phone photo of the x-ray on a monitor in a room, grey: uint8 H x W (see the module docstring)."""
+    image, level = check_image(image), check_level(level)
+    if image.ndim == 3:
+        image = np.asarray(Image.fromarray(image).convert("L"))
+    h, w = image.shape
+    face = _screen(h, w, rng, level)
+    x = _room(image, face, rng, level)  # float32 H x W
+    gain, add = _lighting(h, w, rng, level)
+    x *= gain * _vignette_gain(h, w, rng, level)
+    x += add
+    np.clip(x, 0.0, 255.0, out=x)
+    x = _defocus(x, rng, level) if rng.random() < 0.5 else _motion(x, rng, level)
+    x = _noise(x, rng, level)
+    cast = _cast_gain(rng, level)
+    gain_bc, offset = 1 + rng.uniform(-0.075, 0.075) * level, rng.uniform(-10, 10) * level
+    x *= np.float32(cast * gain_bc)  # colour cast, then exposure, in one pass
+    x += np.float32(offset)
+    quality = int(rng.integers(max(70, 100 - 8 * level), 100 - 3 * (level - 1)))
+    return _jpeg(round_to_uint8(x), quality)
+
+
+# --- the monitor in the room --------------------------------------------------------------
+
+
+class _Screen:
+    """The monitor face in frame pixels: bezel and screen greys, the screen and x-ray rectangles."""
+
+    def __init__(
+        self, bezel: int, bezel_grey: int, screen_grey: int, screen: tuple[int, ...], xray: tuple[int, ...]
+    ):
+        self.bezel, self.bezel_grey, self.screen_grey = bezel, bezel_grey, screen_grey
+        self.screen, self.xray = screen, xray  # (x0, y0, width, height)
+
+
+def _screen(h: int, w: int, rng: np.random.Generator, level: int) -> _Screen:
+    """phone.screen_border's draws and geometry, without drawing."""
+    bezel = min(int(round(rng.uniform(0.015, 0.045) * max(h, w))), (min(h, w) - 1) // 2)
+    bezel_grey, screen_grey = int(rng.uniform(15, 50)), int(rng.uniform(0, 12))
+    margin = rng.uniform(0, 0.15 * level) if rng.random() < 0.3 + 0.1 * (level - 1) else 0.0
+    sw, sh = max(1, w - 2 * bezel), max(1, h - 2 * bezel)
+    k = (1.0 - margin) * min(sw / w, sh / h)
+    iw, ih = max(1, round(w * k)), max(1, round(h * k))
+    ox = bezel + int(rng.uniform(0, sw - iw + 1))
+    oy = bezel + int(rng.uniform(0, sh - ih + 1))
+    return _Screen(bezel, bezel_grey, screen_grey, (bezel, bezel, sw, sh), (ox, oy, iw, ih))
+
+
+def _room(image: np.ndarray, face: _Screen, rng: np.random.Generator, level: int) -> np.ndarray:
+    """phone.room_scene in luma: the room drawn, the monitor face sampled in one warp. float32 H x W."""
+    h, w = image.shape
+    scene = _background(h, w, rng, level)
+    quad = _random_quad(rng, w, h, level, rng.uniform(1 - 0.12 * level, 1 - 0.04 * level))
+    draw = ImageDraw.Draw(scene)
+    (x0, y0), (x1, y1) = (quad[3] + quad[2]) / 2, quad[2] - quad[3]  # bottom-edge midpoint
+    neck, grey = 0.08 * math.hypot(x1, y1), luma(rng.uniform(10, 45, 3))
+    base_y = y0 + rng.uniform(0.08, 0.2) * h
+    draw.polygon(
+        [(x0 - neck / 2, y0), (x0 + neck / 2, y0), (x0 + neck / 3, base_y), (x0 - neck / 3, base_y)],
+        fill=grey,
+    )
+    draw.ellipse([x0 - 2.5 * neck, base_y - neck / 3, x0 + 2.5 * neck, base_y + neck / 3], fill=grey)
+    canvas, (gx0, gy0, step_x, step_y) = _face_canvas(image, face, h, w)
+    # output pixel centre -> monitor-face coordinates (frame -> quad inverted) -> canvas coordinates
+    m = _homography(quad, [(0, 0), (w, 0), (w, h), (0, h)])
+    to_canvas = np.array([[1 / step_x, 0, -gx0 / step_x], [0, 1 / step_y, -gy0 / step_y], [0, 0, 1]]) @ m
+    t = to_canvas.astype(np.float32)
+    xs = np.arange(w, dtype=np.float32) + 0.5
+    ys = np.arange(h, dtype=np.float32)[:, None] + 0.5
+    ch, cw = canvas.shape
+    # canvas pixel coordinates, normalised to [-1, 1] for grid_sample (align_corners=False)
+    den = t[2, 0] * xs + (t[2, 1] * ys + t[2, 2])  # H x W
+    gx = (t[0, 0] * xs + (t[0, 1] * ys + t[0, 2])) / den * np.float32(2.0 / cw) - np.float32(1.0)
+    gy = (t[1, 0] * xs + (t[1, 1] * ys + t[1, 2])) / den * np.float32(2.0 / ch) - np.float32(1.0)
+    inside = (np.abs(gx) <= 1.0) & (np.abs(gy) <= 1.0)  # the monitor face covers this output pixel
+    grid = torch.from_numpy(np.stack([gx, gy], axis=-1))[None]  # 1 x H x W x 2
+    src = torch.from_numpy(canvas)[None, None]  # 1 x 1 x ch x cw
+    sampled = F.grid_sample(src, grid, mode="bilinear", align_corners=False)[0, 0].numpy()
+    return np.where(inside, sampled, np.asarray(scene, dtype=np.float32))
+
+
+def _homography(src: np.ndarray, dst: list[tuple[float, float]]) -> np.ndarray:
+    """3 x 3 homography taking the 4 points `src` to `dst` (pixels.perspective_matrix, solved exactly)."""
+    a, b = [], []
+    for (x, y), (u, v) in zip(src, dst, strict=True):
+        a += [[x, y, 1, 0, 0, 0, -u * x, -u * y], [0, 0, 0, x, y, 1, -v * x, -v * y]]
+        b += [u, v]
+    return np.append(np.linalg.solve(np.asarray(a, float), np.asarray(b, float)), 1.0).reshape(3, 3)
+
+
+def _face_canvas(
+    image: np.ndarray, face: _Screen, h: int, w: int
+) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """The monitor face drawn at the x-ray's own pixel pitch: float32 canvas and its placement.
+
+    The x-ray's pixels are copied as they are (no resize); bezel, rim and screen are drawn around
+    them on the same lattice. Returns (canvas, (x, y of its top-left corner in face coordinates,
+    pixel width, pixel height)).
+    """
+    ih_px, iw_px = image.shape
+    ox, oy, iw, ih = face.xray
+    step_x, step_y = iw / iw_px, ih / ih_px  # face pixels per x-ray pixel (<= 1)
+    left, top = math.ceil(ox / step_x), math.ceil(oy / step_y)
+    right, bottom = math.ceil((w - ox - iw) / step_x), math.ceil((h - oy - ih) / step_y)
+    gx0, gy0 = ox - left * step_x, oy - top * step_y
+    canvas = np.full((top + ih_px + bottom, left + iw_px + right), face.bezel_grey, dtype=np.float32)
+
+    def cols(a: float, b: float) -> slice:
+        return slice(max(0, round((a - gx0) / step_x)), max(0, round((b - gx0) / step_x)))
+
+    def rows(a: float, b: float) -> slice:
+        return slice(max(0, round((a - gy0) / step_y)), max(0, round((b - gy0) / step_y)))
+
+    sx, sy, sw, sh = face.screen
+    if face.bezel >= 2:  # the lighter rim where the bezel meets the screen, lit from above-left
+        rim = min(255, face.bezel_grey + 25)
+        canvas[rows(sy - 1, sy), cols(sx - 1, sx + sw + 1)] = rim
+        canvas[rows(sy - 1, sy + sh + 1), cols(sx - 1, sx)] = rim
+    canvas[rows(sy, sy + sh), cols(sx, sx + sw)] = face.screen_grey
+    canvas[top : top + ih_px, left : left + iw_px] = image
+    return canvas, (gx0, gy0, step_x, step_y)
+
+
+def _background(h: int, w: int, rng: np.random.Generator, level: int) -> Image.Image:
+    """phone._room_background in luma: wall gradient, desk and clutter ("L" image)."""
+    wall = rng.uniform(40, 150) * (1 + rng.uniform(-0.25, 0.25, 3))
+    ramp = 1 + rng.uniform(-0.3, 0.3) * (np.linspace(-0.5, 0.5, h)[:, None])
+    rows = np.clip(ramp * wall, 0, 255).astype(np.uint32)  # h x 3
+    col = ((rows @ np.array([19595, 38470, 7471], np.uint32) + 0x8000) >> 16).astype(np.uint8)  # h
+    scene = Image.fromarray(np.ascontiguousarray(np.broadcast_to(col[:, None], (h, w))))
+    draw = ImageDraw.Draw(scene)
+    desk_y = rng.uniform(0.55, 0.9) * h
+    draw.rectangle([0, desk_y, w, h], fill=luma(rng.uniform(30, 140) * (1 + rng.uniform(-0.3, 0.3, 3))))
+    for _ in range(int(rng.integers(2 + level, 5 + 2 * level))):
+        colour = luma(rng.uniform(0, 255, 3))
+        cw, ch = rng.uniform(0.05, 0.3) * w, rng.uniform(0.03, 0.2) * h
+        x = rng.uniform(-0.1, 1.0) * w
+        y = desk_y - ch * rng.uniform(0, 1) if rng.random() < 0.7 else rng.uniform(0, desk_y)
+        if rng.random() < 0.6:
+            draw.rectangle([x, y, x + cw, y + ch], fill=colour)
+        else:
+            draw.ellipse([x, y, x + cw, y + ch], fill=colour)
+    return scene
+
+
+# --- camera effects -----------------------------------------------------------------------
+
+
+def _taps(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """Correlate float32 H x W with a small 2-D kernel (odd sides), edges repeated; zero taps skipped."""
+    ky, kx = kernel.shape[0] // 2, kernel.shape[1] // 2
+    padded = np.pad(x, ((ky, ky), (kx, kx)), mode="edge")
+    h, w = x.shape
+    out = np.zeros_like(x)
+    for (i, j), weight in np.ndenumerate(kernel):
+        if weight != 0.0:
+            out += np.float32(weight) * padded[i : i + h, j : j + w]
+    return out
+
+
+def _defocus(x: np.ndarray, rng: np.random.Generator, level: int) -> np.ndarray:
+    """phone.defocus_blur's draw: a Gaussian of sigma U(0.5, 1) * 3 L px at the reference size."""
+    sigma = rng.uniform(0.5, 1.0) * 3.0 * level * reference_scale(x)
+    radius = max(1, int(math.ceil(3.0 * sigma)))
+    t = np.arange(-radius, radius + 1, dtype=np.float64)
+    g = np.exp(-0.5 * (t / sigma) ** 2)
+    g = g[g >= 1e-3 * g.max()]  # taps that cannot move a grey level are left out
+    if len(g) == 1:
+        return x
+    g = (g / g.sum()).astype(np.float32)
+    return _taps(_taps(x, g[None, :]), g[:, None])
+
+
+def _motion(x: np.ndarray, rng: np.random.Generator, level: int) -> np.ndarray:
+    """phone.motion_blur's draws and line kernel (bilinearly splatted), applied by direct sums."""
+    length = rng.uniform(0.5, 1.0) * 6.0 * level * reference_scale(x)
+    angle = rng.uniform(0, math.pi)
+    t = np.linspace(-length / 2, length / 2, 2 * int(math.ceil(length)) + 3)
+    px, py = t * math.cos(angle), t * math.sin(angle)
+    p = int(math.ceil(length / 2)) + 1
+    kernel = np.zeros((2 * p + 1, 2 * p + 1), dtype=np.float32)
+    x0, y0 = np.floor(px).astype(int), np.floor(py).astype(int)
+    fx, fy = px - x0, py - y0
+    for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
+        np.add.at(kernel, (y0 + dy + p, x0 + dx + p), (fx if dx else 1 - fx) * (fy if dy else 1 - fy))
+    kernel[kernel < 1e-4 * kernel.max()] = 0.0
+    return _taps(x, kernel / kernel.sum())
+
+
+def _noise(x: np.ndarray, rng: np.random.Generator, level: int) -> np.ndarray:
+    """phone.sensor_noise's sigma draw; luma noise from a torch generator seeded by `rng`."""
+    sigma = float(rng.uniform(0.25, 1.0) * 0.025 * level * 255.0)
+    g = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    noise = torch.randn(x.shape, generator=g, dtype=torch.float32).numpy()
+    noise *= np.float32(sigma)
+    noise += x
+    return noise
+
+
+def _cast_gain(rng: np.random.Generator, level: int) -> float:
+    """phone.colour_cast's draws, as the gain its colour matrix gives the luma of a grey pixel."""
+    warm, tint = rng.normal(0, 0.05 * level), rng.normal(0, 0.02 * level)
+    gains = np.diag([1 + warm, 1 + tint, 1 - warm])
+    a = math.radians(rng.uniform(-6, 6) * level)
+    k = np.array([[0, -1, 1], [1, 0, -1], [-1, 1, 0]]) / math.sqrt(3)
+    hue = math.cos(a) * np.eye(3) + (1 - math.cos(a)) / 3 * np.ones((3, 3)) + math.sin(a) * k
+    sat = max(0.0, 1 + rng.uniform(-0.2, 0.2) * level)
+    weights = np.asarray(LUMA)
+    m = gains @ hue @ ((1 - sat) * np.tile(weights, (3, 1)) + sat * np.eye(3))
+    return float(weights @ m.sum(axis=1))
+
+
+def _jpeg(image: np.ndarray, quality: int) -> np.ndarray:
+    """JPEG re-compression of a grey image in memory."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "JPEG", quality=quality)
+    buf.seek(0)
+    with Image.open(buf) as im:
+        return np.array(im)

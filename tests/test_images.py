@@ -514,3 +514,8 @@ def test_load_resized_is_load_image_then_resize(tmp_path):
             load_image(path, draft=bad)
     with pytest.raises(ValueError, match="resize mode"):
         load_resized(path, 64, "zoom")
+    batch = np.zeros((2, 64, 64), np.uint8)  # a batch's row receives the pixels in place
+    load_resized(path, 64, out=batch[1])
+    assert np.array_equal(batch[1], load_resized(path, 64)) and not batch[0].any()
+    with pytest.raises(ValueError, match="writable C-contiguous uint8 64 x 64"):
+        load_resized(path, 64, out=batch[:, :, 0])

@@ -74,10 +74,12 @@ class ImageSource(Protocol):
     def __getitem__(self, index: int) -> np.ndarray: ...
 
 
-def read_row(decoding: Decoding, csv_rows: np.ndarray, index: int, path: str) -> np.ndarray:
-    """`decoding.load(path)` for catalog row `index`; a DatasetError naming row, CSV line and file."""
+def read_row(
+    decoding: Decoding, csv_rows: np.ndarray, index: int, path: str, out: np.ndarray | None = None
+) -> np.ndarray:
+    """`decoding.load(path, out)` for catalog row `index`; a DatasetError naming row, CSV line and file."""
     try:
-        return decoding.load(path)
+        return decoding.load(path, out)
     except (OSError, ImageLoadError) as err:
         raise DatasetError(
             f"cannot read an image of catalog row {index} (CSV line {csv_rows[index]}): {path}: {err}"
@@ -172,7 +174,8 @@ class CatalogDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
-        image = torch.from_numpy(np.array(self.hand_over(index, epoch)))[None]  # 1 x S x S
+        image = self.hand_over(index, epoch)
+        image = torch.from_numpy(image if image.flags.writeable else image.copy())[None]  # 1 x S x S
         return {
             "image": image,
             "target": self.targets[index],  # 5
@@ -195,12 +198,20 @@ class CatalogDataset(Dataset):
         index = [i for i, _ in pairs]
         n, size = len(index), self.image_size
         shared = get_worker_info() is not None
-        storage = torch.UntypedStorage._new_shared(n * size * size) if shared else torch.UntypedStorage(n * size * size)
+        storage = (
+            torch.UntypedStorage._new_shared(n * size * size)
+            if shared
+            else torch.UntypedStorage(n * size * size)
+        )
         images = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (n, 1, size, size))
         out = images.numpy()[:, 0]  # B x S x S
         read_into = getattr(self.images, "read_into", None)
-        if read_into is not None and not self.augment and self.spec.name != "histeq":
+        plain = not self.augment and self.spec.name != "histeq"  # the images as decoded
+        if plain and read_into is not None:
             read_into(index, out)
+        elif plain and self.images is None:
+            for j, i in enumerate(index):
+                read_row(self.decoding, self.csv_rows, i, self.paths[i], out[j])
         else:
             for j, (i, epoch) in enumerate(pairs):
                 out[j] = self.hand_over(i, epoch)

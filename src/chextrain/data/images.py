@@ -55,6 +55,7 @@ from chextrain.data.decoding import (
     sniff_format,
 )
 from chextrain.data.dicom import decode_dicom, read_dicom
+from chextrain.data.resizing import centre_square, resize_pil
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -66,6 +67,7 @@ __all__ = [
     "ImageTooLargeError",
     "ReaderMissingError",
     "TruncatedImageWarning",
+    "centre_square",
     "image_size",
     "load_image",
     "load_image_bytes",
@@ -118,7 +120,8 @@ def load_image(
         ImageLoadError: naming the file and the reason. ValueError for bad options.
     """
     _check_options(max_pixels, truncated, draft)
-    return _array(_decode(_read(path, max_pixels), str(path), max_pixels, truncated, draft))
+    with _open_file(path, max_pixels) as f:
+        return _array(_decode(f, str(path), max_pixels, truncated, draft))
 
 
 def load_resized(
@@ -129,17 +132,31 @@ def load_resized(
     draft: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     truncated: str = "warn",
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Read an image file as uint8 size x size grey (`mode` as in `resize_pil`).
 
     The same bytes as `load_image(path, draft=size if draft else None)` resized by
     transforms.resize, without the round trip through numpy in between. Read-only, like
-    load_image's arrays (np.array(...) for a copy to write into).
+    load_image's arrays; with `out` (writable, C-contiguous uint8 size x size, e.g. a row of a
+    batch) the pixels are written there in one copy and `out` is returned.
     """
     limit = size if draft else None
     _check_options(max_pixels, truncated, limit)
-    image = _decode(_read(path, max_pixels), str(path), max_pixels, truncated, limit)
-    return _array(resize_pil(image, size, mode))
+    with _open_file(path, max_pixels) as f:
+        image = resize_pil(_decode(f, str(path), max_pixels, truncated, limit), size, mode)
+    if out is None:
+        return _array(image)
+    if (
+        out.shape != (size, size)
+        or out.dtype != np.uint8
+        or not (out.flags.c_contiguous and out.flags.writeable)
+    ):
+        raise ValueError(f"out must be a writable C-contiguous uint8 {size} x {size} array; got {out.shape}")
+    target = Image.frombuffer("L", (size, size), out, "raw", "L", 0, 1)  # shares out's memory
+    target.readonly = 0  # out is writable: paste into it, not into a copy
+    target.paste(image)
+    return out
 
 
 def load_image_bytes(
@@ -156,31 +173,7 @@ def load_image_bytes(
         raise TypeError(f"data must be bytes, got {type(data).__name__}")
     data = bytes(data)
     _check_file_size(name, len(data), max_pixels)
-    return _array(_decode(data, name, max_pixels, truncated, draft))
-
-
-def centre_square(width: int, height: int) -> tuple[int, int, int]:
-    """(left, top, side) of the centred square crop, as torchxrayvision's XRayCenterCrop takes it."""
-    side = min(width, height)
-    return width // 2 - side // 2, height // 2 - side // 2, side
-
-
-def resize_pil(image: Image.Image, size: int, mode: str = "stretch") -> Image.Image:
-    """A grey PIL image -> size x size, bilinear: `stretch`, `pad` (aspect kept, black borders) or
-    `crop` (the centred square, torchxrayvision's crop)."""
-    if mode == "crop":
-        left, top, side = centre_square(*image.size)
-        image, mode = image.crop((left, top, left + side, top + side)), "stretch"
-    if mode == "stretch":
-        return image.resize((size, size), Image.Resampling.BILINEAR)
-    if mode != "pad":
-        raise ValueError(f"unknown resize mode {mode!r}; expected 'stretch', 'pad' or 'crop'")
-    w, h = image.size
-    scale = size / max(h, w)
-    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-    canvas = Image.new("L", (size, size), 0)
-    canvas.paste(image.resize((nw, nh), Image.Resampling.BILINEAR), ((size - nw) // 2, (size - nh) // 2))
-    return canvas
+    return _array(_decode(io.BytesIO(data), name, max_pixels, truncated, draft))
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
@@ -238,13 +231,14 @@ def _file_errors(name: str) -> Iterator[None]:
         raise ImageLoadError(name, f"cannot read the file ({e.strerror or e})") from None
 
 
-def _read(path: str | Path, max_pixels: int) -> bytes:
-    """The bytes of an image file; the OS's errors, empty and oversized files as ImageLoadError."""
+@contextmanager
+def _open_file(path: str | Path, max_pixels: int) -> Iterator[IO[bytes]]:
+    """An image file open for reading (decoders stream it: no copy of a large file in memory);
+    the OS's errors, empty and oversized files as ImageLoadError."""
     name = str(path)
-    with _file_errors(name), open(path, "rb", buffering=0) as f:  # a folder: IsADirectoryError
-        size = os.fstat(f.fileno()).st_size
-        _check_file_size(name, size, max_pixels)
-        return f.read()
+    with _file_errors(name), open(path, "rb") as f:  # a folder: IsADirectoryError
+        _check_file_size(name, os.fstat(f.fileno()).st_size, max_pixels)
+        yield f
 
 
 def _array(image: Image.Image) -> np.ndarray:
@@ -268,19 +262,23 @@ def _check_file_size(name: str, size: int, max_pixels: int) -> None:
         raise ImageTooLargeError(name, f"file too large ({size:,} bytes) for max_pixels={max_pixels:,}")
 
 
-def _decode(data: bytes, name: str, max_pixels: int, truncated: str, draft: int | None) -> Image.Image:
-    """Sniff the content of `data` and decode it to a grey ("L"), upright PIL image."""
-    if not data:
+def _decode(fp: IO[bytes], name: str, max_pixels: int, truncated: str, draft: int | None) -> Image.Image:
+    """Sniff the content of `fp` (a seekable file or BytesIO) and decode it to a grey ("L"),
+    upright PIL image."""
+    head = fp.read(132)
+    fp.seek(0)
+    if not head:
         raise ImageLoadError(name, "empty file (0 bytes)")
-    if data[128:132] == b"DICM":
-        return Image.fromarray(decode_dicom(data, name, max_pixels))
-    if is_heif(data):
+    if head[128:132] == b"DICM":
+        return Image.fromarray(decode_dicom(fp.read(), name, max_pixels))
+    if is_heif(head):
         _register_heif(name)
     try:
-        im = _open_pil(io.BytesIO(data), name, data)
+        im = _open_pil(fp, name, head)
     except ImageLoadError:
-        if is_dicom(data, name):  # a .dcm file without the 128-byte preamble
-            return Image.fromarray(decode_dicom(data, name, max_pixels))
+        if is_dicom(head, name):  # a .dcm file without the 128-byte preamble
+            fp.seek(0)
+            return Image.fromarray(decode_dicom(fp.read(), name, max_pixels))
         raise
     with im:
         check_pixel_count(name, im.size, max_pixels)
@@ -289,7 +287,8 @@ def _decode(data: bytes, name: str, max_pixels: int, truncated: str, draft: int 
         except OSError as e:
             if "truncated" not in str(e):
                 raise ImageLoadError(name, f"corrupt image data ({e})") from None
-            im = _load_truncated(data, name, im.format, truncated, e, draft)
+            fp.seek(0)
+            im = _load_truncated(fp.read(), name, im.format, truncated, e, draft)
         except (ValueError, SyntaxError, EOFError, MemoryError) as e:
             raise ImageLoadError(name, f"corrupt image data ({e})") from None
         grey = im if im.mode == "L" else Image.fromarray(_to_grey(im, name))

@@ -140,9 +140,10 @@ class Decoding:
         """A name for these settings, e.g. `320px-stretch-draft-v1` (v: the decoding's version)."""
         return f"{self.size}px-{self.resize}-{'draft' if self.draft else 'full'}-v1"
 
-    def load(self, path: str) -> np.ndarray:
-        """The file decoded, grey, resized: uint8 S x S (ImageLoadError naming it when unreadable)."""
-        return load_resized(path, self.size, self.resize, draft=self.draft)
+    def load(self, path: str, out: np.ndarray | None = None) -> np.ndarray:
+        """The file decoded, grey, resized: uint8 S x S (ImageLoadError naming it when unreadable);
+        written into `out` (writable uint8 S x S) when given."""
+        return load_resized(path, self.size, self.resize, draft=self.draft, out=out)
 
     def fit(self, image: np.ndarray) -> np.ndarray:
         """An image already decoded (uint8 H x W or H x W x 3) -> grey uint8 S x S."""

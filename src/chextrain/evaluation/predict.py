@@ -38,6 +38,9 @@ from chextrain.models.net import CXRNet
 from chextrain.ood import OODError, ScoringNet, calibrate_ood, feature_groups, run_batch
 
 ID_COLUMNS: tuple[str, ...] = ("path", "dataset", "domain", "kind", "patient", "study", "image", "view")
+# Carried from the catalog when present (tables written before them still read): which release and
+# CSV a row came from, and the columns subgroups are drawn from.
+DESCRIBE_COLUMNS: tuple[str, ...] = ("release", "source", "sex", "age", "ap_pa")
 ROUTED = "router"  # head= value that lets the model's router pick each image's head
 GROUPS: dict[str, tuple[str, str]] = {
     "Standard": ("dataset", "chexpert"),
@@ -142,7 +145,8 @@ def predict_rows(
         model.train(was_training)
     p = np.concatenate(probs) if probs else np.zeros((0, len(SLUGS)), np.float32)
     h = np.concatenate(heads) if heads else np.zeros(0, np.int64)
-    table = rows.reset_index(drop=True).reindex(columns=list(ID_COLUMNS)).copy()
+    present = [c for c in DESCRIBE_COLUMNS if c in rows.columns]
+    table = rows.reset_index(drop=True).reindex(columns=[*ID_COLUMNS, *present]).copy()
     table["split"] = rows["split"].to_numpy() if "split" in rows else ""
     table["head"] = np.asarray(model.head_names, dtype=object)[h] if len(h) else np.array([], dtype=object)
     if model.router is not None:

@@ -13,6 +13,12 @@ Guarding. An image is flagged, never silently scored, when
 A bundle without OOD calibration says so in every result (status "uncalibrated"); nothing is
 computed silently in its place.
 
+Calibration. A bundle's model.json may hold a temperature per head (`temperature`, fitted on
+validation by evaluation.calibration); each head's probabilities are then sigmoid(logit(p) / T),
+the same for both runtimes (the ONNX graph returns the raw sigmoids), and its thresholds map the
+same way, so every decision is the one the raw probability makes. `calibrated=False` (the CLI's
+`--no-calibration`) reports the raw probabilities; bundles without temperatures use T = 1.
+
 Test-time augmentation (TTA) averages a fixed set of small zooms and shifts. No flips: a chest
 x-ray is not left-right symmetric (the heart lies left; cardiomegaly is judged on that side).
 """
@@ -39,6 +45,7 @@ from chextrain.data.transforms import (
     xrv_input,
 )
 from chextrain.errors import ChextrainError
+from chextrain.evaluation.calibration import CalibrationError, apply_temperature, check_temperature
 from chextrain.labels import NAME_OF, SLUGS
 from chextrain.models.bundle import load_bundle
 from chextrain.models.net import CXRNet
@@ -112,6 +119,7 @@ class Predictor:
         runtime: Runtime | None = None,
         domain: str = "auto",
         name: str = "",
+        calibrated: bool = True,
     ) -> None:
         if domain not in ROUTE_CHOICES:
             raise PredictorError(f"domain {domain!r} is not one of {list(ROUTE_CHOICES)}")
@@ -134,6 +142,7 @@ class Predictor:
             raise PredictorError(f"bundle {name}: {err}" if name else str(err)) from None
         band = (self.ood or {}).get("router_band", ROUTER_BAND)
         self.router_band: tuple[float, float] = (float(band[0]), float(band[1]))
+        self.temperature = bundle_temperatures(meta, model.head_names, name) if calibrated else {}
         self.lock = threading.RLock()  # one inference at a time: correct and not oversubscribed
 
     @classmethod
@@ -145,8 +154,11 @@ class Predictor:
         domain: str = "auto",
         onnx_path: str | Path | None = None,
         threads: int | None = None,
+        calibrated: bool = True,
     ) -> Predictor:
         """Load a bundle (folder or model.json); `runtime` onnx runs an exported ONNX file.
+
+        calibrated: apply the bundle's temperatures (False: the raw sigmoid probabilities).
 
         onnx: `onnx_path`, else the bundle's model.onnx, else an export made in memory now. An
         ONNX file made from other weights than the bundle's is refused.
@@ -161,7 +173,7 @@ class Predictor:
 
             run = onnx_runtime_for_bundle(model, meta, path, onnx_path, threads=threads)
         bundle_dir = path if path.is_dir() else path.parent
-        return cls(model, meta, runtime=run, domain=domain, name=bundle_dir.name)
+        return cls(model, meta, runtime=run, domain=domain, name=bundle_dir.name, calibrated=calibrated)
 
     @property
     def pathology_names(self) -> list[str]:
@@ -243,7 +255,9 @@ class Predictor:
         self, name: str, probs: np.ndarray, p_photo: float | None, score: float | None, domain: str, tta: bool
     ) -> dict[str, Any]:
         chosen, head, how = self.route(p_photo, domain)
-        probs_h = probs[self.model.head_index(head)]  # C
+        raw = probs[self.model.head_index(head)]  # C
+        temperature = self.temperature.get(head, 1.0)
+        probs_h = apply_temperature(raw, temperature)  # C, calibrated (raw when T = 1)
         warnings = []
         unsure = how == "router" and self.router_band[0] < p_photo < self.router_band[1]
         if unsure:
@@ -265,12 +279,12 @@ class Predictor:
                 )
         pathologies = {}
         for k, slug in enumerate(SLUGS):
-            t = float(self.thresholds[head][slug])
+            t = float(self.thresholds[head][slug])  # tuned on the raw probabilities
             pathologies[slug] = {
                 "name": NAME_OF[slug],
                 "prob": float(probs_h[k]),
-                "threshold": t,
-                "positive": bool(probs_h[k] >= t),
+                "threshold": float(apply_temperature(np.float64(t), temperature)),
+                "positive": bool(raw[k] >= t),
             }
         return {
             "name": name,
@@ -283,5 +297,21 @@ class Predictor:
             "flagged": bool(warnings),
             "warnings": warnings,
             "tta": tta,
+            "temperature": temperature,
             "pathologies": pathologies,
         }
+
+
+def bundle_temperatures(meta: Mapping[str, Any], heads: Sequence[str], name: str = "") -> dict[str, float]:
+    """model.json's {head: temperature} checked against the model's heads ({} when absent: T = 1)."""
+    found = meta.get("temperature") or {}
+    where = f"bundle {name} " if name else "bundle "
+    if not isinstance(found, Mapping):
+        raise PredictorError(f"{where}temperature: expected {{head: number > 0}}, got {found!r}")
+    unknown = sorted(set(found) - set(heads))
+    if unknown:
+        raise PredictorError(f"{where}temperature names heads {unknown}; the model has heads {list(heads)}")
+    try:
+        return {str(h): check_temperature(t, f"{where}temperature[{h!r}]") for h, t in found.items()}
+    except CalibrationError as err:
+        raise PredictorError(str(err)) from None

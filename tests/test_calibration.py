@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,7 +13,13 @@ from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss
 
 from chextrain.evaluation import calibration as C
+from chextrain.evaluation import report, tables
+from chextrain.evaluation.bootstrap import Bootstrap, interval
+from chextrain.evaluation.predict import arrays
+from chextrain.evaluation.report import write_report
+from chextrain.evaluation.tables import COLUMNS
 from chextrain.labels import SLUGS
+from tests.test_report import make_study
 
 
 def test_ece_and_brier_of_hand_worked_cases() -> None:
@@ -106,3 +116,80 @@ def test_bad_inputs_name_the_problem() -> None:
         C.ece([0, 1], [0.1])
     with pytest.raises(C.CalibrationError, match="weights"):
         C.ece([0, 1], [0.1, 0.2], weights=np.ones((2, 3)))
+
+
+# ---------------------------------------------------------------- the report's calibration section
+
+
+@pytest.fixture(scope="module")
+def reported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, report.ReportPaths]:
+    """The canned study of test_report, one stage with temperatures in model.json; reported once."""
+    out = make_study(tmp_path_factory.mktemp("calibration"))
+    meta = out / "stages" / "mixed" / "model.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "temperature": {"main": 2.0}}))
+    return out, write_report(out, n_boot=200, seed=3)
+
+
+def test_report_scores_ece_and_brier_with_patient_bootstrap_cis(
+    reported: tuple[Path, report.ReportPaths],
+) -> None:
+    out, paths = reported
+    df = pd.read_csv(paths.tables / "calibration.csv", keep_default_na=False, na_values=[""])
+    assert list(df.columns) == ["strategy", "comparison", "scaling", *COLUMNS[2:]]
+    assert set(df["comparison"]) == {"Standard", "Photos", "Film"}
+    assert set(df["metric"]) == {"ece", "brier"} and set(df["scaling"]) == {"none", "temperature"}
+    assert not {s for s in df["strategy"] if "digital +" in s}  # fixed-budget stages are left out
+    table = tables.read_predictions(out / "stages" / "baseline" / "predictions_test.parquet")
+    rows = tables.side_rows(table, "Photos")
+    boot = Bootstrap(arrays(table), table["patient"].to_numpy(), 200, 3)  # the report's resamples
+    for slug in SLUGS:
+        keep = rows[table[f"mask_{slug}"].to_numpy()[rows] > 0]
+        y, p = table[f"target_{slug}"].to_numpy()[keep], table[f"prob_{slug}"].to_numpy()[keep]
+        row = df.loc[
+            (df["strategy"] == "Baseline")
+            & (df["comparison"] == "Photos")
+            & (df["scaling"] == "none")
+            & (df["pathology"] == slug)
+        ].set_index("metric")
+        assert row.loc["ece", "value"] == pytest.approx(C.ece(y, p))
+        assert row.loc["brier", "value"] == pytest.approx(brier_score_loss(y, p))
+        w = np.concatenate(list(boot.weights(keep)))  # patients drawn, all their images kept
+        low, high = interval(C.brier(y, p, weights=w))
+        assert (row.loc["brier", "ci_low"], row.loc["brier", "ci_high"]) == pytest.approx((low, high))
+        assert low < row.loc["brier", "value"] < high
+
+
+def test_report_shows_ece_before_and_after_the_bundle_temperature(
+    reported: tuple[Path, report.ReportPaths],
+) -> None:
+    out, paths = reported
+    df = pd.read_csv(paths.tables / "calibration.csv")
+    table = tables.read_predictions(out / "stages" / "mixed" / "predictions_test.parquet")
+    rows = tables.side_rows(table, "Standard")
+    slug = SLUGS[0]
+    y, p = table[f"target_{slug}"].to_numpy()[rows], table[f"prob_{slug}"].to_numpy()[rows]
+    pick = (df["strategy"] == "Mixed Training") & (df["comparison"] == "Standard") & (df["pathology"] == slug)
+    scaled = df.loc[pick & (df["scaling"] == "temperature") & (df["metric"] == "ece"), "value"].item()
+    assert scaled == pytest.approx(C.ece(y, C.apply_temperature(p, 2.0)))  # model.json's T
+    assert scaled != pytest.approx(
+        df.loc[pick & (df["scaling"] == "none") & (df["metric"] == "ece"), "value"].item()
+    )
+    md = paths.md.read_text()
+    section = md[md.index("## Calibration (test)") : md.index("## Subgroups")]
+    assert "Before and after temperature scaling" in section and "ECE scaled" in section
+    assert "| Mixed Training | main 2.00 | model.json |" in section
+    assert "fitted on saved validation predictions" in section  # stages whose model.json has none
+    assert "![Reliability diagrams" in section and "figures/reliability.png" in section
+    assert md.index("## Calibration") < md.index("## Appendix")
+    assert "Calibration (test)" in paths.html.read_text()
+
+
+def test_reliability_figure_is_deterministic(
+    reported: tuple[Path, report.ReportPaths], tmp_path: Path
+) -> None:
+    out, paths = reported
+    first = (paths.figures / "reliability.png").read_bytes()
+    copy = shutil.copytree(out, tmp_path / "again")
+    again = write_report(copy, n_boot=200, seed=3)
+    assert (again.figures / "reliability.png").read_bytes() == first
+    assert (again.tables / "calibration.csv").read_bytes() == (paths.tables / "calibration.csv").read_bytes()

@@ -186,7 +186,12 @@ def head_temperatures(table: Any) -> dict[str, float]:
         probs = part[[f"prob_{s}" for s in SLUGS]].to_numpy(dtype=np.float64)  # n x 5
         targets = part[[f"target_{s}" for s in SLUGS]].to_numpy(dtype=np.float64)
         keep = part[[f"mask_{s}" for s in SLUGS]].to_numpy(dtype=np.float64) > 0
-        out[str(head)] = fit_temperature(targets[keep], logit(probs[keep]))
+        try:
+            out[str(head)] = fit_temperature(targets[keep], logit(probs[keep]))
+        except CalibrationError as err:
+            raise CalibrationError(
+                f"head {head!r}: {err} (non-finite probabilities in its predictions?)"
+            ) from None
     return out
 
 

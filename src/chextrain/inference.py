@@ -16,8 +16,9 @@ computed silently in its place.
 Calibration. A bundle's model.json may hold a temperature per head (`temperature`, fitted on
 validation by evaluation.calibration); each head's probabilities are then sigmoid(logit(p) / T),
 the same for both runtimes (the ONNX graph returns the raw sigmoids), and its thresholds map the
-same way, so every decision is the one the raw probability makes. `calibrated=False` (the CLI's
-`--no-calibration`) reports the raw probabilities; bundles without temperatures use T = 1.
+same way (`scale_thresholds`), so every decision is the one the raw probability makes.
+`calibrated=False` (the CLI's `--no-calibration`) reports the raw probabilities; bundles without
+temperatures use T = 1.
 
 Test-time augmentation (TTA) averages a fixed set of small zooms and shifts. No flips: a chest
 x-ray is not left-right symmetric (the heart lies left; cardiomegaly is judged on that side).
@@ -143,6 +144,7 @@ class Predictor:
         band = (self.ood or {}).get("router_band", ROUTER_BAND)
         self.router_band: tuple[float, float] = (float(band[0]), float(band[1]))
         self.temperature = bundle_temperatures(meta, model.head_names, name) if calibrated else {}
+        self.thresholds = scale_thresholds(self.thresholds, self.temperature)  # as the probabilities
         self.lock = threading.RLock()  # one inference at a time: correct and not oversubscribed
 
     @classmethod
@@ -225,6 +227,7 @@ class Predictor:
                 raw = self.runtime(x)
             v = len(TTA_VIEWS) if tta else 1
             probs = raw["probs"].reshape(len(chunk), v, *raw["probs"].shape[1:]).mean(axis=1)  # B x heads x C
+            probs = self.calibrate(probs)  # each head through its temperature (as is without any)
             p_photo = None if raw["p_photo"] is None else raw["p_photo"].reshape(len(chunk), v).mean(axis=1)
             features = raw["features"].reshape(len(chunk), v, -1)[:, 0]  # B x D, the untouched view
             scores = combined_scores(features, self.ood["groups"]) if self.ood else None
@@ -241,6 +244,16 @@ class Predictor:
                 )
         return out
 
+    def calibrate(self, probs: np.ndarray) -> np.ndarray:
+        """B x heads x C probabilities with each head's temperature applied (float64); as is without any."""
+        if not self.temperature:
+            return probs
+        out = probs.astype(np.float64)
+        for head, t in self.temperature.items():
+            i = self.model.head_index(head)
+            out[:, i] = apply_temperature(out[:, i], t)
+        return out
+
     def route(self, p_photo: float | None, domain: str) -> tuple[str | None, str, str]:
         """(domain, head, how it was chosen: forced | router | single-head)."""
         if domain != "auto":
@@ -255,9 +268,7 @@ class Predictor:
         self, name: str, probs: np.ndarray, p_photo: float | None, score: float | None, domain: str, tta: bool
     ) -> dict[str, Any]:
         chosen, head, how = self.route(p_photo, domain)
-        raw = probs[self.model.head_index(head)]  # C
-        temperature = self.temperature.get(head, 1.0)
-        probs_h = apply_temperature(raw, temperature)  # C, calibrated (raw when T = 1)
+        probs_h = probs[self.model.head_index(head)]  # C
         warnings = []
         unsure = how == "router" and self.router_band[0] < p_photo < self.router_band[1]
         if unsure:
@@ -279,12 +290,12 @@ class Predictor:
                 )
         pathologies = {}
         for k, slug in enumerate(SLUGS):
-            t = float(self.thresholds[head][slug])  # tuned on the raw probabilities
+            t = float(self.thresholds[head][slug])
             pathologies[slug] = {
                 "name": NAME_OF[slug],
                 "prob": float(probs_h[k]),
-                "threshold": float(apply_temperature(np.float64(t), temperature)),
-                "positive": bool(raw[k] >= t),
+                "threshold": t,
+                "positive": bool(probs_h[k] >= t),
             }
         return {
             "name": name,
@@ -297,7 +308,7 @@ class Predictor:
             "flagged": bool(warnings),
             "warnings": warnings,
             "tta": tta,
-            "temperature": temperature,
+            "temperature": self.temperature.get(head, 1.0),
             "pathologies": pathologies,
         }
 
@@ -315,3 +326,15 @@ def bundle_temperatures(meta: Mapping[str, Any], heads: Sequence[str], name: str
         return {str(h): check_temperature(t, f"{where}temperature[{h!r}]") for h, t in found.items()}
     except CalibrationError as err:
         raise PredictorError(str(err)) from None
+
+
+def scale_thresholds(
+    thresholds: Mapping[str, Mapping[str, float]], temperature: Mapping[str, float]
+) -> dict[str, dict[str, float]]:
+    """Thresholds (tuned on raw probabilities) mapped through each head's temperature, so that a
+    calibrated probability crosses its threshold exactly when the raw one did (T is monotone)."""
+    out = {h: dict(per) for h, per in thresholds.items()}
+    for head, t in temperature.items():
+        if head in out:
+            out[head] = {s: float(apply_temperature(np.float64(v), t)) for s, v in out[head].items()}
+    return out

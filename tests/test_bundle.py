@@ -190,3 +190,16 @@ def test_info_imports_no_torch(dense: tuple[Path, dict]) -> None:
     )
     modules = {m.split(".")[0] for m in json.loads(done.stdout.strip().splitlines()[-1])}
     assert "densenet121" in done.stdout and not {"torch", "safetensors", "lightning"} & modules
+
+
+def test_temperatures_are_saved_and_checked(tmp_path: Path) -> None:
+    from chextrain.models.meta import read_bundle_meta
+
+    model = CXRNet("tiny", heads=["digital", "photo"], router=True)
+    folder = save_bundle(model, tmp_path / "b", {"image_size": 32, "temperature": {"photo": np.float64(1.7)}})
+    assert load_bundle(folder)[1]["temperature"] == {"photo": 1.7}
+    assert "temperature" not in load_bundle(save_bundle(model, tmp_path / "old", {"image_size": 32}))[1]
+    meta = json.loads((folder / "model.json").read_text())
+    (folder / "model.json").write_text(json.dumps({**meta, "temperature": {"photo": -2}}))
+    with pytest.raises(WeightsError, match="temperature: expected"):
+        read_bundle_meta(folder / "model.json")

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -74,6 +75,11 @@ def test_train_then_evaluate(tmp_path: Path, demo_root: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "Photos" in result.output and "mcc tuned" in result.output
     assert (out / "predictions_val.parquet").exists() and (out / "metrics_val.json").exists()
+    # the temperature per head in model.json is fitted on those validation predictions
+    from chextrain.evaluation.calibration import head_temperatures
+
+    fitted = head_temperatures(pd.read_parquet(out / "predictions_val.parquet"))
+    assert json.loads((out / "model.json").read_text())["temperature"] == pytest.approx(fitted, rel=1e-4)
 
 
 def test_training_prints_a_line_per_epoch_and_no_lightning_chatter(tmp_path: Path, demo_root: Path) -> None:

@@ -275,3 +275,24 @@ def test_table_fits_80_columns_and_says_what_shaped_the_scores(
         written.exit_code == 0 and written.stdout == "" and f"to {target}" in " ".join(written.stderr.split())
     )
     assert json.loads(target.read_text())[0]["head"] == "digital"
+
+
+def test_predict_applies_the_bundle_temperatures_unless_told_not_to(
+    routed_bundle: Path, images: Path, tmp_path: Path
+) -> None:
+    from chextrain.models.bundle import load_bundle, save_bundle
+
+    model, meta = load_bundle(routed_bundle)
+    folder = save_bundle(model, tmp_path / "t", {**meta, "temperature": {"digital": 2.0, "photo": 2.0}})
+
+    def probs(bundle: Path, *extra: str) -> dict[str, list[float]]:
+        code, out, _ = _run("predict", bundle, images, "--format", "json", *extra)
+        assert code == 0
+        return {Path(r["name"]).name: [r["pathologies"][s]["prob"] for s in SLUGS] for r in json.loads(out)}
+
+    raw, on, off = probs(routed_bundle), probs(folder), probs(folder, "--no-calibration")
+    assert off == raw and set(on) == set(raw)
+    for name, p in raw.items():  # T = 2 pulls every probability towards 0.5
+        assert all(abs(b - 0.5) < abs(a - 0.5) for a, b in zip(p, on[name], strict=True))
+    table = runner.invoke(build_app(), ["predict", str(folder), str(images / "a.jpg"), "--no-calibration"])
+    assert "--no-calibration" in " ".join(table.stdout.split())

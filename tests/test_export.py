@@ -111,3 +111,26 @@ def test_bad_files_and_options(tmp_path: Path) -> None:
         read_onnx_metadata(bare.SerializeToString())
     with pytest.raises(ExportError, match="opset 13"):
         export_onnx(model, {"image_size": 32}, opset=13)
+
+
+def test_torch_and_onnx_agree_with_temperatures(routed_bundle: Path, use_demo: Path, tmp_path: Path) -> None:
+    model, meta = load_bundle(routed_bundle)
+    folder = save_bundle(model, tmp_path / "t", {**meta, "temperature": {"photo": 2.0, "digital": 1.5}})
+    export_onnx(model, load_bundle(folder)[1], folder / "model.onnx", sha256=weights_sha256(folder))
+    info = read_onnx_metadata(folder / "model.onnx")
+    assert info["temperature"] == {"photo": 2.0, "digital": 1.5} and "runtime applies" in info["calibration"]
+    images = [load_image(f) for k in KINDS for f in demo_files(use_demo, k, "valid")[:2]]
+    raw = Predictor.from_bundle(folder, calibrated=False).predict_images(images)
+    for a, b in zip(
+        Predictor.from_bundle(folder).predict_images(images),
+        Predictor.from_bundle(folder, runtime="onnx").predict_images(images),
+        strict=True,
+    ):
+        assert a["head"] == b["head"] and a["temperature"] == b["temperature"] > 1
+        for s in SLUGS:
+            assert abs(a["pathologies"][s]["prob"] - b["pathologies"][s]["prob"]) <= 1e-4
+    assert any(
+        abs(a["pathologies"][s]["prob"] - r["pathologies"][s]["prob"]) > 1e-3
+        for a, r in zip(Predictor.from_bundle(folder).predict_images(images), raw, strict=True)
+        for s in SLUGS
+    )

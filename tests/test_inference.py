@@ -196,3 +196,52 @@ def test_bad_arguments_are_refused(plain_bundle: Path) -> None:
         predictor.predict_images([image], batch_size=0)
     with pytest.raises(PredictorError, match="domain 'both'"):
         predictor.predict_images([image], domain="both")
+
+
+# ---------------------------------------------------------------- calibration (temperature per head)
+
+
+def tempered_bundle(source: Path, out: Path, temperature: dict) -> Path:
+    """A copy of a bundle's weights and meta with model.json's temperature set."""
+    from chextrain.models.bundle import load_bundle
+
+    model, meta = load_bundle(source)
+    return save_bundle(model, out, {**meta, "temperature": temperature})
+
+
+def test_temperature_scales_probabilities_and_thresholds_not_decisions(
+    routed_bundle: Path, use_demo: Path, tmp_path: Path
+) -> None:
+    from chextrain.evaluation.calibration import apply_temperature
+
+    folder = tempered_bundle(routed_bundle, tmp_path / "t", {"photo": 3.0, "digital": 0.5})
+    images = [load_image(f) for f in demo_files(use_demo, "natural", "valid")[:3]]
+    images += [load_image(f) for f in demo_files(use_demo, "digital", "valid")[:3]]
+    raw = Predictor.from_bundle(routed_bundle).predict_images(images)
+    off = Predictor.from_bundle(folder, calibrated=False).predict_images(images)
+    on = Predictor.from_bundle(folder).predict_images(images)
+    assert off == raw  # switched off: exactly the bundle without temperatures
+    assert {r["head"] for r in on} == {"digital", "photo"}
+    for a, b in zip(raw, on, strict=True):
+        t = {"photo": 3.0, "digital": 0.5}[b["head"]]
+        assert a["temperature"] == 1.0 and b["temperature"] == t
+        for s in SLUGS:
+            pa, pb = a["pathologies"][s], b["pathologies"][s]
+            assert pb["prob"] == pytest.approx(float(apply_temperature(np.float64(pa["prob"]), t)), abs=1e-6)
+            assert pb["prob"] != pytest.approx(pa["prob"], abs=1e-6)
+            assert pb["threshold"] == pytest.approx(float(apply_temperature(np.float64(pa["threshold"]), t)))
+            assert pb["positive"] == pa["positive"]  # a threshold maps with its probabilities
+    assert on[0]["pathologies"]["cardiomegaly"]["threshold"] == 0.5  # logit 0 stays 0
+
+
+def test_bad_temperatures_are_refused(plain_bundle: Path, tmp_path: Path) -> None:
+    from chextrain.models.bundle import WeightsError, load_bundle
+
+    model, meta = load_bundle(plain_bundle)
+    for bad, says in (({"other": 2.0}, "names head 'other'"), ({"photo": -1.0}, "finite number > 0")):
+        with pytest.raises(WeightsError, match=says):
+            save_bundle(model, tmp_path / "b", {**meta, "temperature": bad})
+    with pytest.raises(PredictorError, match="temperature names heads \\['x'\\]"):
+        Predictor(model, {**meta, "temperature": {"x": 2.0}})
+    with pytest.raises(PredictorError, match="temperature\\['photo'\\]"):
+        Predictor(model, {**meta, "temperature": {"photo": 0}})

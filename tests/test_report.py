@@ -374,7 +374,8 @@ def test_report_files_are_self_contained(study: tuple[Path, report.ReportPaths])
     _, paths = study
     html, md = paths.html.read_text(), paths.md.read_text()
     pngs = sorted(p.name for p in paths.figures.glob("*.png"))
-    assert pngs == ["figure5_budget.png", "roc_film.png", "roc_photos.png", "roc_standard.png"]
+    rocs = ["roc_film.png", "roc_photos.png", "roc_standard.png"]
+    assert pngs == ["figure5_budget.png", "reliability.png", *rocs]
     assert all((paths.figures / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     assert html.count('src="data:image/png;base64,') == len(pngs)
     assert not re.search(r"https?://", html) and "<script" not in html
@@ -544,5 +545,5 @@ def test_html_opens_in_a_headless_browser_without_errors(study: tuple[Path, repo
         headings = page.eval_on_selector_all("h2", "els => els.map(e => e.textContent)")
         browser.close()
     assert problems == []
-    assert len(widths) == 4 and min(widths) > 100
+    assert len(widths) == 5 and min(widths) > 100  # ROC x 3, Figure 5, the reliability diagram
     assert headings[0] == "Summary" and "Table 2: test (official valid sets)" in headings

@@ -8,8 +8,12 @@ happen outside the graph exactly as with PyTorch:
     features  B x D           OOD features: pooled statistics of tapped blocks, then the
                               encoder's features (see ood.ScoringNet)
 The bundle's meta (pathologies, heads, thresholds, domain heads, preprocessing, image size,
-OOD calibration) and the SHA-256 of its weights go into the model's metadata_props under
-`chextrain`, so a runtime can refuse an ONNX file made from other weights.
+OOD calibration, temperatures) and the SHA-256 of its weights go into the model's metadata_props
+under `chextrain`, so a runtime can refuse an ONNX file made from other weights.
+
+`probs` are the raw sigmoids. A bundle's temperature per head is applied by the runtime, not in the
+graph (metadata `calibration`: TEMPERATURE_NOTE), exactly as for PyTorch: inference.Predictor
+maps each head's probabilities and thresholds with evaluation.calibration.apply_temperature.
 
 The TorchScript-based exporter (`dynamo=False`) is used: it needs no extra package; torch
 warns that it is deprecated in favour of the dynamo exporter (which needs onnxscript).
@@ -38,6 +42,10 @@ from chextrain.ood import ScoringNet, run_batch
 ONNX_FILE = "model.onnx"  # looked for next to a bundle's model.json
 METADATA_KEY = "chextrain"
 DEFAULT_OPSET = 17
+TEMPERATURE_NOTE = (
+    "probs are uncalibrated sigmoids; the runtime applies `temperature` per head: "
+    "sigmoid(logit(p) / T), thresholds likewise (absent: T = 1)"
+)
 
 
 class ExportError(ChextrainError):
@@ -101,11 +109,13 @@ def export_onnx(
         "domain_heads",
         "ood",
         "stage",
+        "temperature",
     )
     info = {k: meta[k] for k in keep if k in meta} | {
         "onnx_image_size": size,
         "outputs": names,
         "weights_sha256": sha256,
+        "calibration": TEMPERATURE_NOTE,
     }
     onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(info)})
     data = proto.SerializeToString()

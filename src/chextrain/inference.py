@@ -13,6 +13,13 @@ Guarding. An image is flagged, never silently scored, when
 A bundle without OOD calibration says so in every result (status "uncalibrated"); nothing is
 computed silently in its place.
 
+Calibration. A bundle's model.json may hold a temperature per head (`temperature`, fitted on
+validation by evaluation.calibration); each head's probabilities are then sigmoid(logit(p) / T),
+the same for both runtimes (the ONNX graph returns the raw sigmoids), and its thresholds map the
+same way (`scale_thresholds`), so every decision is the one the raw probability makes.
+`calibrated=False` (the CLI's `--no-calibration`) reports the raw probabilities; bundles without
+temperatures use T = 1.
+
 Test-time augmentation (TTA) averages a fixed set of small zooms and shifts. No flips: a chest
 x-ray is not left-right symmetric (the heart lies left; cardiomegaly is judged on that side).
 """
@@ -39,6 +46,7 @@ from chextrain.data.transforms import (
     xrv_input,
 )
 from chextrain.errors import ChextrainError
+from chextrain.evaluation.calibration import CalibrationError, apply_temperature, check_temperature
 from chextrain.labels import NAME_OF, SLUGS
 from chextrain.models.bundle import load_bundle
 from chextrain.models.net import CXRNet
@@ -112,6 +120,7 @@ class Predictor:
         runtime: Runtime | None = None,
         domain: str = "auto",
         name: str = "",
+        calibrated: bool = True,
     ) -> None:
         if domain not in ROUTE_CHOICES:
             raise PredictorError(f"domain {domain!r} is not one of {list(ROUTE_CHOICES)}")
@@ -134,6 +143,8 @@ class Predictor:
             raise PredictorError(f"bundle {name}: {err}" if name else str(err)) from None
         band = (self.ood or {}).get("router_band", ROUTER_BAND)
         self.router_band: tuple[float, float] = (float(band[0]), float(band[1]))
+        self.temperature = bundle_temperatures(meta, model.head_names, name) if calibrated else {}
+        self.thresholds = scale_thresholds(self.thresholds, self.temperature)  # as the probabilities
         self.lock = threading.RLock()  # one inference at a time: correct and not oversubscribed
 
     @classmethod
@@ -145,8 +156,11 @@ class Predictor:
         domain: str = "auto",
         onnx_path: str | Path | None = None,
         threads: int | None = None,
+        calibrated: bool = True,
     ) -> Predictor:
         """Load a bundle (folder or model.json); `runtime` onnx runs an exported ONNX file.
+
+        calibrated: apply the bundle's temperatures (False: the raw sigmoid probabilities).
 
         onnx: `onnx_path`, else the bundle's model.onnx, else an export made in memory now. An
         ONNX file made from other weights than the bundle's is refused.
@@ -161,7 +175,7 @@ class Predictor:
 
             run = onnx_runtime_for_bundle(model, meta, path, onnx_path, threads=threads)
         bundle_dir = path if path.is_dir() else path.parent
-        return cls(model, meta, runtime=run, domain=domain, name=bundle_dir.name)
+        return cls(model, meta, runtime=run, domain=domain, name=bundle_dir.name, calibrated=calibrated)
 
     @property
     def pathology_names(self) -> list[str]:
@@ -213,6 +227,7 @@ class Predictor:
                 raw = self.runtime(x)
             v = len(TTA_VIEWS) if tta else 1
             probs = raw["probs"].reshape(len(chunk), v, *raw["probs"].shape[1:]).mean(axis=1)  # B x heads x C
+            probs = self.calibrate(probs)  # each head through its temperature (as is without any)
             p_photo = None if raw["p_photo"] is None else raw["p_photo"].reshape(len(chunk), v).mean(axis=1)
             features = raw["features"].reshape(len(chunk), v, -1)[:, 0]  # B x D, the untouched view
             scores = combined_scores(features, self.ood["groups"]) if self.ood else None
@@ -227,6 +242,16 @@ class Predictor:
                         tta,
                     )
                 )
+        return out
+
+    def calibrate(self, probs: np.ndarray) -> np.ndarray:
+        """B x heads x C probabilities with each head's temperature applied (float64); as is without any."""
+        if not self.temperature:
+            return probs
+        out = probs.astype(np.float64)
+        for head, t in self.temperature.items():
+            i = self.model.head_index(head)
+            out[:, i] = apply_temperature(out[:, i], t)
         return out
 
     def route(self, p_photo: float | None, domain: str) -> tuple[str | None, str, str]:
@@ -283,5 +308,33 @@ class Predictor:
             "flagged": bool(warnings),
             "warnings": warnings,
             "tta": tta,
+            "temperature": self.temperature.get(head, 1.0),
             "pathologies": pathologies,
         }
+
+
+def bundle_temperatures(meta: Mapping[str, Any], heads: Sequence[str], name: str = "") -> dict[str, float]:
+    """model.json's {head: temperature} checked against the model's heads ({} when absent: T = 1)."""
+    found = meta.get("temperature") or {}
+    where = f"bundle {name} " if name else "bundle "
+    if not isinstance(found, Mapping):
+        raise PredictorError(f"{where}temperature: expected {{head: number > 0}}, got {found!r}")
+    unknown = sorted(set(found) - set(heads))
+    if unknown:
+        raise PredictorError(f"{where}temperature names heads {unknown}; the model has heads {list(heads)}")
+    try:
+        return {str(h): check_temperature(t, f"{where}temperature[{h!r}]") for h, t in found.items()}
+    except CalibrationError as err:
+        raise PredictorError(str(err)) from None
+
+
+def scale_thresholds(
+    thresholds: Mapping[str, Mapping[str, float]], temperature: Mapping[str, float]
+) -> dict[str, dict[str, float]]:
+    """Thresholds (tuned on raw probabilities) mapped through each head's temperature, so that a
+    calibrated probability crosses its threshold exactly when the raw one did (T is monotone)."""
+    out = {h: dict(per) for h, per in thresholds.items()}
+    for head, t in temperature.items():
+        if head in out:
+            out[head] = {s: float(apply_temperature(np.float64(v), t)) for s, v in out[head].items()}
+    return out

@@ -64,10 +64,14 @@ def check_bundle_options(bundle: Path, runtime: str, domain: str) -> None:
     checks.choice(domain, DOMAINS, "domain")
 
 
-def _predictor(bundle: Path, runtime: str, domain: str, onnx: Path | None = None) -> Predictor:
+def _predictor(
+    bundle: Path, runtime: str, domain: str, onnx: Path | None = None, calibrated: bool = True
+) -> Predictor:
     from chextrain.inference import Predictor
 
-    return Predictor.from_bundle(bundle, runtime=runtime, domain=domain, onnx_path=onnx)
+    return Predictor.from_bundle(
+        bundle, runtime=runtime, domain=domain, onnx_path=onnx, calibrated=calibrated
+    )
 
 
 def collect_inputs(args: Sequence[str]) -> tuple[list[Path], list[dict[str, str]]]:
@@ -145,6 +149,11 @@ def predict(
     onnx: Path | None = ONNX_OPT,
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per forward pass."),
     out: Path | None = typer.Option(None, "--out", help="Write the json/csv/table here instead of stdout."),
+    calibration: bool = typer.Option(
+        True,
+        "--calibration/--no-calibration",
+        help="Apply the bundle's temperature per head (--no-calibration: the raw probabilities).",
+    ),
 ) -> None:
     """Predict the five findings for images; the router picks the head (exit code 1 if any file failed)."""
     from rich.console import Console
@@ -158,7 +167,7 @@ def predict(
     from chextrain.fileio import atomic_write_text
 
     files, problems = collect_inputs(paths)
-    predictor = _predictor(bundle, runtime, domain, onnx)
+    predictor = _predictor(bundle, runtime, domain, onnx, calibration)
     show = len(files) >= PROGRESS_MIN_FILES
     results = problems + run_predictions(predictor, files, batch_size=batch_size, tta=tta, show_progress=show)
     if output_format == "json":
@@ -167,7 +176,7 @@ def predict(
         text = csv_text(results)
     else:
         console = Console(file=io.StringIO(), width=200) if out else Console()
-        print_table(results, console, score_options(tta, domain))
+        print_table(results, console, score_options(tta, domain, calibration, predictor.meta))
         text = console.file.getvalue() if out else ""
     err = Console(stderr=True, highlight=False)
     if out:
@@ -182,13 +191,17 @@ def predict(
         raise typer.Exit(1)
 
 
-def score_options(tta: bool, domain: str) -> list[str]:
+def score_options(
+    tta: bool, domain: str, calibration: bool = True, meta: dict[str, Any] | None = None
+) -> list[str]:
     """The options that changed the scores, said under the table."""
     from chextrain.inference import TTA_VIEWS
 
     found = [f"--tta (the mean of {len(TTA_VIEWS)} zoomed and shifted views)"] if tta else []
     if domain != "auto":
         found.append(f"--domain {domain} (every image scored by the {domain} head; the router was not asked)")
+    if not calibration and (meta or {}).get("temperature"):
+        found.append("--no-calibration (raw probabilities; the bundle's temperatures were not applied)")
     return found
 
 

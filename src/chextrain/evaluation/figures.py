@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -126,3 +127,65 @@ def _colours(n: int) -> list[tuple[float, ...]]:
 
     cmap = colormaps["tab10" if n <= 10 else "tab20"]
     return [tuple(cmap(i % cmap.N)) for i in range(max(n, 1))]
+
+
+@dataclass(frozen=True)
+class ReliabilitySeries:
+    """One reliability curve: a strategy's side (Standard, Photos, Film), raw or temperature-scaled."""
+
+    strategy: str
+    comparison: str
+    scaled: bool
+    bins: Any  # evaluation.calibration.Bins: mean_prob, frac_pos, count per bin
+
+
+def plot_reliability(series: Sequence[ReliabilitySeries], title: str, path: Path, columns: int = 3) -> Path:
+    """reliability_grid drawn into the PNG file `path`."""
+    return _save(reliability_grid(series, title, columns), path)
+
+
+def reliability_grid(series: Sequence[ReliabilitySeries], title: str, columns: int = 3) -> Figure:
+    """A panel per strategy: observed positive rate against mean predicted probability per bin.
+
+    A colour per comparison; solid as trained, dotted after temperature scaling; the diagonal is
+    perfect calibration. Empty bins are skipped. The legend sits below the panels.
+    """
+    panels = list(dict.fromkeys(s.strategy for s in series))
+    sides = list(dict.fromkeys(s.comparison for s in series))
+    colours = _colours(len(sides))
+    columns = max(1, min(columns, len(panels)))
+    rows = max(1, -(-len(panels) // columns))
+    fig = Figure(figsize=(3.0 * columns, 2.9 * rows + 0.9))
+    axes = fig.subplots(rows, columns, squeeze=False)
+    handles: dict[str, object] = {}
+    for i, ax in enumerate(axes.ravel()):
+        if i >= len(panels):
+            ax.set_axis_off()
+            continue
+        ax.plot([0, 1], [0, 1], color="0.75", linewidth=0.8)
+        for s in (s for s in series if s.strategy == panels[i]):
+            full = np.asarray(s.bins.count) > 0
+            label = f"{s.comparison}{', temperature-scaled' if s.scaled else ''}"
+            (handles[label],) = ax.plot(
+                np.asarray(s.bins.mean_prob)[full],
+                np.asarray(s.bins.frac_pos)[full],
+                linestyle=":" if s.scaled else "-",
+                marker="o",
+                markersize=2.5,
+                linewidth=1.2,
+                color=colours[sides.index(s.comparison)],
+            )
+        ax.set(xlim=(0, 1), ylim=(0, 1.01), title=panels[i])
+        ax.title.set_fontsize(9)
+        ax.tick_params(labelsize=7)
+        if i % columns == 0:
+            ax.set_ylabel("Observed positive rate", fontsize=8)
+        if i >= len(panels) - columns:
+            ax.set_xlabel("Mean predicted probability", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    if handles:
+        fig.legend(
+            list(handles.values()), list(handles), loc="lower center", ncol=3, fontsize=7, frameon=False
+        )
+    fig.tight_layout(rect=(0, 0.7 / fig.get_figheight(), 1, 0.97))
+    return fig

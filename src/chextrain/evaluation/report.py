@@ -15,6 +15,8 @@ valid sets) and model.json thresholds. It never trains or scores a model. It wri
   metric, value, ci_low, ci_high` (test split; thresholds tuned on validation, from model.json).
 - figures/roc_<comparison>.png (one panel per pathology, a curve per strategy),
   figures/figure5_budget.png, report.md and a self-contained report.html.
+- tables/calibration.csv, tables/subgroups.csv and figures/reliability.png: the calibration and
+  subgroup sections (evaluation/sections.py).
 
 Film photos (CheXphoto v1.1) are their own comparison, Film; study.json's `pool_film: true` (or
 write_report's pool_film) counts them in Photos instead.
@@ -34,6 +36,7 @@ import pandas as pd
 from chextrain.evaluation import figures, render, tables
 from chextrain.evaluation.document import SPLITS, build_document, cell
 from chextrain.evaluation.metrics import AVERAGE, MetricsError
+from chextrain.evaluation.sections import add_sections
 from chextrain.evaluation.tables import COLUMNS, DIFFERENCE, FILM, PHOTOS, STANDARD, ReportError
 from chextrain.fileio import atomic_write_text
 from chextrain.labels import NAME_OF, SLUGS
@@ -236,6 +239,18 @@ def write_report(
         no_positive=results.no_positive,
         pool_film=pool,
         inputs=inputs,
+    )
+    main = csv["table2_test"] if len(csv["table2_test"]) else csv["table1_val"]
+    blocks = add_sections(  # calibration and subgroups (their own CSVs and figure), before the appendix
+        blocks,
+        results.predictions,
+        stages,
+        main,
+        paths.tables,
+        paths.figures,
+        n_boot=n_boot,
+        seed=seed,
+        pool_film=pool,
     )
     title = f"chextrain study report: {study.get('name') or study_dir.name}"
     atomic_write_text(paths.md, render.to_markdown(title, blocks, study_dir))

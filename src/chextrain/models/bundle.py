@@ -1,7 +1,9 @@
 """Bundles: `model.safetensors` + `model.json` + `README.md`, the one format chextrain saves and serves.
 
 model.json holds the architecture (backbone, heads, router), the pathologies in order, image size,
-preprocessing, thresholds per head, domain_heads, the stage that made the model and its metrics;
+preprocessing, thresholds per head, domain_heads, the stage that made the model and its metrics,
+and, when fitted, a temperature per head (`temperature`: {head: T}, evaluation.calibration; the
+thresholds stay on the raw probabilities and inference maps them with T; no key means T = 1);
 the OOD calibration's arrays (per feature group: mean, axes, variances) are float64 tensors of
 model.safetensors named `ood.groups.<i>.<array>`, so model.json stays a few KB. README.md is the
 model card (models/card.py). Loading checks the files (models/meta.py), reads weights with
@@ -94,6 +96,28 @@ def _thresholds(model: CXRNet, given: Any) -> dict[str, dict[str, float]]:
     return out
 
 
+def _temperature(model: CXRNet, given: Any) -> dict[str, float]:
+    """{head: T > 0} for heads of the model (evaluation.calibration.head_temperatures)."""
+    if not isinstance(given, Mapping):
+        raise WeightsError(f"bundle meta temperature must be {{head: number > 0}}; got {given!r}")
+    out = {}
+    for head, t in given.items():
+        if head not in model.head_names:
+            raise WeightsError(
+                f"bundle meta temperature names head {head!r}; the model has heads {model.head_names}"
+            )
+        ok = (
+            isinstance(t, int | float | np.floating)
+            and not isinstance(t, bool)
+            and math.isfinite(t)
+            and t > 0
+        )
+        if not ok:
+            raise WeightsError(f"bundle meta temperature[{head!r}] = {t!r}; expected a finite number > 0")
+        out[str(head)] = float(t)
+    return out
+
+
 def _domain_heads(model: CXRNet, given: Any) -> dict[str, str]:
     names = model.head_names
     if given is None:
@@ -147,6 +171,8 @@ def save_bundle(model: CXRNet, out_dir: Path, meta: dict[str, Any]) -> Path:
         "stage": _jsonable(meta.get("stage"), "meta.stage"),
         "metrics": _jsonable(meta.get("metrics", {}), "meta.metrics"),
     }
+    if "temperature" in meta:
+        document["temperature"] = _temperature(model, meta["temperature"])
     arrays: dict[str, torch.Tensor] = {}
     if "ood" in document:
         document["ood"], arrays = _split_ood(document["ood"])

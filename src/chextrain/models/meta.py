@@ -127,6 +127,15 @@ def _problems(meta: Mapping[str, Any]) -> list[str]:
         problems.append(f"domain_heads: expected {{digital: HEAD, photo: HEAD}}, got {domains!r}")
     elif heads and any(h not in heads for h in domains.values()):
         problems.append(f"domain_heads: {domains} names a head not in architecture.heads {heads}")
+    temperature = meta.get("temperature", {})
+    ok = isinstance(temperature, dict) and all(
+        isinstance(t, int | float) and not isinstance(t, bool) and t > 0 and (not heads or h in heads)
+        for h, t in temperature.items()
+    )
+    if not ok:
+        problems.append(
+            f"temperature: expected {{head in architecture.heads: number > 0}}, got {temperature!r}"
+        )
     return problems  # meta["ood"] is checked against the model by ood.check_calibration
 
 

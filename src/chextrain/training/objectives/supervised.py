@@ -7,7 +7,7 @@ learns. The optimiser is built from the STAGE's spec over the trainable paramete
 
 After training, `finish` tunes thresholds on validation (per head, on the rows it serves),
 evaluates every dataset of each evaluated split (a digital-only stage is scored on photos too),
-calibrates OOD on validation, and writes the bundle.
+calibrates OOD and fits a temperature per head on validation, and writes the bundle.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from chextrain.data.dataset import CatalogDataset
 from chextrain.data.transforms import Preprocessing, as_preprocessing, to_network_input
+from chextrain.evaluation.calibration import head_temperatures
 from chextrain.evaluation.metrics import pathology_metrics
 from chextrain.evaluation.predict import (
     Predictions,
@@ -280,6 +281,7 @@ class Supervised:
             if router is not None:
                 bundle["router"] = metrics["val/router"] = router
             bundle["ood"] = calibrate_ood_or_none(model, scored["val"].features)
+            bundle["temperature"] = head_temperatures(scored["val"].table)  # calibration, per head
         save_bundle(model, out_dir, bundle)
         return Outcome(metrics)
 

@@ -155,6 +155,9 @@ def test_card_with_confidence_intervals() -> None:
     card = model_card(meta, rows)
     assert "| test | Photos | 36 | 0.600 (0.500 to 0.700) | 0.100 (-0.100 to 0.300) |" in card
     assert "bootstrap" in card
+    assert "Probability calibration: none" in card
+    fitted = model_card({**meta, "temperature": {"digital": 1.0, "photo": 2.25}}, rows)
+    assert "photo T=2.25" in fitted and "--no-calibration" in fitted
 
 
 def test_info_describes_the_bundle_in_80_columns(dense: tuple[Path, dict]) -> None:
@@ -169,6 +172,7 @@ def test_info_describes_the_bundle_in_80_columns(dense: tuple[Path, dict]) -> No
         "preprocessing imagenet",
         "thresholds",
         "ppca-mahalanobis",
+        "probability calibration: none",
         "data: chexpert, chexphoto",
         "test/kind:natural",
         "README.md",

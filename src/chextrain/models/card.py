@@ -101,6 +101,7 @@ def info_text(
     lines.append("  " + f"{'head':<10}" + "".join(f"{SHORT[s]:>10}" for s in SLUGS))
     for head, per in meta["thresholds"].items():
         lines.append("  " + f"{head[:10]:<10}" + "".join(f"{_num(per.get(s), 2):>10}" for s in SLUGS))
+    lines.append("probability calibration: " + temperature_text(meta))
     lines.append("OOD check: " + calibration_text(meta))
     if isinstance(meta.get("router"), Mapping):
         router = meta["router"]
@@ -129,6 +130,15 @@ def _wrap(line: str, width: int = 80) -> list[str]:
         return [line]
     indent = " " * (len(line) - len(line.lstrip()) + 4)
     return textwrap.wrap(line, width, subsequent_indent=indent, break_on_hyphens=False)
+
+
+def temperature_text(meta: Mapping[str, Any]) -> str:
+    """One line on the temperature scaling per head (fitted on validation; predict applies it)."""
+    temps = meta.get("temperature")
+    if not isinstance(temps, Mapping) or not temps:
+        return "none (probabilities are the network's sigmoids)"
+    per = ", ".join(f"{head} T={_num(t, 2)}" for head, t in temps.items())
+    return f"temperature per head fitted on validation ({per}); `predict --no-calibration` skips it"
 
 
 def calibration_text(meta: Mapping[str, Any]) -> str:
@@ -220,6 +230,7 @@ def model_card(meta: Mapping[str, Any], evaluation: Sequence[Mapping[str, Any]] 
         f"- Input: {meta['image_size']} x {meta['image_size']} px, preprocessing "
         f"`{meta['preprocessing'].get('name')}`.",
         "- Decision thresholds per head (tuned on validation; 0.5 when not tuned): see `model.json`.",
+        f"- Probability calibration: {temperature_text(meta)}.",
         f"- Out-of-distribution check: {calibration_text(meta)}.",
         "",
         "## Intended use",

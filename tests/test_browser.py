@@ -90,6 +90,12 @@ def test_a_document_raises_the_warning_and_a_text_file_an_error(page, tmp_path: 
     warning = page.locator("#ood")
     assert warning.is_visible() and "Warning" in warning.inner_text()
     assert "does not look like" in warning.inner_text()
+    withheld = page.locator("#withheld")  # the findings greyed out under the reason
+    assert withheld.is_visible() and withheld.inner_text().startswith("Not scored: out-of-distribution")
+    assert "withheld" in page.get_attribute("#bars", "class")
+    assert page.locator("#bars li.withheld").count() == 5 and page.locator("#bars li.positive").count() == 0
+    assert "(positive)" not in page.inner_text("#bars")
+    assert page.locator("#bars").evaluate("ul => getComputedStyle(ul).opacity") == "0.45"
     page.set_input_files(
         "#file", files=[{"name": "x.jpg", "mimeType": "image/jpeg", "buffer": b"plain text" * 9}]
     )

@@ -275,3 +275,46 @@ def test_table_fits_80_columns_and_says_what_shaped_the_scores(
         written.exit_code == 0 and written.stdout == "" and f"to {target}" in " ".join(written.stderr.split())
     )
     assert json.loads(target.read_text())[0]["head"] == "digital"
+
+
+def _document(path: Path) -> Path:
+    """A text document saved as PNG: not a chest x-ray, so the OOD check flags it."""
+    doc = np.full((120, 90), 245, np.uint8)
+    doc[10:110:8, 8:80] = 20
+    Image.fromarray(doc).save(path)
+    return path
+
+
+def test_flagged_images_are_not_scored_in_the_table_json_and_csv(routed_bundle: Path, images: Path) -> None:
+    doc = _document(images / "letter.png")
+    code, out, _ = _run("predict", routed_bundle, images / "a.jpg", doc)
+    assert code == 0
+    row = next(line for line in out.splitlines() if line.strip().startswith("letter.png"))
+    assert "FLAG" in row and not re.search(r"\d\.\d\d[+ ]", row.split("FLAG")[1])  # no probability
+    assert "letter.png: not scored: out-of-distribution" in out and "--score-anyway" in out
+    row = next(line for line in out.splitlines() if line.strip().startswith("a.jpg"))
+    assert len(re.findall(r"\d\.\d\d[+ ]", row)) == 6 and "not scored" not in row
+
+    code, out, _ = _run("predict", routed_bundle, doc, "--format", "json")
+    (r,) = json.loads(out)
+    assert r["withheld"] is True and r["withheld_reason"] == "out-of-distribution"
+    assert "pathologies" not in r and list(r["withheld_pathologies"]) == list(SLUGS)
+
+    code, out, _ = _run("predict", routed_bundle, doc, images / "a.jpg", "--format", "csv")
+    rows = {Path(r["name"]).name: r for r in csv.DictReader(io.StringIO(out))}
+    flagged, fine = rows["letter.png"], rows["a.jpg"]
+    assert (flagged["withheld"], flagged["withheld_reason"]) == ("1", "out-of-distribution")
+    assert all(flagged[f"{s}_prob"] == "" and flagged[f"{s}_positive"] == "" for s in SLUGS)
+    assert all(0 <= float(flagged[f"withheld_{s}_prob"]) <= 1 for s in SLUGS)
+    assert fine["withheld"] == "0" and all(fine[f"withheld_{s}_prob"] == "" for s in SLUGS)
+
+    code, out, _ = _run("predict", routed_bundle, doc, "--format", "json", "--score-anyway")
+    (anyway,) = json.loads(out)
+    assert not anyway["withheld"] and anyway["scored_anyway"] and anyway["flagged"]
+    assert {s: p["prob"] for s, p in anyway["pathologies"].items()} == {
+        s: p["prob"] for s, p in r["withheld_pathologies"].items()
+    }
+    code, out, _ = _run("predict", routed_bundle, doc, "--score-anyway")
+    row = next(line for line in out.splitlines() if line.strip().startswith("letter.png"))
+    assert len(re.findall(r"\d\.\d\d[+ ]", row)) == 6 and "not scored" not in out
+    assert "scored anyway" in " ".join(out.split()) or "--score-anyway" in out

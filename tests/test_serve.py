@@ -102,11 +102,23 @@ def test_predict_a_phone_photo(client: httpx.Client, photo: bytes, predictor: Pr
     assert body == direct  # the same answer as the library
 
 
-def test_predict_flags_a_document(client: httpx.Client) -> None:
+def test_predict_flags_a_document_and_withholds_its_findings(client: httpx.Client) -> None:
     page = np.full((120, 90), 245, np.uint8)
     page[10:110:8, 8:80] = 20
     body = client.post("/api/predict", files={"file": ("scan.png", _png(page))}).json()
     assert body["ood"]["flag"] is True and body["flagged"] and body["warnings"]
+    assert body["withheld"] is True and body["withheld_reason"] == "out-of-distribution"
+    assert "pathologies" not in body and list(body["withheld_pathologies"]) == list(SLUGS)
+    anyway = client.post("/api/predict?score_anyway=true", files={"file": ("scan.png", _png(page))}).json()
+    assert anyway["withheld"] is False and anyway["scored_anyway"] is True
+    assert anyway["pathologies"] == body["withheld_pathologies"]
+    explained = client.post("/api/explain", files={"file": ("scan.png", _png(page))}).json()
+    assert explained["withheld"] and "pathologies" not in explained and len(explained["heatmaps"]) == 5
+    _error(
+        client.post("/api/predict?score_anyway=maybe", files={"file": ("s.png", _png(page))}),
+        422,
+        "invalid-request",
+    )
 
 
 @pytest.mark.parametrize("method", ["gradcam", "gradient"])

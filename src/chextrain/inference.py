@@ -13,6 +13,11 @@ Guarding. An image is flagged, never silently scored, when
 A bundle without OOD calibration says so in every result (status "uncalibrated"); nothing is
 computed silently in its place.
 
+Withholding. A flagged image (OOD, unsure router, or a photo that fails the quality gate) has its
+findings withheld unless the caller asks to score it anyway (`score_anyway`): its result says
+`withheld: true` and `withheld_reason`, and the per-pathology dict moves from "pathologies" to
+"withheld_pathologies" (kept for research use, never shown as findings). See `withhold`.
+
 Test-time augmentation (TTA) averages a fixed set of small zooms and shifts. No flips: a chest
 x-ray is not left-right symmetric (the heart lies left; cardiomegaly is judged on that side).
 """
@@ -195,8 +200,12 @@ class Predictor:
         tta: bool = False,
         batch_size: int = 16,
         domain: str | None = None,
+        score_anyway: bool = False,
     ) -> list[dict[str, Any]]:
-        """One result dict per image (see `_result`), in order; `domain` overrides the default."""
+        """One result dict per image (see `_result`), in order; `domain` overrides the default.
+
+        Flagged images have their findings withheld (`withhold`) unless `score_anyway`.
+        """
         names = list(names) if names is not None else [f"image{i}" for i in range(len(images))]
         if len(names) != len(images):
             raise PredictorError(f"got {len(images)} images but {len(names)} names")
@@ -227,7 +236,7 @@ class Predictor:
                         tta,
                     )
                 )
-        return out
+        return [withhold(r, score_anyway=score_anyway) for r in out]
 
     def route(self, p_photo: float | None, domain: str) -> tuple[str | None, str, str]:
         """(domain, head, how it was chosen: forced | router | single-head)."""
@@ -285,3 +294,40 @@ class Predictor:
             "tta": tta,
             "pathologies": pathologies,
         }
+
+
+# --- withholding ---------------------------------------------------------------------------
+
+
+def withheld_reasons(result: Mapping[str, Any]) -> list[str]:
+    """Why a result's findings cannot be trusted, in short words (empty: nothing to withhold).
+
+    Reads the result's OOD flag, its unsure router and, when present, its quality report.
+    """
+    reasons = []
+    if result["ood"].get("flag"):
+        reasons.append("out-of-distribution")
+    if result["router_uncertain"]:
+        reasons.append("router unsure (digital x-ray or photo?)")
+    quality = result.get("quality")
+    if quality and not quality["passed"]:
+        failed = [name for name, check in quality["checks"].items() if check["verdict"] == "fail"]
+        reasons.append("poor photo: " + ", ".join(failed))
+    return reasons
+
+
+def withhold(result: dict[str, Any], *, score_anyway: bool = False) -> dict[str, Any]:
+    """`result` with its findings withheld when it is flagged, unless `score_anyway`.
+
+    Adds `withheld` (bool), `withheld_reason` (str or None) and `scored_anyway` (flagged, but
+    scored because the caller asked). Withheld: "pathologies" becomes "withheld_pathologies", so
+    no reader can take a withheld probability for a finding by accident.
+    """
+    reasons = withheld_reasons(result)
+    withheld = bool(reasons) and not score_anyway
+    result["withheld"] = withheld
+    result["withheld_reason"] = "; ".join(reasons) if withheld else None
+    result["scored_anyway"] = bool(reasons) and score_anyway
+    if withheld:
+        result["withheld_pathologies"] = result.pop("pathologies")
+    return result

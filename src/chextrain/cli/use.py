@@ -107,9 +107,18 @@ def _chunks(items: list[Path], size: int) -> Iterator[list[Path]]:
 
 
 def run_predictions(
-    predictor: Predictor, files: list[Path], *, batch_size: int, tta: bool, show_progress: bool
+    predictor: Predictor,
+    files: list[Path],
+    *,
+    batch_size: int,
+    tta: bool,
+    show_progress: bool,
+    score_anyway: bool = False,
 ) -> list[dict[str, Any]]:
-    """Load and predict `files` in batches; a file that cannot be read gets {"name", "error"}."""
+    """Load and predict `files` in batches; a file that cannot be read gets {"name", "error"}.
+
+    Flagged images have their findings withheld unless `score_anyway` (inference.withhold).
+    """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -129,7 +138,11 @@ def run_predictions(
                     slots.append(None)
                 except ImageLoadError as err:
                     slots.append({"name": str(f), "error": err.reason})
-            results = iter(predictor.predict_images(images, names, tta=tta, batch_size=batch_size))
+            results = iter(
+                predictor.predict_images(
+                    images, names, tta=tta, batch_size=batch_size, score_anyway=score_anyway
+                )
+            )
             out.extend(slot if slot is not None else next(results) for slot in slots)
             bar.advance(task, len(chunk))
     return out
@@ -145,6 +158,11 @@ def predict(
     onnx: Path | None = ONNX_OPT,
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per forward pass."),
     out: Path | None = typer.Option(None, "--out", help="Write the json/csv/table here instead of stdout."),
+    score_anyway: bool = typer.Option(
+        False,
+        "--score-anyway",
+        help="Show the findings of flagged images (OOD, unsure router, poor photo) rather than withhold them.",
+    ),
 ) -> None:
     """Predict the five findings for images; the router picks the head (exit code 1 if any file failed)."""
     from rich.console import Console
@@ -160,14 +178,16 @@ def predict(
     files, problems = collect_inputs(paths)
     predictor = _predictor(bundle, runtime, domain, onnx)
     show = len(files) >= PROGRESS_MIN_FILES
-    results = problems + run_predictions(predictor, files, batch_size=batch_size, tta=tta, show_progress=show)
+    results = problems + run_predictions(
+        predictor, files, batch_size=batch_size, tta=tta, show_progress=show, score_anyway=score_anyway
+    )
     if output_format == "json":
         text = json.dumps(results, indent=2) + "\n"
     elif output_format == "csv":
         text = csv_text(results)
     else:
         console = Console(file=io.StringIO(), width=200) if out else Console()
-        print_table(results, console, score_options(tta, domain))
+        print_table(results, console, score_options(tta, domain, score_anyway))
         text = console.file.getvalue() if out else ""
     err = Console(stderr=True, highlight=False)
     if out:
@@ -182,13 +202,15 @@ def predict(
         raise typer.Exit(1)
 
 
-def score_options(tta: bool, domain: str) -> list[str]:
+def score_options(tta: bool, domain: str, score_anyway: bool = False) -> list[str]:
     """The options that changed the scores, said under the table."""
     from chextrain.inference import TTA_VIEWS
 
     found = [f"--tta (the mean of {len(TTA_VIEWS)} zoomed and shifted views)"] if tta else []
     if domain != "auto":
         found.append(f"--domain {domain} (every image scored by the {domain} head; the router was not asked)")
+    if score_anyway:
+        found.append("--score-anyway (flagged images scored; their findings are not to be trusted)")
     return found
 
 
@@ -200,6 +222,9 @@ def explain(
         "gradcam", "--method", help="gradcam (last block) or gradient (vanilla, the paper's)."
     ),
     domain: str = DOMAIN_OPT,
+    score_anyway: bool = typer.Option(
+        False, "--score-anyway", help="Title the maps of a flagged image with its probabilities anyway."
+    ),
 ) -> None:
     """Write a saliency overlay per pathology and a grid of all five, titled with the probabilities."""
     from rich.console import Console
@@ -221,12 +246,17 @@ def explain(
     from chextrain.fileio import write_json
 
     predictor = _predictor(bundle, "torch", domain)
-    result = predictor.predict_images([pixels], [str(image)])[0]
+    result = predictor.predict_images([pixels], [str(image)], score_anyway=score_anyway)[0]
     with torch.enable_grad():
         x = predictor.inputs(pixels)  # 1 x 3 x S x S
         maps = saliency_maps(predictor.model, x, result["head"], method)[0]  # 5 x S x S
-    probs = [p["prob"] for p in result["pathologies"].values()]
-    title = f"{image.name}: head {result['head']}, {method}" + (" (FLAGGED)" if result["flagged"] else "")
+    # a withheld image's maps carry no probabilities: nothing on them reads as a finding
+    probs = None if result["withheld"] else [p["prob"] for p in result["pathologies"].values()]
+    title = f"{image.name}: head {result['head']}, {method}"
+    if result["withheld"]:
+        title += f" (not scored: {result['withheld_reason']})"
+    elif result["flagged"]:
+        title += " (FLAGGED, scored anyway)"
     paths = save_explanation(
         pixels, maps, probs, out, image.stem, resize=predictor.preprocessing.resize, title=title
     )
@@ -234,6 +264,8 @@ def explain(
     console = Console()
     for w in result["warnings"]:
         console.print(f"[yellow]warning[/yellow]: {escape(w)}")
+    if result["withheld"]:
+        console.print(f"[yellow]not scored[/yellow]: {escape(result['withheld_reason'])}")
     console.print(f"wrote {len(paths) + 1} files to {escape(str(out))} (grid: {escape(paths[-1].name)})")
 
 

@@ -141,17 +141,18 @@ def display_image(image: np.ndarray, longest: int = 512) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
 
 
-def grid_figure(image: np.ndarray, maps: np.ndarray, probs: Sequence[float], resize: str = "stretch",
+def grid_figure(image: np.ndarray, maps: np.ndarray, probs: Sequence[float] | None, resize: str = "stretch",
                 names: Sequence[str] = PATHOLOGIES, title: str = "") -> Figure:
-    """The paper's Figures 3-4: the image, then one overlay per pathology titled with its probability."""
+    """The paper's Figures 3-4: the image, then one overlay per pathology titled with its probability
+    (`probs` None: a withheld image, titled "not scored")."""
     fig = Figure(figsize=(3 * (len(names) + 1), 3.4), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(names) + 1)
     axes[0].imshow(image, cmap="gray", vmin=0, vmax=255)
     axes[0].set_title("image")
-    for ax, sal, p, name in zip(axes[1:], maps, probs, names, strict=True):
+    for ax, sal, p, name in zip(axes[1:], maps, probs or [None] * len(names), names, strict=True):
         ax.imshow(overlay(image, sal, resize=resize))
-        ax.set_title(f"{name}\np = {p:.2f}", fontsize=10)
+        ax.set_title(f"{name}\n" + ("not scored" if p is None else f"p = {p:.2f}"), fontsize=10)
     for ax in axes:
         ax.axis("off")
     if title:
@@ -160,11 +161,14 @@ def grid_figure(image: np.ndarray, maps: np.ndarray, probs: Sequence[float], res
     return fig
 
 
-def save_explanation(image: np.ndarray, maps: np.ndarray, probs: Sequence[float], out_dir: str | Path,
+def save_explanation(image: np.ndarray, maps: np.ndarray, probs: Sequence[float] | None, out_dir: str | Path,
                      stem: str, *, resize: str = "stretch", title: str = "") -> list[Path]:
-    """Write `{stem}_{slug}.png` overlays (one per pathology) and `{stem}_grid.png`; return the paths."""
-    if len(maps) != len(SLUGS) or len(probs) != len(SLUGS):
-        raise SaliencyError(f"expected {len(SLUGS)} maps and probabilities; got {len(maps)} and {len(probs)}")
+    """Write `{stem}_{slug}.png` overlays (one per pathology) and `{stem}_grid.png`; return the paths.
+
+    `probs` None: the image's findings are withheld, and the grid shows no probability."""
+    n_probs = len(SLUGS) if probs is None else len(probs)
+    if len(maps) != len(SLUGS) or n_probs != len(SLUGS):
+        raise SaliencyError(f"expected {len(SLUGS)} maps and probabilities; got {len(maps)} and {n_probs}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     shown = display_image(image)

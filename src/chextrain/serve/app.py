@@ -42,6 +42,7 @@ from chextrain.data.images import (
 from chextrain.errors import ChextrainError
 from chextrain.evaluation.saliency import METHODS, display_image, overlay, png_bytes, saliency_maps
 from chextrain.inference import Predictor
+from chextrain.labels import SLUGS
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # a 12 MP phone JPEG is 3-8 MB
 MAX_PIXELS = 50_000_000  # a 4608 x 3456 phone photo is 16 M
@@ -234,9 +235,11 @@ def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
         raise error(detail) from None
 
 
-def explain_result(predictor: Predictor, image: np.ndarray, method: str) -> dict[str, Any]:
+def explain_result(
+    predictor: Predictor, image: np.ndarray, method: str, score_anyway: bool = False
+) -> dict[str, Any]:
     """The prediction plus a base64 PNG overlay per pathology (on the head the router chose)."""
-    result = predictor.predict_images([image], ["upload"])[0]
+    result = predictor.predict_images([image], ["upload"], score_anyway=score_anyway)[0]
     x = predictor.inputs(image)  # 1 x 3 x S x S
     with predictor.lock, torch.enable_grad():
         maps = saliency_maps(predictor.model, x, result["head"], method)[0]  # 5 x S x S
@@ -245,7 +248,7 @@ def explain_result(predictor: Predictor, image: np.ndarray, method: str) -> dict
     mode = predictor.preprocessing.resize
     result["heatmaps"] = {
         slug: base64.b64encode(png_bytes(overlay(shown, sal, resize=mode))).decode("ascii")
-        for slug, sal in zip(result["pathologies"], maps, strict=True)
+        for slug, sal in zip(SLUGS, maps, strict=True)
     }
     return result
 
@@ -343,18 +346,27 @@ def create_app(
         }
 
     @app.post("/api/predict", openapi_extra={"requestBody": _UPLOAD_BODY})
-    async def predict(request: Request) -> dict[str, Any]:
-        """Probabilities and decisions for one image (multipart field `file`)."""
+    async def predict(request: Request, score_anyway: bool = False) -> dict[str, Any]:
+        """Probabilities and decisions for one image (multipart field `file`).
+
+        A flagged image (OOD, unsure router, poor photo) has its findings withheld
+        (`withheld: true`, `withheld_reason`, the probabilities under `withheld_pathologies`)
+        unless `score_anyway` is true.
+        """
         image = await upload(request)
-        result = await run_in_threadpool(predictor.predict_images, [image], ["upload"])
+        result = await run_in_threadpool(
+            lambda: predictor.predict_images([image], ["upload"], score_anyway=score_anyway)
+        )
         return result[0]
 
     @app.post("/api/explain", openapi_extra={"requestBody": _UPLOAD_BODY})
-    async def explain(request: Request, method: str = explain_method) -> dict[str, Any]:
+    async def explain(
+        request: Request, method: str = explain_method, score_anyway: bool = False
+    ) -> dict[str, Any]:
         """The prediction plus a base64 PNG saliency overlay per pathology (`method`: gradcam | gradient)."""
         if method not in METHODS:
             raise InvalidRequestError(f"method {method!r} is not one of {list(METHODS)}")
         image = await upload(request)
-        return await run_in_threadpool(explain_result, predictor, image, method)
+        return await run_in_threadpool(explain_result, predictor, image, method, score_anyway)
 
     return app

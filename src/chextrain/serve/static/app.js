@@ -45,20 +45,27 @@ function renderWarnings(r) {
   show("ood", lines.length > 0);
 }
 
+// A withheld image (flagged: OOD, unsure router, poor photo) gets its reason first and its
+// probabilities greyed out, with no finding marked positive.
 function renderBars(r) {
   const list = $("bars");
   list.textContent = "";
-  for (const [slug, v] of Object.entries(r.pathologies)) {
+  $("withheld").textContent = r.withheld ? "Not scored: " + r.withheld_reason +
+    ". The model cannot judge this image; the numbers below are shown greyed out for reference only." : "";
+  show("withheld", r.withheld);
+  list.classList.toggle("withheld", r.withheld);
+  const findings = r.withheld ? r.withheld_pathologies : r.pathologies;
+  for (const [slug, v] of Object.entries(findings)) {
     const li = document.createElement("li");
     li.dataset.slug = slug;
-    li.className = v.positive ? "positive" : "negative";
+    li.className = r.withheld ? "withheld" : (v.positive ? "positive" : "negative");
     const label = document.createElement("div");
     label.className = "label";
     const name = document.createElement("span");
     name.textContent = v.name;
     const prob = document.createElement("span");
     prob.className = "prob";
-    prob.textContent = pct(v.prob) + (v.positive ? " (positive)" : "");
+    prob.textContent = pct(v.prob) + (!r.withheld && v.positive ? " (positive)" : "");
     label.append(name, prob);
     const track = document.createElement("div");
     track.className = "track";
@@ -82,10 +89,11 @@ function renderHeatmaps(r) {
     const fig = document.createElement("figure");
     const img = document.createElement("img");
     img.src = "data:image/png;base64," + png;
-    img.alt = "Grad-CAM heatmap for " + r.pathologies[slug].name;
+    img.alt = "Grad-CAM heatmap for " + (r.withheld ? r.withheld_pathologies : r.pathologies)[slug].name;
     img.dataset.slug = slug;
     const cap = document.createElement("figcaption");
-    cap.textContent = r.pathologies[slug].name + " " + pct(r.pathologies[slug].prob);
+    const v = (r.withheld ? r.withheld_pathologies : r.pathologies)[slug];
+    cap.textContent = v.name + (r.withheld ? " (not scored)" : " " + pct(v.prob));
     fig.append(img, cap);
     box.appendChild(fig);
   }

@@ -48,6 +48,7 @@ from chextrain.labels import NAME_OF, SLUGS
 from chextrain.models.bundle import load_bundle
 from chextrain.models.net import CXRNet
 from chextrain.ood import ROUTER_BAND, OODError, ScoringNet, check_calibration, combined_scores, run_batch
+from chextrain.quality import HasCorners, assess, thresholds_from_meta
 
 ROUTE_CHOICES: tuple[str, ...] = ("auto", "digital", "photo")  # "auto": the router picks the head
 RUNTIMES: tuple[str, ...] = ("torch", "onnx")
@@ -137,6 +138,7 @@ class Predictor:
             self.ood = check_calibration(meta.get("ood"), model)
         except OODError as err:
             raise PredictorError(f"bundle {name}: {err}" if name else str(err)) from None
+        self.quality_thresholds, self.quality_source = thresholds_from_meta(self.meta)  # model.json "quality"
         band = (self.ood or {}).get("router_band", ROUTER_BAND)
         self.router_band: tuple[float, float] = (float(band[0]), float(band[1]))
         self.lock = threading.RLock()  # one inference at a time: correct and not oversubscribed
@@ -201,10 +203,13 @@ class Predictor:
         batch_size: int = 16,
         domain: str | None = None,
         score_anyway: bool = False,
+        quads: Sequence[HasCorners | None] | None = None,
     ) -> list[dict[str, Any]]:
         """One result dict per image (see `_result`), in order; `domain` overrides the default.
 
-        Flagged images have their findings withheld (`withhold`) unless `score_anyway`.
+        Photos get the quality gate (`gate_quality`; `quads`: the radiograph's quadrilateral per
+        image, None: the whole image). Flagged images have their findings withheld (`withhold`)
+        unless `score_anyway`.
         """
         names = list(names) if names is not None else [f"image{i}" for i in range(len(images))]
         if len(names) != len(images):
@@ -236,7 +241,29 @@ class Predictor:
                         tta,
                     )
                 )
-        return [withhold(r, score_anyway=score_anyway) for r in out]
+        quads = [None] * len(images) if quads is None else list(quads)
+        if len(quads) != len(images):
+            raise PredictorError(f"got {len(images)} images but {len(quads)} quadrilaterals")
+        gated = [self.gate_quality(r, im, q) for r, im, q in zip(out, images, quads, strict=True)]
+        return [withhold(r, score_anyway=score_anyway) for r in gated]
+
+    def gate_quality(
+        self, result: dict[str, Any], image: np.ndarray, quad: HasCorners | None
+    ) -> dict[str, Any]:
+        """`result` with "quality": the photo checks (chextrain.quality.assess) when the image was
+        scored as a photo, else None (a digital x-ray is not a photo of one). A failed check flags the
+        image, with the retake advice as its warning."""
+        result["quality"] = None
+        if result["domain"] == "photo":
+            report = assess(image, quad, self.quality_thresholds, self.quality_source)
+            result["quality"] = report
+            if not report["passed"]:
+                failed = [k for k, c in report["checks"].items() if c["verdict"] == "fail"]
+                result["warnings"].append(
+                    f"the photo fails the quality checks ({', '.join(failed)}): {report['retake']}"
+                )
+                result["flagged"] = True
+        return result
 
     def route(self, p_photo: float | None, domain: str) -> tuple[str | None, str, str]:
         """(domain, head, how it was chosen: forced | router | single-head)."""

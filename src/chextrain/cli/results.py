@@ -5,8 +5,9 @@ long, cuts it from the left so that its distinguishing end (the file name) stays
 come with the thresholds they use, and the options that changed the scores (--tta, --domain) are
 named under the table. A withheld image (inference.withhold) shows `-` for each finding and a
 line "not scored: REASON" under the table; in the CSV its `{slug}_prob` cells are empty and its
-probabilities sit in the `withheld_{slug}_prob` columns (research use only). Standard library and
-rich only (rich imported inside).
+probabilities sit in the `withheld_{slug}_prob` columns (research use only). The photo quality
+checks close each CSV row (QUALITY_COLUMNS); in the table a failed one is a warning with its
+advice. Standard library and rich only (rich imported inside).
 """
 
 from __future__ import annotations
@@ -51,10 +52,10 @@ def csv_text(results: list[dict[str, Any]]) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     per = [f"{s}_{k}" for s in SLUGS for k in ("prob", "threshold", "positive")]
     research = [f"withheld_{s}_prob" for s in SLUGS]
-    writer.writerow(head + per + ["warnings"] + research)
+    writer.writerow(head + per + ["warnings"] + research + QUALITY_COLUMNS)
     for r in results:
         if "error" in r:
-            blanks = len(head) - 2 + len(per) + 1 + len(research)
+            blanks = len(head) - 2 + len(per) + 1 + len(research) + len(QUALITY_COLUMNS)
             writer.writerow([r["name"], r["error"]] + [""] * blanks)
             continue
         ood = r["ood"]
@@ -81,8 +82,32 @@ def csv_text(results: list[dict[str, Any]]) -> str:
                 row += [_fmt(p["prob"], 6), _fmt(p["threshold"], 6), int(p["positive"])]
         row.append("; ".join(r["warnings"]))
         withheld = r.get("withheld_pathologies", {})
-        writer.writerow(row + [_fmt(withheld[s]["prob"], 6) if withheld else "" for s in SLUGS])
+        row += [_fmt(withheld[s]["prob"], 6) if withheld else "" for s in SLUGS]
+        writer.writerow(row + quality_cells(r.get("quality")))
     return buf.getvalue()
+
+
+QUALITY_COLUMNS = [
+    "quality",
+    "retake",
+    "quality_blur",
+    "quality_glare",
+    "quality_exposure_p10",
+    "quality_exposure_p90",
+    "quality_size",
+    "quality_tilt",
+]
+
+
+def quality_cells(quality: dict[str, Any] | None) -> list[str]:
+    """The QUALITY_COLUMNS of one result: pass / fail (empty: not a photo, no checks), the retake
+    advice, then each check's value."""
+    if not quality:
+        return [""] * len(QUALITY_COLUMNS)
+    c = quality["checks"]
+    low, high = c["exposure"]["value"]
+    values = [c["blur"]["value"], c["glare"]["value"], low, high, c["size"]["value"], c["tilt"]["value"]]
+    return ["pass" if quality["passed"] else "fail", quality["retake"] or ""] + [_fmt(v, 6) for v in values]
 
 
 def _short_names(names: list[str]) -> tuple[str, list[str]]:

@@ -45,11 +45,14 @@ ONNX_OPT = typer.Option(
 
 
 def register(app: typer.Typer) -> None:
-    """Add predict, explain, serve and export to the app."""
+    """Add predict, explain, serve, export and `quality calibrate` to the app."""
     app.command("predict")(predict)
     app.command("explain")(explain)
     app.command("serve")(serve)
     app.command("export")(export)
+    quality = typer.Typer(help="The photo quality gate: its thresholds.", no_args_is_help=True)
+    quality.command("calibrate")(quality_calibrate)
+    app.add_typer(quality, name="quality")
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -161,7 +164,7 @@ def predict(
     score_anyway: bool = typer.Option(
         False,
         "--score-anyway",
-        help="Show the findings of flagged images (OOD, unsure router, poor photo) rather than withhold them.",
+        help="Show the findings of flagged images (OOD, unsure router, poor photo), withheld otherwise.",
     ),
 ) -> None:
     """Predict the five findings for images; the router picks the head (exit code 1 if any file failed)."""
@@ -339,3 +342,26 @@ def export(
         console.print(f"max |probability difference| vs PyTorch on 2 random inputs: {diff:.2e}")
         if diff > 1e-4:
             raise _fail(f"ONNX output differs from PyTorch by {diff:.2e} > 1e-4", 1)
+
+
+def quality_calibrate(
+    bundle: Path | None = typer.Option(
+        None, "--bundle", help="Write the thresholds into this bundle's model.json (key quality)."
+    ),
+    images: int = typer.Option(24, "--images", min=2, help="Synthetic radiographs to degrade."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the radiographs and the photo effects."),
+) -> None:
+    """Choose the photo quality thresholds on simulated photos of increasing severity; print the table."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    with checks.reported():
+        if bundle is not None:
+            checks.bundle(bundle)
+    from chextrain.quality import calibrate, calibration_images, calibration_text, write_thresholds
+
+    cal = calibrate(calibration_images(images, seed), seed)
+    typer.echo(calibration_text(cal), nl=False)
+    if bundle is not None:
+        path = write_thresholds(bundle, cal)
+        Console(stderr=True).print(f"wrote the quality thresholds into {escape(str(path))}")

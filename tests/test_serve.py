@@ -200,6 +200,36 @@ def test_uploads_over_the_byte_limit_are_413(client: httpx.Client) -> None:
     assert reply.startswith(b"HTTP/1.1 413") and b'"error":"too-large"' in reply
 
 
+def test_a_60_mb_post_gets_its_413_answer(client: httpx.Client) -> None:
+    """httpx sends the whole body before it reads: the server must read it to the end, then answer."""
+    big = b"\0" * (60 * 1024 * 1024)
+    detail = _error(client.post("/api/predict", files={"file": ("huge.jpg", big)}), 413, "too-large")
+    assert "exceeds the limit of 316,384" in detail
+    detail = _error(
+        client.post("/api/explain", content=big, headers={"content-type": "image/jpeg"}), 413, "too-large"
+    )
+    assert f"{len(big):,} bytes" in detail
+    # urllib (like curl and many phone clients) gives up on the first failed write: with a server that
+    # answers before reading the body it got "connection reset by peer", never the 413
+    import urllib.error
+    import urllib.request
+
+    form = (
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n'
+        + big
+        + b"\r\n--b--\r\n"
+    )
+    request = urllib.request.Request(
+        str(client.base_url.join("/api/predict")),
+        data=form,
+        headers={"content-type": "multipart/form-data; boundary=b"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        urllib.request.urlopen(request, timeout=60)
+    assert answer.value.code == 413 and b'"too-large"' in answer.value.read()
+    assert client.get("/api/health").status_code == 200  # and the server goes on serving
+
+
 def test_pixel_bombs_are_413(client: httpx.Client) -> None:
     for w, h in [(30_000, 30_000), (2_000, 1_000)]:  # over PIL's own limit; over the server's 1 MP
         detail = _error(

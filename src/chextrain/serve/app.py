@@ -4,7 +4,8 @@ Routes: `GET /` (the page), `GET /static/{app.js,style.css}`, `POST /api/predict
 `POST /api/explain` (multipart form, field `file`), `GET /api/health`, OpenAPI docs at `/docs`.
 
 Safety: the request body is read in memory up to a limit (413 from Content-Length, and again
-while streaming, so a chunked upload cannot exceed it); the multipart form is parsed in memory
+while streaming, so a chunked upload cannot exceed it; an oversized body is read to its end and
+dropped before the 413 is sent, so that clients that send first and read after receive it); the multipart form is parsed in memory
 (no temporary files); the content is sniffed from its magic bytes, never from the name or
 Content-Type (415 for anything else); images larger than `max_pixels` are refused from their
 header before decoding (413); corrupt and truncated images are refused (422). No client-supplied
@@ -47,6 +48,7 @@ from chextrain.labels import SLUGS
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # a 12 MP phone JPEG is 3-8 MB
 MAX_PIXELS = 50_000_000  # a 4608 x 3456 phone photo is 16 M
 FORM_OVERHEAD = 16 * 1024  # multipart boundaries and part headers around the file
+DRAIN_BYTES = 256 * 1024 * 1024  # an oversized body up to this size is read and dropped before the 413
 STATIC = ("app.js", "style.css")
 PAGE_CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
@@ -137,19 +139,31 @@ class InvalidRequestError(ApiError):
     status, code = 422, "invalid-request"
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 once it exceeds `limit` bytes (declared or streamed)."""
+async def read_body(request: Request, limit: int, drain: int = DRAIN_BYTES) -> bytes:
+    """The request body, refused with 413 once it exceeds `limit` bytes (declared or streamed).
+
+    Chunks are kept only up to `limit`. An oversized body of up to `drain` bytes is read to its end
+    and dropped before the 413 is sent: a client such as httpx or a browser sends the whole body
+    before it reads the answer, and a server that closes while it is still sending gets
+    "connection reset by peer" instead of the 413. A body declared larger than `drain` is refused
+    at once (nobody waits for a gigabyte to arrive).
+    """
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
             raise BadRequestError(f"invalid Content-Length {declared!r}")
-        if int(declared) > limit:
+        if int(declared) > drain:
             raise TooLargeError(f"upload of {int(declared):,} bytes exceeds the limit of {limit:,}")
-    body = bytearray()
+    body, seen = bytearray(), 0
     async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise TooLargeError(f"upload exceeds the limit of {limit:,} bytes")
+        seen += len(chunk)
+        if seen <= limit:
+            body += chunk
+        elif seen >= drain:
+            break  # stop reading: the client may see the connection close
+    if seen > limit:
+        size = f"{int(declared):,}" if declared is not None else f"{seen:,}" + ("+" if seen >= drain else "")
+        raise TooLargeError(f"upload of {size} bytes exceeds the limit of {limit:,}")
     return bytes(body)
 
 

@@ -141,6 +141,9 @@ def test_explain_returns_a_png_heatmap_per_pathology(client: httpx.Client, photo
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["method"] == method and list(body["heatmaps"]) == list(SLUGS)
+    if method == "gradcam":  # the tiny net's last block is 8 x 8 at 64 px: enough cells
+        assert (body["saliency"]["layer"], body["saliency"]["cells"]) == ("features.block3", [8, 8])
+    assert list(body["saliency"]["notes"]) == list(SLUGS)
     w, h = Image.open(io.BytesIO(photo)).size
     pixels = []
     for png in body["heatmaps"].values():
@@ -149,6 +152,21 @@ def test_explain_returns_a_png_heatmap_per_pathology(client: httpx.Client, photo
             pixels.append(np.asarray(im))
     assert not np.array_equal(pixels[0], pixels[1])
     _error(client.post("/api/explain?method=lime", files={"file": ("p.jpg", photo)}), 422, "invalid-request")
+
+
+def test_dicom_uploads_get_a_server_rendered_preview(
+    client: httpx.Client, use_demo: Path, tmp_path: Path
+) -> None:
+    from chextrain.data.images import load_image
+    from tests.test_cli_use import _dicom
+
+    xray = load_image(demo_files(use_demo, "digital", "valid")[0])
+    dicom = _dicom(tmp_path / "a.dcm", xray).read_bytes()
+    body = client.post("/api/predict?preview=true", files={"file": ("a.dcm", dicom)}).json()
+    with Image.open(io.BytesIO(base64.b64decode(body["preview_png"]))) as png:
+        assert png.format == "PNG" and png.size == xray.shape[::-1]
+        np.testing.assert_array_equal(np.asarray(png), load_image(tmp_path / "a.dcm"))
+    assert "preview_png" not in client.post("/api/predict", files={"file": ("a.dcm", dicom)}).json()
 
 
 def test_corrupt_and_truncated_images_are_422(client: httpx.Client, photo: bytes) -> None:

@@ -245,30 +245,49 @@ def explain(
         raise _fail(str(err), 1) from None
     import torch
 
-    from chextrain.evaluation.saliency import saliency_maps, save_explanation
+    from chextrain.evaluation.saliency import blank_notes, explain_maps, save_explanation
     from chextrain.fileio import write_json
+    from chextrain.labels import SLUGS
 
     predictor = _predictor(bundle, "torch", domain)
     result = predictor.predict_images([pixels], [str(image)], score_anyway=score_anyway)[0]
     with torch.enable_grad():
         x = predictor.inputs(pixels)  # 1 x 3 x S x S
-        maps = saliency_maps(predictor.model, x, result["head"], method)[0]  # 5 x S x S
+        maps, how = explain_maps(predictor.model, x, result["head"], method)
+    maps = maps[0]  # 5 x S x S
+    notes = blank_notes(maps, str(how["method"]))
     # a withheld image's maps carry no probabilities: nothing on them reads as a finding
     probs = None if result["withheld"] else [p["prob"] for p in result["pathologies"].values()]
-    title = f"{image.name}: head {result['head']}, {method}"
+    thresholds = None if result["withheld"] else [p["threshold"] for p in result["pathologies"].values()]
+    title = f"{image.name}: head {result['head']}, {how['method']}" + (
+        f" on {how['layer']}" if how["layer"] else ""
+    )
     if result["withheld"]:
         title += f" (not scored: {result['withheld_reason']})"
     elif result["flagged"]:
         title += " (FLAGGED, scored anyway)"
     paths = save_explanation(
-        pixels, maps, probs, out, image.stem, resize=predictor.preprocessing.resize, title=title
+        pixels,
+        maps,
+        probs,
+        out,
+        image.stem,
+        resize=predictor.preprocessing.resize,
+        title=title,
+        thresholds=thresholds,
+        notes=notes,
     )
-    write_json(out / f"{image.stem}.json", {**result, "method": method}, newline=True)
+    saliency = {**how, "notes": dict(zip(SLUGS, notes, strict=True))}
+    write_json(
+        out / f"{image.stem}.json", {**result, "method": how["method"], "saliency": saliency}, newline=True
+    )
     console = Console()
     for w in result["warnings"]:
         console.print(f"[yellow]warning[/yellow]: {escape(w)}")
     if result["withheld"]:
         console.print(f"[yellow]not scored[/yellow]: {escape(result['withheld_reason'])}")
+    if how["note"]:
+        console.print(f"note: {escape(str(how['note']))}")
     console.print(f"wrote {len(paths) + 1} files to {escape(str(out))} (grid: {escape(paths[-1].name)})")
 
 

@@ -3,15 +3,15 @@
 Routes: `GET /` (the page), `GET /static/{app.js,style.css}`, `POST /api/predict` and
 `POST /api/explain` (multipart form, field `file`), `GET /api/health`, OpenAPI docs at `/docs`.
 
-Safety: the request body is read in memory up to a limit (413 from Content-Length, and again
-while streaming, so a chunked upload cannot exceed it; an oversized body is read to its end and
-dropped before the 413 is sent, so that clients that send first and read after receive it); the multipart form is parsed in memory
-(no temporary files); the content is sniffed from its magic bytes, never from the name or
-Content-Type (415 for anything else); images larger than `max_pixels` are refused from their
-header before decoding (413); corrupt and truncated images are refused (422). No client-supplied
-name or path touches the disk. Every error is JSON: {"error": code, "detail": message}; its HTTP
-status and code come from the error's type (the ApiError subclasses below; upload_error maps the
-image reader's errors onto them), never from its message.
+Safety: the request body is read in memory up to a limit (413 from Content-Length, and again while
+streaming, so a chunked upload cannot exceed it; an oversized body is read to its end and dropped
+before the 413 is sent, so that clients that send first and read after receive it); the multipart
+form is parsed in memory (no temporary files); the content is sniffed from its magic bytes, never
+from the name or Content-Type (415 for anything else); images larger than `max_pixels` are refused
+from their header before decoding (413); corrupt and truncated images are refused (422). No
+client-supplied name or path touches the disk. Every error is JSON: {"error": code, "detail":
+message}; its HTTP status and code come from the error's type (the ApiError subclasses below;
+upload_error maps the image reader's errors onto them), never from its message.
 Inference runs in a worker thread under the predictor's lock, so concurrent requests are served
 one model call at a time and each gets its own answer.
 """
@@ -41,7 +41,14 @@ from chextrain.data.images import (
     sniff_format,
 )
 from chextrain.errors import ChextrainError
-from chextrain.evaluation.saliency import METHODS, display_image, overlay, png_bytes, saliency_maps
+from chextrain.evaluation.saliency import (
+    METHODS,
+    blank_notes,
+    display_image,
+    explain_maps,
+    overlay,
+    png_bytes,
+)
 from chextrain.inference import Predictor
 from chextrain.labels import SLUGS
 
@@ -252,19 +259,33 @@ def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
 def explain_result(
     predictor: Predictor, image: np.ndarray, method: str, score_anyway: bool = False
 ) -> dict[str, Any]:
-    """The prediction plus a base64 PNG overlay per pathology (on the head the router chose)."""
+    """The prediction plus a base64 PNG overlay per pathology (on the head the router chose).
+
+    "method" is the method used (gradcam falls back to gradient on inputs too small for it), and
+    "saliency" says how: {"method", "layer", "cells", "note", "notes": {slug: why a map is blank}}.
+    """
     result = predictor.predict_images([image], ["upload"], score_anyway=score_anyway)[0]
     x = predictor.inputs(image)  # 1 x 3 x S x S
     with predictor.lock, torch.enable_grad():
-        maps = saliency_maps(predictor.model, x, result["head"], method)[0]  # 5 x S x S
+        maps, how = explain_maps(predictor.model, x, result["head"], method)
+    maps = maps[0]  # 5 x S x S
     shown = display_image(image)
-    result["method"] = method
+    result["method"] = how["method"]
+    result["saliency"] = {
+        **how,
+        "notes": dict(zip(SLUGS, blank_notes(maps, str(how["method"])), strict=True)),
+    }
     mode = predictor.preprocessing.resize
     result["heatmaps"] = {
         slug: base64.b64encode(png_bytes(overlay(shown, sal, resize=mode))).decode("ascii")
         for slug, sal in zip(SLUGS, maps, strict=True)
     }
     return result
+
+
+def preview_png(image: np.ndarray) -> str:
+    """uint8 H x W -> a base64 PNG of it shrunk to at most 512 px a side (the server-rendered preview)."""
+    return base64.b64encode(png_bytes(display_image(image))).decode("ascii")
 
 
 def _error(status: int, code: str, detail: str) -> JSONResponse:
@@ -360,17 +381,20 @@ def create_app(
         }
 
     @app.post("/api/predict", openapi_extra={"requestBody": _UPLOAD_BODY})
-    async def predict(request: Request, score_anyway: bool = False) -> dict[str, Any]:
+    async def predict(request: Request, score_anyway: bool = False, preview: bool = False) -> dict[str, Any]:
         """Probabilities and decisions for one image (multipart field `file`).
 
         A flagged image (OOD, unsure router, poor photo) has its findings withheld
         (`withheld: true`, `withheld_reason`, the probabilities under `withheld_pathologies`)
-        unless `score_anyway` is true.
+        unless `score_anyway` is true. `preview`: add "preview_png", the decoded image as a base64
+        PNG of at most 512 px a side, for what a browser cannot draw itself (DICOM, HEIC).
         """
         image = await upload(request)
         result = await run_in_threadpool(
             lambda: predictor.predict_images([image], ["upload"], score_anyway=score_anyway)
         )
+        if preview:
+            result[0]["preview_png"] = await run_in_threadpool(preview_png, image)
         return result[0]
 
     @app.post("/api/explain", openapi_extra={"requestBody": _UPLOAD_BODY})

@@ -121,7 +121,8 @@ def test_a_sharp_photo_passes_and_each_fault_gets_its_advice() -> None:
     glary[20:50, 20:60] = 255  # a reflection over 13% of the film
     assert assess(glary)["checks"]["glare"]["advice"] == "avoid the reflection"
     dark = (sharp // 4).astype(np.uint8)
-    assert "too dark" in assess(dark)["checks"]["exposure"]["advice"]
+    too_dark = assess(dark)["checks"]["exposure"]
+    assert "too dark" in too_dark["advice"] and too_dark["value"]["p90"] < too_dark["threshold"]["p90_min"]
     bright = (255 - (255 - sharp) // 5).astype(np.uint8)
     bright[bright >= SATURATED] = SATURATED - 1  # bright without glare
     assert "too bright" in assess(bright)["checks"]["exposure"]["advice"]
@@ -224,3 +225,41 @@ def test_a_blurred_photo_is_withheld_with_retake_advice(routed_bundle: Path, use
     quad = FakeQuad(np.array([[16, 16], [48, 16], [48, 48], [16, 48]], np.float32))  # a quarter of the frame
     (far,) = predictor.predict_images([photo], quads=[quad])
     assert far["quality"]["checks"]["size"]["advice"] == "move closer" and far["withheld"]
+
+
+def test_predict_prints_and_writes_the_checks_and_the_advice(
+    routed_bundle: Path, use_demo: Path, tmp_path: Path
+) -> None:
+    import csv
+    import io
+
+    from typer.testing import CliRunner
+
+    from chextrain.cli import build_app
+    from tests.conftest import demo_files
+
+    blurred = Image.open(demo_files(use_demo, "natural", "valid")[1]).filter(ImageFilter.GaussianBlur(2.5))
+    blurred.save(tmp_path / "blurred.png")
+
+    def run(*args: str) -> str:
+        result = CliRunner().invoke(
+            build_app(),
+            ["predict", str(routed_bundle), str(tmp_path / "blurred.png"), *args],
+            env={"COLUMNS": "200"},
+        )
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    (r,) = json.loads(run("--format", "json", "--domain", "photo"))
+    assert r["quality"]["checks"]["blur"] == {
+        "value": pytest.approx(r["quality"]["checks"]["blur"]["value"]),
+        "verdict": "fail",
+        "threshold": DEFAULT_THRESHOLDS.blur_min,
+        "advice": "hold the phone still",
+    }
+    assert r["withheld"] and "poor photo: blur" in r["withheld_reason"]
+    (row,) = csv.DictReader(io.StringIO(run("--format", "csv", "--domain", "photo")))
+    assert row["quality"] == "fail" and row["retake"] == "Please take the photo again: hold the phone still."
+    assert float(row["quality_blur"]) < DEFAULT_THRESHOLDS.blur_min and row["withheld"] == "1"
+    table = " ".join(run("--domain", "photo").split())
+    assert "hold the phone still" in table and "not scored: poor photo: blur" in table

@@ -229,9 +229,10 @@ def measure(image: np.ndarray, quad: HasCorners | np.ndarray | None = None) -> d
 
 def verdicts(values: Mapping[str, Any], t: Thresholds) -> dict[str, dict[str, Any]]:
     """Per check: value, verdict ("pass" | "fail"), the threshold it was held to and, on failure,
-    the retake advice in plain words."""
+    the retake advice in plain words. Exposure's value is {"p10", "p90"} and its threshold
+    {"p90_min", "p10_max"}; the other checks' are numbers."""
 
-    def check(value: float, ok: bool, threshold: float | list[float], advice: str) -> dict[str, Any]:
+    def check(value: Any, ok: bool, threshold: Any, advice: str) -> dict[str, Any]:
         return {"value": value, "verdict": "pass" if ok else "fail", "threshold": threshold,
                 "advice": None if ok else advice}  # fmt: skip
 
@@ -240,9 +241,9 @@ def verdicts(values: Mapping[str, Any], t: Thresholds) -> dict[str, dict[str, An
         "blur": check(values["blur"], values["blur"] >= t.blur_min, t.blur_min, ADVICE["blur"]),
         "glare": check(values["glare"], values["glare"] <= t.glare_max, t.glare_max, ADVICE["glare"]),
         "exposure": check(
-            [low, high],
+            {"p10": low, "p90": high},
             high >= t.exposure_min and low <= t.exposure_max,
-            [t.exposure_min, t.exposure_max],
+            {"p90_min": t.exposure_min, "p10_max": t.exposure_max},
             ADVICE["dark"] if high < t.exposure_min else ADVICE["bright"],
         ),
         "size": check(values["size"], values["size"] >= t.size_min, t.size_min, ADVICE["size"]),

@@ -105,7 +105,7 @@ def quality_cells(quality: dict[str, Any] | None) -> list[str]:
     if not quality:
         return [""] * len(QUALITY_COLUMNS)
     c = quality["checks"]
-    low, high = c["exposure"]["value"]
+    low, high = c["exposure"]["value"]["p10"], c["exposure"]["value"]["p90"]
     values = [c["blur"]["value"], c["glare"]["value"], low, high, c["size"]["value"], c["tilt"]["value"]]
     return ["pass" if quality["passed"] else "fail", quality["retake"] or ""] + [_fmt(v, 6) for v in values]
 

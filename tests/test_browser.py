@@ -5,6 +5,7 @@ Skipped, with the reason printed, only where /usr/bin/chromium is not installed;
 
 from __future__ import annotations
 
+import base64
 import io
 import re
 from collections.abc import Iterator
@@ -90,9 +91,124 @@ def test_a_document_raises_the_warning_and_a_text_file_an_error(page, tmp_path: 
     warning = page.locator("#ood")
     assert warning.is_visible() and "Warning" in warning.inner_text()
     assert "does not look like" in warning.inner_text()
+    withheld = page.locator("#withheld")  # the findings greyed out under the reason
+    assert withheld.is_visible() and withheld.inner_text().startswith("Not scored: out-of-distribution")
+    assert "withheld" in page.get_attribute("#bars", "class")
+    assert page.locator("#bars li.withheld").count() == 5 and page.locator("#bars li.positive").count() == 0
+    assert "(positive)" not in page.inner_text("#bars")
+    assert page.locator("#bars").evaluate("ul => getComputedStyle(ul).opacity") == "0.45"
     page.set_input_files(
         "#file", files=[{"name": "x.jpg", "mimeType": "image/jpeg", "buffer": b"plain text" * 9}]
     )
     expect(page.locator("#error")).to_be_visible(timeout=30_000)
     assert "not an image" in page.inner_text("#error")
     assert not page.locator("#result").is_visible()
+
+
+def _png_bytes(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_blurred_photo_gets_retake_advice(page, use_demo: Path) -> None:
+    from PIL import ImageFilter
+
+    page.errors.clear()  # the text file of the test before was refused on purpose
+
+    photo = Image.open(demo_files(use_demo, "natural", "valid")[1]).filter(ImageFilter.GaussianBlur(2.5))
+    page.set_input_files(
+        "#file",
+        files=[{"name": "blurred.png", "mimeType": "image/png", "buffer": _png_bytes(np.asarray(photo))}],
+    )
+    expect(page.locator("#heatmaps img")).to_have_count(5, timeout=60_000)
+    quality = page.locator("#quality")
+    assert quality.is_visible() and "retake" in quality.get_attribute("class")
+    assert page.inner_text("#quality .advice") == "Please take the photo again: hold the phone still."
+    assert page.get_attribute("#quality li[data-check=blur]", "class") == "fail"
+    assert page.inner_text("#withheld").startswith("Not scored: poor photo: blur")
+    assert page.locator("#bars li.withheld").count() == 5
+    captions = page.locator("#heatmaps figcaption").all_inner_texts()
+    assert all(c.endswith("(not scored)") for c in captions)
+    assert not page.errors
+
+
+def test_findings_panels_say_positive_or_negative_against_their_threshold(page, use_demo: Path) -> None:
+    page.set_input_files("#file", str(demo_files(use_demo, "natural", "valid")[0]))
+    expect(page.locator("#heatmaps img")).to_have_count(5, timeout=60_000)
+    assert page.inner_text("#quality .advice") == "Photo quality: good."
+    assert page.inner_text("#saliency-method") == "Grad-CAM, 8 x 8 cells"
+    for caption in page.locator("#heatmaps figcaption").all_inner_texts():
+        assert re.fullmatch(r"[A-Za-z ]+ \d+\.\d% (>= \d+\.\d%: positive|< \d+\.\d%: negative)", caption), (
+            caption
+        )
+
+
+def test_a_large_photo_is_shrunk_upright_on_the_device(page) -> None:
+    """A 3,000 x 2,000 JPEG whose EXIF says 'rotate 90': the page uploads a 1,365 x 2,048 upright JPEG."""
+    wide = np.zeros((2000, 3000), np.uint8)
+    wide[:, :1500] = 200  # the left half bright; EXIF orientation 6 (rotate 90 clockwise) puts it on top
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(wide).save(buf, format="JPEG", quality=80, exif=exif.tobytes())
+    sent = page.evaluate(
+        """async (b64) => {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const ready = await prepare(new File([bytes], "big.jpg", { type: "image/jpeg" }));
+            const bitmap = await createImageBitmap(ready.blob);  // what the server receives, as sent
+            const canvas = new OffscreenCanvas(bitmap.width, bitmap.height);
+            const ctx = canvas.getContext("2d");
+            ctx.drawImage(bitmap, 0, 0);
+            const mean = (y) => {
+                const d = ctx.getImageData(0, y, bitmap.width, 1).data;
+                let s = 0;
+                for (let i = 0; i < d.length; i += 4) s += d[i];
+                return s / (d.length / 4);
+            };
+            return { type: ready.blob.type, size: [bitmap.width, bitmap.height], top: mean(10),
+                     bottom: mean(bitmap.height - 10), note: ready.note };
+        }""",
+        base64.b64encode(buf.getvalue()).decode("ascii"),
+    )
+    assert sent["type"] == "image/jpeg" and sent["size"] == [1365, 2048]  # upright, 2,048 on the long side
+    assert sent["top"] > 150 > sent["bottom"]
+    assert sent["note"] == "Shrunk from 2000 x 3000 to 1365 x 2048 px before upload."
+    page.set_input_files(
+        "#file", files=[{"name": "big.jpg", "mimeType": "image/jpeg", "buffer": buf.getvalue()}]
+    )
+    expect(page.locator("#status")).to_have_text(f"Done. {sent['note']}", timeout=60_000)
+
+
+def test_sizes_the_server_refuses_are_told_clearly(page) -> None:
+    too_big = b"\0" * 128 + b"DICM" + b"\0" * (21 * 1024 * 1024)  # a DICOM the browser cannot shrink
+    requests: list[str] = []
+    page.on("request", lambda req: requests.append(req.url) if "/api/" in req.url else None)
+    page.set_input_files(
+        "#file", files=[{"name": "ct.dcm", "mimeType": "application/dicom", "buffer": too_big}]
+    )
+    expect(page.locator("#error")).to_be_visible(timeout=30_000)
+    assert "the server accepts at most 20.0 MB" in page.inner_text("#error")
+    assert requests == []  # refused on the device, before any upload
+    # and a 60 MB POST from the browser itself gets the server's JSON 413, not a reset connection
+    answer = page.evaluate(
+        """async () => {
+            const form = new FormData();
+            form.append("file", new Blob([new Uint8Array(60 * 1024 * 1024)]), "huge.jpg");
+            const r = await fetch("/api/predict", { method: "POST", body: form });
+            return { status: r.status, body: await r.json() };
+        }"""
+    )
+    assert answer["status"] == 413 and answer["body"]["error"] == "too-large"
+
+
+def test_a_dicom_upload_shows_the_server_rendered_preview(page, use_demo: Path, tmp_path: Path) -> None:
+    from chextrain.data.images import load_image
+    from tests.test_cli_use import _dicom
+
+    dicom = _dicom(tmp_path / "a.dcm", load_image(demo_files(use_demo, "digital", "valid")[0]))
+    page.set_input_files("#file", str(dicom))
+    expect(page.locator("#heatmaps img")).to_have_count(5, timeout=60_000)
+    assert page.get_attribute("#preview", "src").startswith("data:image/png;base64,")
+    assert page.locator("#preview").evaluate("img => img.complete && img.naturalWidth") == 64
+    assert not page.locator("#quality").is_visible()  # a digital x-ray: no photo checks

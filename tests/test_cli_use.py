@@ -103,6 +103,10 @@ def test_csv_and_table_formats(routed_bundle: Path, images: Path, tmp_path: Path
             assert 0 <= float(r[f"{s}_prob"]) <= 1 and r[f"{s}_positive"] in ("0", "1")
             assert (float(r[f"{s}_prob"]) >= float(r[f"{s}_threshold"])) == (r[f"{s}_positive"] == "1")
         assert r["ood_status"] in ("in-distribution", "out-of-distribution") and float(r["p_photo"]) >= 0
+        if r["head"] == "photo":  # the photo quality checks close the row; none for an x-ray
+            assert r["quality"] in ("pass", "fail") and float(r["quality_blur"]) > 0
+        else:
+            assert r["quality"] == r["quality_blur"] == ""
     code, out, _ = _run("predict", routed_bundle, images / "a.jpg", images / "nope.png")
     assert code == 1
     row = next(line for line in out.splitlines() if line.strip().startswith("a.jpg"))
@@ -296,3 +300,46 @@ def test_predict_applies_the_bundle_temperatures_unless_told_not_to(
         assert all(abs(b - 0.5) < abs(a - 0.5) for a, b in zip(p, on[name], strict=True))
     table = runner.invoke(build_app(), ["predict", str(folder), str(images / "a.jpg"), "--no-calibration"])
     assert "--no-calibration" in " ".join(table.stdout.split())
+
+
+def _document(path: Path) -> Path:
+    """A text document saved as PNG: not a chest x-ray, so the OOD check flags it."""
+    doc = np.full((120, 90), 245, np.uint8)
+    doc[10:110:8, 8:80] = 20
+    Image.fromarray(doc).save(path)
+    return path
+
+
+def test_flagged_images_are_not_scored_in_the_table_json_and_csv(routed_bundle: Path, images: Path) -> None:
+    doc = _document(images / "letter.png")
+    code, out, _ = _run("predict", routed_bundle, images / "a.jpg", doc)
+    assert code == 0
+    row = next(line for line in out.splitlines() if line.strip().startswith("letter.png"))
+    assert "FLAG" in row and not re.search(r"\d\.\d\d[+ ]", row.split("FLAG")[1])  # no probability
+    assert "letter.png: not scored: out-of-distribution" in " ".join(out.split()) and "--score-anyway" in out
+    row = next(line for line in out.splitlines() if line.strip().startswith("a.jpg"))
+    assert len(re.findall(r"\d\.\d\d[+ ]", row)) == 6 and "not scored" not in row
+
+    code, out, _ = _run("predict", routed_bundle, doc, "--format", "json")
+    (r,) = json.loads(out)
+    assert r["withheld"] is True and r["withheld_reason"].startswith("out-of-distribution")
+    assert "pathologies" not in r and list(r["withheld_pathologies"]) == list(SLUGS)
+
+    code, out, _ = _run("predict", routed_bundle, doc, images / "a.jpg", "--format", "csv")
+    rows = {Path(r["name"]).name: r for r in csv.DictReader(io.StringIO(out))}
+    flagged, fine = rows["letter.png"], rows["a.jpg"]
+    assert flagged["withheld"] == "1" and flagged["withheld_reason"].startswith("out-of-distribution")
+    assert all(flagged[f"{s}_prob"] == "" and flagged[f"{s}_positive"] == "" for s in SLUGS)
+    assert all(0 <= float(flagged[f"withheld_{s}_prob"]) <= 1 for s in SLUGS)
+    assert fine["withheld"] == "0" and all(fine[f"withheld_{s}_prob"] == "" for s in SLUGS)
+
+    code, out, _ = _run("predict", routed_bundle, doc, "--format", "json", "--score-anyway")
+    (anyway,) = json.loads(out)
+    assert not anyway["withheld"] and anyway["scored_anyway"] and anyway["flagged"]
+    assert {s: p["prob"] for s, p in anyway["pathologies"].items()} == {
+        s: p["prob"] for s, p in r["withheld_pathologies"].items()
+    }
+    code, out, _ = _run("predict", routed_bundle, doc, "--score-anyway")
+    row = next(line for line in out.splitlines() if line.strip().startswith("letter.png"))
+    assert len(re.findall(r"\d\.\d\d[+ ]", row)) == 6 and "not scored" not in out
+    assert "scored anyway" in " ".join(out.split()) or "--score-anyway" in out

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from chextrain.data.images import load_image
-from chextrain.inference import TTA_VIEWS, Predictor, PredictorError, jitter
+from chextrain.inference import TTA_VIEWS, Predictor, PredictorError, jitter, withhold
 from chextrain.labels import SLUGS
 from chextrain.models.bundle import save_bundle
 from chextrain.models.net import CXRNet
@@ -75,7 +75,7 @@ def test_uncertain_router_is_flagged(plain_bundle: Path) -> None:
     assert r["p_photo"] == pytest.approx(0.5)
     assert r["router_uncertain"] and r["flagged"]
     assert any("router" in w for w in r["warnings"])
-    (forced,) = predictor.predict_images([non_xrays()["noise"]], domain="photo")
+    (forced,) = predictor.predict_images([non_xrays()["noise"]], domain="digital")
     assert not forced["router_uncertain"] and not forced["flagged"]
 
 
@@ -174,8 +174,8 @@ def test_jitter_zooms_and_shifts_without_flipping() -> None:
 def test_batches_give_the_same_answers(plain_bundle: Path, use_demo: Path) -> None:
     predictor = Predictor.from_bundle(plain_bundle)
     images = [load_image(f) for f in demo_files(use_demo, "natural", "valid")[:5]]
-    one = predictor.predict_images(images, batch_size=1)
-    many = predictor.predict_images(images, batch_size=16)
+    one = predictor.predict_images(images, batch_size=1, score_anyway=True)  # a random router is unsure
+    many = predictor.predict_images(images, batch_size=16, score_anyway=True)
     for a, b in zip(one, many, strict=True):
         assert a["head"] == b["head"]
         for s in SLUGS:
@@ -245,3 +245,41 @@ def test_bad_temperatures_are_refused(plain_bundle: Path, tmp_path: Path) -> Non
         Predictor(model, {**meta, "temperature": {"x": 2.0}})
     with pytest.raises(PredictorError, match="temperature\\['photo'\\]"):
         Predictor(model, {**meta, "temperature": {"photo": 0}})
+
+
+# ---------------------------------------------------------------- withholding
+
+
+def test_flagged_images_have_their_findings_withheld(routed_bundle: Path) -> None:
+    predictor = Predictor.from_bundle(routed_bundle)
+    odd = non_xrays()
+    for r in predictor.predict_images(list(odd.values()), list(odd)):
+        assert r["flagged"] and r["withheld"] and "pathologies" not in r, r["name"]
+        assert r["withheld_reason"].startswith("out-of-distribution") and not r["scored_anyway"]
+        assert list(r["withheld_pathologies"]) == list(SLUGS)  # kept for research use
+    anyway = predictor.predict_images(list(odd.values()), list(odd), score_anyway=True)
+    for r in anyway:
+        assert r["flagged"] and not r["withheld"] and r["scored_anyway"] and r["withheld_reason"] is None
+        assert "withheld_pathologies" not in r and list(r["pathologies"]) == list(SLUGS)
+    withheld = predictor.predict_images([odd["noise"]])[0]["withheld_pathologies"]
+    assert withheld == anyway[1]["pathologies"]  # the same numbers, only moved
+
+
+def test_an_unsure_router_withholds_and_a_clean_result_is_untouched(plain_bundle: Path) -> None:
+    predictor = Predictor.from_bundle(plain_bundle)
+    with torch.no_grad():  # P(photo) = 0.5 exactly for every image
+        predictor.model.router.weight.zero_()
+        predictor.model.router.bias.zero_()
+    (r,) = predictor.predict_images([non_xrays()["noise"]])
+    assert r["withheld"] and r["withheld_reason"].startswith("router unsure")
+    (forced,) = predictor.predict_images([non_xrays()["noise"]], domain="digital")
+    assert not forced["withheld"] and forced["withheld_reason"] is None and "pathologies" in forced
+    clean = {"ood": {"flag": False}, "router_uncertain": False, "pathologies": {"edema": {}}}
+    assert withhold(dict(clean)) == {
+        **clean,
+        "withheld": False,
+        "withheld_reason": None,
+        "scored_anyway": False,
+    }
+    both = withhold({**clean, "ood": {"flag": True}, "router_uncertain": True})
+    assert both["withheld_reason"] == "out-of-distribution; router unsure (digital x-ray or photo?)"

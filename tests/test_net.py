@@ -28,8 +28,10 @@ def test_every_backbone_gives_pooled_features(name: str) -> None:
     with torch.no_grad():
         f = encoder(_images(2))
     assert f.shape == (2, num_features)
-    assert num_features == {"densenet121": 1024, "resnet18": 512, "resnet50": 2048,
-                            "efficientnet_b0": 1280, "tiny": 48}[name]
+    assert (
+        num_features
+        == {"densenet121": 1024, "resnet18": 512, "resnet50": 2048, "efficientnet_b0": 1280, "tiny": 48}[name]
+    )
     for block in encoder.last_block:  # every backbone names a real last block
         assert any(True for _ in encoder.get_submodule(block).parameters())
 
@@ -112,8 +114,12 @@ def test_freeze_modes_select_the_right_parameters() -> None:
     assert {n for n in names if not n.startswith("encoder.")} == {"heads.photo.weight", "heads.photo.bias"}
 
     apply_freeze(net, "encoder", ["digital", "router"])
-    assert _trainable_names(net) == {"heads.digital.weight", "heads.digital.bias", "router.weight",
-                                     "router.bias"}
+    assert _trainable_names(net) == {
+        "heads.digital.weight",
+        "heads.digital.bias",
+        "router.weight",
+        "router.bias",
+    }
     apply_freeze(net, "none", ["digital"])
     names = _trainable_names(net)
     assert all(p.requires_grad for p in net.encoder.parameters())
@@ -138,8 +144,9 @@ def test_freeze_refuses_bad_mode_and_heads() -> None:
     assert FREEZE_MODES == ("none", "encoder", "last-block")
 
 
-@pytest.mark.parametrize(("backbone", "mode"), [("tiny", "encoder"), ("tiny", "last-block"),
-                                                ("densenet121", "last-block")])
+@pytest.mark.parametrize(
+    ("backbone", "mode"), [("tiny", "encoder"), ("tiny", "last-block"), ("densenet121", "last-block")]
+)
 def test_frozen_parameters_and_buffers_are_bit_identical_after_training(backbone: str, mode: str) -> None:
     torch.manual_seed(0)
     net = CXRNet(backbone, heads=("digital", "photo"), router=True)

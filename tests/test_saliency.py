@@ -12,9 +12,14 @@ from PIL import Image
 
 from chextrain.evaluation.saliency import (
     SaliencyError,
+    blank_notes,
+    explain_maps,
     grad_cam,
+    gradcam_layer,
+    grid_figure,
     map_to_image,
     overlay,
+    panel_title,
     saliency_maps,
     save_explanation,
     vanilla_gradients,
@@ -84,8 +89,51 @@ def test_grad_cam_matches_a_hand_computation_on_the_last_block(model: CXRNet, x:
     (g,) = torch.autograd.grad(logit, acts["a"])  # 1 x C x h x w
     cam = F.relu((g.mean(dim=(2, 3), keepdim=True) * acts["a"]).sum(dim=1, keepdim=True))
     cam = F.interpolate(cam, size=(48, 48), mode="bilinear", align_corners=False)[0, 0]
-    got = grad_cam(model, x, "photo", targets=[1])[0, 0]
+    got = grad_cam(model, x, "photo", targets=[1], layer="features.block3")[0, 0]
     np.testing.assert_allclose(got, cam.detach().numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_grad_cam_picks_a_block_with_at_least_8_x_8_cells(model: CXRNet) -> None:
+    # the tiny net halves the size in each of its three blocks
+    assert gradcam_layer(model, 64) == ("features.block3", (8, 8))  # the last block is fine
+    assert gradcam_layer(model, 48) == ("features.block2", (12, 12))  # block3 would be 6 x 6
+    assert gradcam_layer(model, 20) == ("features.block1", (10, 10))
+    assert gradcam_layer(model, 12) is None  # 6 x 6 at best
+    x = torch.rand(1, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    maps, how = explain_maps(model, x, "photo", "gradcam")
+    assert how == {"method": "gradcam", "layer": "features.block2", "cells": [12, 12], "note": None}
+    np.testing.assert_allclose(
+        maps, grad_cam(model, x, "photo", layer="features.block2"), rtol=1e-5, atol=1e-7
+    )
+    assert not np.allclose(maps, grad_cam(model, x, "photo", layer="features.block3"))
+    small = torch.rand(1, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    maps, how = explain_maps(model, small, "photo", "gradcam")  # 6 x 6 at best: gradients instead
+    assert how["method"] == "gradient" and how["layer"] is None and "8 x 8" in how["note"]
+    np.testing.assert_array_equal(maps, vanilla_gradients(model, small, "photo"))
+
+
+def test_blank_maps_say_why_and_panels_say_positive_or_negative() -> None:
+    maps = np.zeros((3, 8, 8), np.float32)
+    maps[1, 2, 2] = 0.5
+    maps[2] = np.nan
+    notes = blank_notes(maps, "gradcam")
+    assert notes[1] is None and notes[0] == notes[2] and "no region raised this score" in notes[0]
+    assert "does not change" in blank_notes(maps[:1], "gradient")[0]
+    assert panel_title("Edema", 0.62, 0.5) == "Edema\np = 0.62 >= 0.50: positive"
+    assert panel_title("Edema", 0.12, 0.3) == "Edema\np = 0.12 < 0.30: negative"
+    assert panel_title("Edema", None, 0.3) == "Edema\nnot scored"
+    image = np.full((40, 40), 100, np.uint8)
+    fig = grid_figure(
+        image,
+        np.zeros((5, 8, 8)),
+        [0.9, 0.1, 0.2, 0.3, 0.4],
+        thresholds=[0.5] * 5,
+        notes=blank_notes(np.zeros((5, 8, 8)), "gradcam"),
+    )
+    titles = [ax.get_title() for ax in fig.axes[1:]]
+    assert titles[0].endswith("positive") and titles[1].endswith("negative")
+    texts = [t.get_text() for ax in fig.axes[1:] for t in ax.texts]
+    assert len(texts) == 5 and all("blank" in t for t in texts)
 
 
 def test_bad_arguments(model: CXRNet, x: torch.Tensor) -> None:

@@ -98,15 +98,41 @@ def test_predict_a_phone_photo(client: httpx.Client, photo: bytes, predictor: Pr
         for p in body["pathologies"].values()
     )
     assert body["ood"]["status"] in ("in-distribution", "out-of-distribution")
+    assert list(body["quality"]["checks"]) == ["blur", "glare", "exposure", "size", "tilt"]
+    assert body["quality"]["passed"] and body["quality"]["retake"] is None and not body["withheld"]
     direct = predictor.predict_images([load_image_bytes(photo)], ["upload"])[0]
     assert body == direct  # the same answer as the library
 
 
-def test_predict_flags_a_document(client: httpx.Client) -> None:
+def test_a_blurred_photo_gets_retake_advice_and_no_findings(client: httpx.Client, photo: bytes) -> None:
+    from PIL import ImageFilter
+
+    blurred = Image.open(io.BytesIO(photo)).filter(ImageFilter.GaussianBlur(2.5))
+    buf = io.BytesIO()
+    blurred.save(buf, format="PNG")
+    body = client.post("/api/predict", files={"file": ("blurred.png", buf.getvalue())}).json()
+    assert body["head"] == "photo" and body["quality"]["checks"]["blur"]["verdict"] == "fail"
+    assert body["quality"]["retake"] == "Please take the photo again: hold the phone still."
+    assert body["withheld"] and "poor photo: blur" in body["withheld_reason"] and "pathologies" not in body
+
+
+def test_predict_flags_a_document_and_withholds_its_findings(client: httpx.Client) -> None:
     page = np.full((120, 90), 245, np.uint8)
     page[10:110:8, 8:80] = 20
     body = client.post("/api/predict", files={"file": ("scan.png", _png(page))}).json()
     assert body["ood"]["flag"] is True and body["flagged"] and body["warnings"]
+    assert body["withheld"] is True and body["withheld_reason"].startswith("out-of-distribution")
+    assert "pathologies" not in body and list(body["withheld_pathologies"]) == list(SLUGS)
+    anyway = client.post("/api/predict?score_anyway=true", files={"file": ("scan.png", _png(page))}).json()
+    assert anyway["withheld"] is False and anyway["scored_anyway"] is True
+    assert anyway["pathologies"] == body["withheld_pathologies"]
+    explained = client.post("/api/explain", files={"file": ("scan.png", _png(page))}).json()
+    assert explained["withheld"] and "pathologies" not in explained and len(explained["heatmaps"]) == 5
+    _error(
+        client.post("/api/predict?score_anyway=maybe", files={"file": ("s.png", _png(page))}),
+        422,
+        "invalid-request",
+    )
 
 
 @pytest.mark.parametrize("method", ["gradcam", "gradient"])
@@ -115,6 +141,9 @@ def test_explain_returns_a_png_heatmap_per_pathology(client: httpx.Client, photo
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["method"] == method and list(body["heatmaps"]) == list(SLUGS)
+    if method == "gradcam":  # the tiny net's last block is 8 x 8 at 64 px: enough cells
+        assert (body["saliency"]["layer"], body["saliency"]["cells"]) == ("features.block3", [8, 8])
+    assert list(body["saliency"]["notes"]) == list(SLUGS)
     w, h = Image.open(io.BytesIO(photo)).size
     pixels = []
     for png in body["heatmaps"].values():
@@ -123,6 +152,21 @@ def test_explain_returns_a_png_heatmap_per_pathology(client: httpx.Client, photo
             pixels.append(np.asarray(im))
     assert not np.array_equal(pixels[0], pixels[1])
     _error(client.post("/api/explain?method=lime", files={"file": ("p.jpg", photo)}), 422, "invalid-request")
+
+
+def test_dicom_uploads_get_a_server_rendered_preview(
+    client: httpx.Client, use_demo: Path, tmp_path: Path
+) -> None:
+    from chextrain.data.images import load_image
+    from tests.test_cli_use import _dicom
+
+    xray = load_image(demo_files(use_demo, "digital", "valid")[0])
+    dicom = _dicom(tmp_path / "a.dcm", xray).read_bytes()
+    body = client.post("/api/predict?preview=true", files={"file": ("a.dcm", dicom)}).json()
+    with Image.open(io.BytesIO(base64.b64decode(body["preview_png"]))) as png:
+        assert png.format == "PNG" and png.size == xray.shape[::-1]
+        np.testing.assert_array_equal(np.asarray(png), load_image(tmp_path / "a.dcm"))
+    assert "preview_png" not in client.post("/api/predict", files={"file": ("a.dcm", dicom)}).json()
 
 
 def test_corrupt_and_truncated_images_are_422(client: httpx.Client, photo: bytes) -> None:
@@ -172,6 +216,36 @@ def test_uploads_over_the_byte_limit_are_413(client: httpx.Client) -> None:
         )
         reply = b"".join(iter(lambda: s.recv(65536), b""))
     assert reply.startswith(b"HTTP/1.1 413") and b'"error":"too-large"' in reply
+
+
+def test_a_60_mb_post_gets_its_413_answer(client: httpx.Client) -> None:
+    """httpx sends the whole body before it reads: the server must read it to the end, then answer."""
+    big = b"\0" * (60 * 1024 * 1024)
+    detail = _error(client.post("/api/predict", files={"file": ("huge.jpg", big)}), 413, "too-large")
+    assert "exceeds the limit of 316,384" in detail
+    detail = _error(
+        client.post("/api/explain", content=big, headers={"content-type": "image/jpeg"}), 413, "too-large"
+    )
+    assert f"{len(big):,} bytes" in detail
+    # urllib (like curl and many phone clients) gives up on the first failed write: with a server that
+    # answers before reading the body it got "connection reset by peer", never the 413
+    import urllib.error
+    import urllib.request
+
+    form = (
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n'
+        + big
+        + b"\r\n--b--\r\n"
+    )
+    request = urllib.request.Request(
+        str(client.base_url.join("/api/predict")),
+        data=form,
+        headers={"content-type": "multipart/form-data; boundary=b"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        urllib.request.urlopen(request, timeout=60)
+    assert answer.value.code == 413 and b'"too-large"' in answer.value.read()
+    assert client.get("/api/health").status_code == 200  # and the server goes on serving
 
 
 def test_pixel_bombs_are_413(client: httpx.Client) -> None:

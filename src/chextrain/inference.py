@@ -20,6 +20,11 @@ same way (`scale_thresholds`), so every decision is the one the raw probability 
 `calibrated=False` (the CLI's `--no-calibration`) reports the raw probabilities; bundles without
 temperatures use T = 1.
 
+Withholding. A flagged image (OOD, unsure router, or a photo that fails the quality gate) has its
+findings withheld unless the caller asks to score it anyway (`score_anyway`): its result says
+`withheld: true` and `withheld_reason`, and the per-pathology dict moves from "pathologies" to
+"withheld_pathologies" (kept for research use, never shown as findings). See `withhold`.
+
 Test-time augmentation (TTA) averages a fixed set of small zooms and shifts. No flips: a chest
 x-ray is not left-right symmetric (the heart lies left; cardiomegaly is judged on that side).
 """
@@ -51,6 +56,7 @@ from chextrain.labels import NAME_OF, SLUGS
 from chextrain.models.bundle import load_bundle
 from chextrain.models.net import CXRNet
 from chextrain.ood import ROUTER_BAND, OODError, ScoringNet, check_calibration, combined_scores, run_batch
+from chextrain.quality import HasCorners, assess, thresholds_from_meta
 
 ROUTE_CHOICES: tuple[str, ...] = ("auto", "digital", "photo")  # "auto": the router picks the head
 RUNTIMES: tuple[str, ...] = ("torch", "onnx")
@@ -141,6 +147,7 @@ class Predictor:
             self.ood = check_calibration(meta.get("ood"), model)
         except OODError as err:
             raise PredictorError(f"bundle {name}: {err}" if name else str(err)) from None
+        self.quality_thresholds, self.quality_source = thresholds_from_meta(self.meta)  # model.json "quality"
         band = (self.ood or {}).get("router_band", ROUTER_BAND)
         self.router_band: tuple[float, float] = (float(band[0]), float(band[1]))
         self.temperature = bundle_temperatures(meta, model.head_names, name) if calibrated else {}
@@ -209,8 +216,15 @@ class Predictor:
         tta: bool = False,
         batch_size: int = 16,
         domain: str | None = None,
+        score_anyway: bool = False,
+        quads: Sequence[HasCorners | None] | None = None,
     ) -> list[dict[str, Any]]:
-        """One result dict per image (see `_result`), in order; `domain` overrides the default."""
+        """One result dict per image (see `_result`), in order; `domain` overrides the default.
+
+        Photos get the quality gate (`gate_quality`; `quads`: the radiograph's quadrilateral per
+        image, None: the whole image). Flagged images have their findings withheld (`withhold`)
+        unless `score_anyway`.
+        """
         names = list(names) if names is not None else [f"image{i}" for i in range(len(images))]
         if len(names) != len(images):
             raise PredictorError(f"got {len(images)} images but {len(names)} names")
@@ -242,7 +256,29 @@ class Predictor:
                         tta,
                     )
                 )
-        return out
+        quads = [None] * len(images) if quads is None else list(quads)
+        if len(quads) != len(images):
+            raise PredictorError(f"got {len(images)} images but {len(quads)} quadrilaterals")
+        gated = [self.gate_quality(r, im, q) for r, im, q in zip(out, images, quads, strict=True)]
+        return [withhold(r, score_anyway=score_anyway) for r in gated]
+
+    def gate_quality(
+        self, result: dict[str, Any], image: np.ndarray, quad: HasCorners | None
+    ) -> dict[str, Any]:
+        """`result` with "quality": the photo checks (chextrain.quality.assess) when the image was
+        scored as a photo, else None (a digital x-ray is not a photo of one). A failed check flags the
+        image, with the retake advice as its warning."""
+        result["quality"] = None
+        if result["domain"] == "photo":
+            report = assess(image, quad, self.quality_thresholds, self.quality_source)
+            result["quality"] = report
+            if not report["passed"]:
+                failed = [k for k, c in report["checks"].items() if c["verdict"] == "fail"]
+                result["warnings"].append(
+                    f"the photo fails the quality checks ({', '.join(failed)}): {report['retake']}"
+                )
+                result["flagged"] = True
+        return result
 
     def calibrate(self, probs: np.ndarray) -> np.ndarray:
         """B x heads x C probabilities with each head's temperature applied (float64); as is without any."""
@@ -338,3 +374,40 @@ def scale_thresholds(
         if head in out:
             out[head] = {s: float(apply_temperature(np.float64(v), t)) for s, v in out[head].items()}
     return out
+
+
+# --- withholding ---------------------------------------------------------------------------
+
+
+def withheld_reasons(result: Mapping[str, Any]) -> list[str]:
+    """Why a result's findings cannot be trusted, in short words (empty: nothing to withhold).
+
+    Reads the result's OOD flag, its unsure router and, when present, its quality report.
+    """
+    reasons = []
+    if result["ood"].get("flag"):
+        reasons.append("out-of-distribution")
+    if result["router_uncertain"]:
+        reasons.append("router unsure (digital x-ray or photo?)")
+    quality = result.get("quality")
+    if quality and not quality["passed"]:
+        failed = [name for name, check in quality["checks"].items() if check["verdict"] == "fail"]
+        reasons.append("poor photo: " + ", ".join(failed))
+    return reasons
+
+
+def withhold(result: dict[str, Any], *, score_anyway: bool = False) -> dict[str, Any]:
+    """`result` with its findings withheld when it is flagged, unless `score_anyway`.
+
+    Adds `withheld` (bool), `withheld_reason` (str or None) and `scored_anyway` (flagged, but
+    scored because the caller asked). Withheld: "pathologies" becomes "withheld_pathologies", so
+    no reader can take a withheld probability for a finding by accident.
+    """
+    reasons = withheld_reasons(result)
+    withheld = bool(reasons) and not score_anyway
+    result["withheld"] = withheld
+    result["withheld_reason"] = "; ".join(reasons) if withheld else None
+    result["scored_anyway"] = bool(reasons) and score_anyway
+    if withheld:
+        result["withheld_pathologies"] = result.pop("pathologies")
+    return result

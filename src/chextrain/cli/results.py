@@ -3,7 +3,11 @@
 The table names each file relative to the files' common folder and, when a name is still too
 long, cuts it from the left so that its distinguishing end (the file name) stays; the `+` marks
 come with the thresholds they use, and the options that changed the scores (--tta, --domain) are
-named under the table. Standard library and rich only (rich imported inside).
+named under the table. A withheld image (inference.withhold) shows `-` for each finding and a
+line "not scored: REASON" under the table; in the CSV its `{slug}_prob` cells are empty and its
+probabilities sit in the `withheld_{slug}_prob` columns (research use only). The photo quality
+checks close each CSV row (QUALITY_COLUMNS); in the table a failed one is a warning with its
+advice. Standard library and rich only (rich imported inside).
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 
 def csv_text(results: list[dict[str, Any]]) -> str:
-    """One CSV row per image: routing, OOD, then probability and decision per pathology."""
+    """One CSV row per image: routing, OOD, withholding, then probability and decision per pathology,
+    the warnings, and the withheld probabilities (filled only for withheld rows)."""
     from chextrain.labels import SLUGS
 
     buf = io.StringIO()
@@ -41,13 +46,17 @@ def csv_text(results: list[dict[str, Any]]) -> str:
         "ood_score",
         "ood_threshold",
         "flagged",
+        "withheld",
+        "withheld_reason",
     ]
     writer = csv.writer(buf, lineterminator="\n")
     per = [f"{s}_{k}" for s in SLUGS for k in ("prob", "threshold", "positive")]
-    writer.writerow(head + per + ["warnings"])
+    research = [f"withheld_{s}_prob" for s in SLUGS]
+    writer.writerow(head + per + ["warnings"] + research + QUALITY_COLUMNS)
     for r in results:
         if "error" in r:
-            writer.writerow([r["name"], r["error"]] + [""] * (len(head) - 2 + 3 * len(SLUGS) + 1))
+            blanks = len(head) - 2 + len(per) + 1 + len(research) + len(QUALITY_COLUMNS)
+            writer.writerow([r["name"], r["error"]] + [""] * blanks)
             continue
         ood = r["ood"]
         row = [
@@ -62,12 +71,43 @@ def csv_text(results: list[dict[str, Any]]) -> str:
             _fmt(ood["score"], 6),
             _fmt(ood["threshold"], 6),
             int(r["flagged"]),
+            int(r["withheld"]),
+            r["withheld_reason"] or "",
         ]
         for s in SLUGS:
-            p = r["pathologies"][s]
-            row += [_fmt(p["prob"], 6), _fmt(p["threshold"], 6), int(p["positive"])]
-        writer.writerow(row + ["; ".join(r["warnings"])])
+            if r["withheld"]:
+                row += ["", _fmt(r["withheld_pathologies"][s]["threshold"], 6), ""]
+            else:
+                p = r["pathologies"][s]
+                row += [_fmt(p["prob"], 6), _fmt(p["threshold"], 6), int(p["positive"])]
+        row.append("; ".join(r["warnings"]))
+        withheld = r.get("withheld_pathologies", {})
+        row += [_fmt(withheld[s]["prob"], 6) if withheld else "" for s in SLUGS]
+        writer.writerow(row + quality_cells(r.get("quality")))
     return buf.getvalue()
+
+
+QUALITY_COLUMNS = [
+    "quality",
+    "retake",
+    "quality_blur",
+    "quality_glare",
+    "quality_exposure_p10",
+    "quality_exposure_p90",
+    "quality_size",
+    "quality_tilt",
+]
+
+
+def quality_cells(quality: dict[str, Any] | None) -> list[str]:
+    """The QUALITY_COLUMNS of one result: pass / fail (empty: not a photo, no checks), the retake
+    advice, then each check's value."""
+    if not quality:
+        return [""] * len(QUALITY_COLUMNS)
+    c = quality["checks"]
+    low, high = c["exposure"]["value"]["p10"], c["exposure"]["value"]["p90"]
+    values = [c["blur"]["value"], c["glare"]["value"], low, high, c["size"]["value"], c["tilt"]["value"]]
+    return ["pass" if quality["passed"] else "fail", quality["retake"] or ""] + [_fmt(v, 6) for v in values]
 
 
 def _short_names(names: list[str]) -> tuple[str, list[str]]:
@@ -89,7 +129,7 @@ def thresholds_lines(results: list[dict[str, Any]]) -> list[str]:
     """One line per head used: the threshold at or above which a probability gets its `+`."""
     seen: dict[str, list[float]] = {}
     for r in results:
-        if "pathologies" in r and r["head"] not in seen:
+        if "pathologies" in r and r["head"] not in seen:  # withheld rows have no `+` marks
             seen[r["head"]] = [p["threshold"] for p in r["pathologies"].values()]
     return [
         f"+ at or above, head {head}: "
@@ -114,7 +154,10 @@ def print_table(results: list[dict[str, Any]], console: Console, options: list[s
             continue
         ood = {"uncalibrated": "n/a", "in-distribution": "ok"}.get(r["ood"]["status"], "FLAG")
         p_photo = _fmt(r["p_photo"], 2) + (" ?" if r["router_uncertain"] else "")
-        cells = [f"{p['prob']:.2f}{'+' if p['positive'] else ' '}" for p in r["pathologies"].values()]
+        if r["withheld"]:
+            cells = ["- "] * len(TABLE_HEADERS)
+        else:
+            cells = [f"{p['prob']:.2f}{'+' if p['positive'] else ' '}" for p in r["pathologies"].values()]
         rows.append([r["head"], p_photo, ood, *cells])
     headers = ("head", "P(ph)", "OOD", *TABLE_HEADERS)
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
@@ -141,6 +184,11 @@ def print_table(results: list[dict[str, Any]], console: Console, options: list[s
         console.print(escape(line), highlight=False)
     if options:
         console.print("scores changed by: " + escape("; ".join(options)), highlight=False)
+    withheld = [(r, name) for r, name in zip(results, names, strict=True) if r.get("withheld")]
+    for r, name in withheld:
+        console.print(f"{escape(name)}: [yellow]not scored: {escape(r['withheld_reason'])}[/yellow]")
+    if withheld:
+        console.print("(--score-anyway shows the findings of images that are not scored)", highlight=False)
     for r, name in zip(results, names, strict=True):
         if "error" in r:
             console.print(f"[red]failed[/red] {escape(name)}: {escape(r['error'])}")

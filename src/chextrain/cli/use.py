@@ -45,11 +45,14 @@ ONNX_OPT = typer.Option(
 
 
 def register(app: typer.Typer) -> None:
-    """Add predict, explain, serve and export to the app."""
+    """Add predict, explain, serve, export and `quality calibrate` to the app."""
     app.command("predict")(predict)
     app.command("explain")(explain)
     app.command("serve")(serve)
     app.command("export")(export)
+    quality = typer.Typer(help="The photo quality gate: its thresholds.", no_args_is_help=True)
+    quality.command("calibrate")(quality_calibrate)
+    app.add_typer(quality, name="quality")
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -111,9 +114,18 @@ def _chunks(items: list[Path], size: int) -> Iterator[list[Path]]:
 
 
 def run_predictions(
-    predictor: Predictor, files: list[Path], *, batch_size: int, tta: bool, show_progress: bool
+    predictor: Predictor,
+    files: list[Path],
+    *,
+    batch_size: int,
+    tta: bool,
+    show_progress: bool,
+    score_anyway: bool = False,
 ) -> list[dict[str, Any]]:
-    """Load and predict `files` in batches; a file that cannot be read gets {"name", "error"}."""
+    """Load and predict `files` in batches; a file that cannot be read gets {"name", "error"}.
+
+    Flagged images have their findings withheld unless `score_anyway` (inference.withhold).
+    """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -133,7 +145,11 @@ def run_predictions(
                     slots.append(None)
                 except ImageLoadError as err:
                     slots.append({"name": str(f), "error": err.reason})
-            results = iter(predictor.predict_images(images, names, tta=tta, batch_size=batch_size))
+            results = iter(
+                predictor.predict_images(
+                    images, names, tta=tta, batch_size=batch_size, score_anyway=score_anyway
+                )
+            )
             out.extend(slot if slot is not None else next(results) for slot in slots)
             bar.advance(task, len(chunk))
     return out
@@ -154,6 +170,11 @@ def predict(
         "--calibration/--no-calibration",
         help="Apply the bundle's temperature per head (--no-calibration: the raw probabilities).",
     ),
+    score_anyway: bool = typer.Option(
+        False,
+        "--score-anyway",
+        help="Show the findings of flagged images (OOD, unsure router, poor photo), withheld otherwise.",
+    ),
 ) -> None:
     """Predict the five findings for images; the router picks the head (exit code 1 if any file failed)."""
     from rich.console import Console
@@ -169,14 +190,16 @@ def predict(
     files, problems = collect_inputs(paths)
     predictor = _predictor(bundle, runtime, domain, onnx, calibration)
     show = len(files) >= PROGRESS_MIN_FILES
-    results = problems + run_predictions(predictor, files, batch_size=batch_size, tta=tta, show_progress=show)
+    results = problems + run_predictions(
+        predictor, files, batch_size=batch_size, tta=tta, show_progress=show, score_anyway=score_anyway
+    )
     if output_format == "json":
         text = json.dumps(results, indent=2) + "\n"
     elif output_format == "csv":
         text = csv_text(results)
     else:
         console = Console(file=io.StringIO(), width=200) if out else Console()
-        print_table(results, console, score_options(tta, domain, calibration, predictor.meta))
+        print_table(results, console, score_options(tta, domain, score_anyway, calibration, predictor.meta))
         text = console.file.getvalue() if out else ""
     err = Console(stderr=True, highlight=False)
     if out:
@@ -192,7 +215,11 @@ def predict(
 
 
 def score_options(
-    tta: bool, domain: str, calibration: bool = True, meta: dict[str, Any] | None = None
+    tta: bool,
+    domain: str,
+    score_anyway: bool = False,
+    calibration: bool = True,
+    meta: dict[str, Any] | None = None,
 ) -> list[str]:
     """The options that changed the scores, said under the table."""
     from chextrain.inference import TTA_VIEWS
@@ -202,6 +229,8 @@ def score_options(
         found.append(f"--domain {domain} (every image scored by the {domain} head; the router was not asked)")
     if not calibration and (meta or {}).get("temperature"):
         found.append("--no-calibration (raw probabilities; the bundle's temperatures were not applied)")
+    if score_anyway:
+        found.append("--score-anyway (flagged images scored; their findings are not to be trusted)")
     return found
 
 
@@ -213,6 +242,9 @@ def explain(
         "gradcam", "--method", help="gradcam (last block) or gradient (vanilla, the paper's)."
     ),
     domain: str = DOMAIN_OPT,
+    score_anyway: bool = typer.Option(
+        False, "--score-anyway", help="Title the maps of a flagged image with its probabilities anyway."
+    ),
 ) -> None:
     """Write a saliency overlay per pathology and a grid of all five, titled with the probabilities."""
     from rich.console import Console
@@ -230,23 +262,49 @@ def explain(
         raise _fail(str(err), 1) from None
     import torch
 
-    from chextrain.evaluation.saliency import saliency_maps, save_explanation
+    from chextrain.evaluation.saliency import blank_notes, explain_maps, save_explanation
     from chextrain.fileio import write_json
+    from chextrain.labels import SLUGS
 
     predictor = _predictor(bundle, "torch", domain)
-    result = predictor.predict_images([pixels], [str(image)])[0]
+    result = predictor.predict_images([pixels], [str(image)], score_anyway=score_anyway)[0]
     with torch.enable_grad():
         x = predictor.inputs(pixels)  # 1 x 3 x S x S
-        maps = saliency_maps(predictor.model, x, result["head"], method)[0]  # 5 x S x S
-    probs = [p["prob"] for p in result["pathologies"].values()]
-    title = f"{image.name}: head {result['head']}, {method}" + (" (FLAGGED)" if result["flagged"] else "")
-    paths = save_explanation(
-        pixels, maps, probs, out, image.stem, resize=predictor.preprocessing.resize, title=title
+        maps, how = explain_maps(predictor.model, x, result["head"], method)
+    maps = maps[0]  # 5 x S x S
+    notes = blank_notes(maps, str(how["method"]))
+    # a withheld image's maps carry no probabilities: nothing on them reads as a finding
+    probs = None if result["withheld"] else [p["prob"] for p in result["pathologies"].values()]
+    thresholds = None if result["withheld"] else [p["threshold"] for p in result["pathologies"].values()]
+    title = f"{image.name}: head {result['head']}, {how['method']}" + (
+        f" on {how['layer']}" if how["layer"] else ""
     )
-    write_json(out / f"{image.stem}.json", {**result, "method": method}, newline=True)
+    if result["withheld"]:
+        title += f" (not scored: {result['withheld_reason']})"
+    elif result["flagged"]:
+        title += " (FLAGGED, scored anyway)"
+    paths = save_explanation(
+        pixels,
+        maps,
+        probs,
+        out,
+        image.stem,
+        resize=predictor.preprocessing.resize,
+        title=title,
+        thresholds=thresholds,
+        notes=notes,
+    )
+    saliency = {**how, "notes": dict(zip(SLUGS, notes, strict=True))}
+    write_json(
+        out / f"{image.stem}.json", {**result, "method": how["method"], "saliency": saliency}, newline=True
+    )
     console = Console()
     for w in result["warnings"]:
         console.print(f"[yellow]warning[/yellow]: {escape(w)}")
+    if result["withheld"]:
+        console.print(f"[yellow]not scored[/yellow]: {escape(result['withheld_reason'])}")
+    if how["note"]:
+        console.print(f"note: {escape(str(how['note']))}")
     console.print(f"wrote {len(paths) + 1} files to {escape(str(out))} (grid: {escape(paths[-1].name)})")
 
 
@@ -320,3 +378,26 @@ def export(
         console.print(f"max |probability difference| vs PyTorch on 2 random inputs: {diff:.2e}")
         if diff > 1e-4:
             raise _fail(f"ONNX output differs from PyTorch by {diff:.2e} > 1e-4", 1)
+
+
+def quality_calibrate(
+    bundle: Path | None = typer.Option(
+        None, "--bundle", help="Write the thresholds into this bundle's model.json (key quality)."
+    ),
+    images: int = typer.Option(24, "--images", min=2, help="Synthetic radiographs to degrade."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the radiographs and the photo effects."),
+) -> None:
+    """Choose the photo quality thresholds on simulated photos of increasing severity; print the table."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    with checks.reported():
+        if bundle is not None:
+            checks.bundle(bundle)
+    from chextrain.quality import calibrate, calibration_images, calibration_text, write_thresholds
+
+    cal = calibrate(calibration_images(images, seed), seed)
+    typer.echo(calibration_text(cal), nl=False)
+    if bundle is not None:
+        path = write_thresholds(bundle, cal)
+        Console(stderr=True).print(f"wrote the quality thresholds into {escape(str(path))}")

@@ -3,14 +3,15 @@
 Routes: `GET /` (the page), `GET /static/{app.js,style.css}`, `POST /api/predict` and
 `POST /api/explain` (multipart form, field `file`), `GET /api/health`, OpenAPI docs at `/docs`.
 
-Safety: the request body is read in memory up to a limit (413 from Content-Length, and again
-while streaming, so a chunked upload cannot exceed it); the multipart form is parsed in memory
-(no temporary files); the content is sniffed from its magic bytes, never from the name or
-Content-Type (415 for anything else); images larger than `max_pixels` are refused from their
-header before decoding (413); corrupt and truncated images are refused (422). No client-supplied
-name or path touches the disk. Every error is JSON: {"error": code, "detail": message}; its HTTP
-status and code come from the error's type (the ApiError subclasses below; upload_error maps the
-image reader's errors onto them), never from its message.
+Safety: the request body is read in memory up to a limit (413 from Content-Length, and again while
+streaming, so a chunked upload cannot exceed it; an oversized body is read to its end and dropped
+before the 413 is sent, so that clients that send first and read after receive it); the multipart
+form is parsed in memory (no temporary files); the content is sniffed from its magic bytes, never
+from the name or Content-Type (415 for anything else); images larger than `max_pixels` are refused
+from their header before decoding (413); corrupt and truncated images are refused (422). No
+client-supplied name or path touches the disk. Every error is JSON: {"error": code, "detail":
+message}; its HTTP status and code come from the error's type (the ApiError subclasses below;
+upload_error maps the image reader's errors onto them), never from its message.
 Inference runs in a worker thread under the predictor's lock, so concurrent requests are served
 one model call at a time and each gets its own answer.
 """
@@ -40,12 +41,21 @@ from chextrain.data.images import (
     sniff_format,
 )
 from chextrain.errors import ChextrainError
-from chextrain.evaluation.saliency import METHODS, display_image, overlay, png_bytes, saliency_maps
+from chextrain.evaluation.saliency import (
+    METHODS,
+    blank_notes,
+    display_image,
+    explain_maps,
+    overlay,
+    png_bytes,
+)
 from chextrain.inference import Predictor
+from chextrain.labels import SLUGS
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # a 12 MP phone JPEG is 3-8 MB
 MAX_PIXELS = 50_000_000  # a 4608 x 3456 phone photo is 16 M
 FORM_OVERHEAD = 16 * 1024  # multipart boundaries and part headers around the file
+DRAIN_BYTES = 256 * 1024 * 1024  # an oversized body up to this size is read and dropped before the 413
 STATIC = ("app.js", "style.css")
 PAGE_CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
@@ -136,19 +146,31 @@ class InvalidRequestError(ApiError):
     status, code = 422, "invalid-request"
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 once it exceeds `limit` bytes (declared or streamed)."""
+async def read_body(request: Request, limit: int, drain: int = DRAIN_BYTES) -> bytes:
+    """The request body, refused with 413 once it exceeds `limit` bytes (declared or streamed).
+
+    Chunks are kept only up to `limit`. An oversized body of up to `drain` bytes is read to its end
+    and dropped before the 413 is sent: a client such as httpx or a browser sends the whole body
+    before it reads the answer, and a server that closes while it is still sending gets
+    "connection reset by peer" instead of the 413. A body declared larger than `drain` is refused
+    at once (nobody waits for a gigabyte to arrive).
+    """
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
             raise BadRequestError(f"invalid Content-Length {declared!r}")
-        if int(declared) > limit:
+        if int(declared) > drain:
             raise TooLargeError(f"upload of {int(declared):,} bytes exceeds the limit of {limit:,}")
-    body = bytearray()
+    body, seen = bytearray(), 0
     async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise TooLargeError(f"upload exceeds the limit of {limit:,} bytes")
+        seen += len(chunk)
+        if seen <= limit:
+            body += chunk
+        elif seen >= drain:
+            break  # stop reading: the client may see the connection close
+    if seen > limit:
+        size = f"{int(declared):,}" if declared is not None else f"{seen:,}" + ("+" if seen >= drain else "")
+        raise TooLargeError(f"upload of {size} bytes exceeds the limit of {limit:,}")
     return bytes(body)
 
 
@@ -234,20 +256,36 @@ def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
         raise error(detail) from None
 
 
-def explain_result(predictor: Predictor, image: np.ndarray, method: str) -> dict[str, Any]:
-    """The prediction plus a base64 PNG overlay per pathology (on the head the router chose)."""
-    result = predictor.predict_images([image], ["upload"])[0]
+def explain_result(
+    predictor: Predictor, image: np.ndarray, method: str, score_anyway: bool = False
+) -> dict[str, Any]:
+    """The prediction plus a base64 PNG overlay per pathology (on the head the router chose).
+
+    "method" is the method used (gradcam falls back to gradient on inputs too small for it), and
+    "saliency" says how: {"method", "layer", "cells", "note", "notes": {slug: why a map is blank}}.
+    """
+    result = predictor.predict_images([image], ["upload"], score_anyway=score_anyway)[0]
     x = predictor.inputs(image)  # 1 x 3 x S x S
     with predictor.lock, torch.enable_grad():
-        maps = saliency_maps(predictor.model, x, result["head"], method)[0]  # 5 x S x S
+        maps, how = explain_maps(predictor.model, x, result["head"], method)
+    maps = maps[0]  # 5 x S x S
     shown = display_image(image)
-    result["method"] = method
+    result["method"] = how["method"]
+    result["saliency"] = {
+        **how,
+        "notes": dict(zip(SLUGS, blank_notes(maps, str(how["method"])), strict=True)),
+    }
     mode = predictor.preprocessing.resize
     result["heatmaps"] = {
         slug: base64.b64encode(png_bytes(overlay(shown, sal, resize=mode))).decode("ascii")
-        for slug, sal in zip(result["pathologies"], maps, strict=True)
+        for slug, sal in zip(SLUGS, maps, strict=True)
     }
     return result
+
+
+def preview_png(image: np.ndarray) -> str:
+    """uint8 H x W -> a base64 PNG of it shrunk to at most 512 px a side (the server-rendered preview)."""
+    return base64.b64encode(png_bytes(display_image(image))).decode("ascii")
 
 
 def _error(status: int, code: str, detail: str) -> JSONResponse:
@@ -343,18 +381,30 @@ def create_app(
         }
 
     @app.post("/api/predict", openapi_extra={"requestBody": _UPLOAD_BODY})
-    async def predict(request: Request) -> dict[str, Any]:
-        """Probabilities and decisions for one image (multipart field `file`)."""
+    async def predict(request: Request, score_anyway: bool = False, preview: bool = False) -> dict[str, Any]:
+        """Probabilities and decisions for one image (multipart field `file`).
+
+        A flagged image (OOD, unsure router, poor photo) has its findings withheld
+        (`withheld: true`, `withheld_reason`, the probabilities under `withheld_pathologies`)
+        unless `score_anyway` is true. `preview`: add "preview_png", the decoded image as a base64
+        PNG of at most 512 px a side, for what a browser cannot draw itself (DICOM, HEIC).
+        """
         image = await upload(request)
-        result = await run_in_threadpool(predictor.predict_images, [image], ["upload"])
+        result = await run_in_threadpool(
+            lambda: predictor.predict_images([image], ["upload"], score_anyway=score_anyway)
+        )
+        if preview:
+            result[0]["preview_png"] = await run_in_threadpool(preview_png, image)
         return result[0]
 
     @app.post("/api/explain", openapi_extra={"requestBody": _UPLOAD_BODY})
-    async def explain(request: Request, method: str = explain_method) -> dict[str, Any]:
+    async def explain(
+        request: Request, method: str = explain_method, score_anyway: bool = False
+    ) -> dict[str, Any]:
         """The prediction plus a base64 PNG saliency overlay per pathology (`method`: gradcam | gradient)."""
         if method not in METHODS:
             raise InvalidRequestError(f"method {method!r} is not one of {list(METHODS)}")
         image = await upload(request)
-        return await run_in_threadpool(explain_result, predictor, image, method)
+        return await run_in_threadpool(explain_result, predictor, image, method, score_anyway)
 
     return app

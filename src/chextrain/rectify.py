@@ -110,13 +110,34 @@ def _quad_of(contour: np.ndarray) -> np.ndarray | None:
     return None
 
 
+def _band(shape: tuple[int, int], quad: np.ndarray, inner: float, outer: float) -> np.ndarray:
+    """Mask of the band between `quad` scaled about its centroid by `inner` and by `outer`."""
+    centre = quad.mean(axis=0)
+    masks = []
+    for k in (outer, inner):
+        mask = np.zeros(shape, np.uint8)
+        cv2.fillConvexPoly(mask, np.round(centre + (quad - centre) * k).astype(np.int32), 1)
+        masks.append(mask.astype(bool))
+    return masks[0] & ~masks[1]
+
+
+def _edge_contrast(grey: np.ndarray, quad: np.ndarray) -> float:
+    """How sharply the quadrilateral's outline separates light from dark, in [0, 1]: the mean grey
+    just inside its edges against just outside (a difference of 40 grey levels or more gives 1)."""
+    inside, outside = _band(grey.shape, quad, 0.94, 1.0), _band(grey.shape, quad, 1.0, 1.06)
+    if not inside.any() or not outside.any():
+        return 0.0
+    return float(min(1.0, abs(grey[inside].mean() - grey[outside].mean()) / 40.0))
+
+
 def classical_quad(image: np.ndarray) -> Quad:
     """OpenCV's baseline: bright regions and edge regions -> contours -> 4-corner polygons.
 
     The grey photo (at WORK_SIDE px) is blurred; candidate regions are its Otsu-bright parts and
     the regions its Canny edges close. Each large contour's convex hull is approximated by a
     polygon (approxPolyDP at growing tolerance); a 4-corner one is a candidate, scored by how
-    fully the region fills it (area ratio), and smaller when it covers little of the frame.
+    fully the region fills it (area ratio), how much light and dark its outline separates, and
+    less when it covers little of the frame.
     The confidence is the best score; without a candidate it is 0 (method "none", whole frame).
     """
     grey = _grey(image)
@@ -152,7 +173,8 @@ def classical_quad(image: np.ndarray) -> Quad:
             if quad_area <= 0 or quad_area > 0.98 * frame:  # the frame itself is no finding
                 continue
             fill = min(area / quad_area, quad_area / area)
-            score = fill * min(1.0, quad_area / (0.25 * frame)) ** 0.5
+            size = min(1.0, quad_area / (0.25 * frame)) ** 0.5
+            score = fill * size * _edge_contrast(small, quad)
             if best is None or score > best[0]:
                 best = (score, quad)
     if best is None:

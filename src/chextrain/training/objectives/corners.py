@@ -300,9 +300,8 @@ class Corners:
                 metrics[f"{split}/labelled"] = compare(real, corners)
         bundle_meta["metrics"] = metrics
         save_bundle(model, out_dir, bundle_meta)
-        return Outcome(
-            metrics, {"corners": plan.module.last if isinstance(plan.module, CornersModule) else {}}
-        )
+        last = plan.module.last if isinstance(plan.module, CornersModule) else {}
+        return Outcome(metrics, {"corners": last, **plan.info})
 
 
 CORNERS = Corners()

@@ -106,6 +106,19 @@ def test_corner_losses_teach_the_confidence_whether_corners_are_right() -> None:
     assert float(wrong["l1"]) > 0.05
 
 
+def test_choose_threshold_minimises_find_quads_error() -> None:
+    from chextrain.training.objectives.corners import choose_threshold
+
+    # per photo: learned error, its confidence, classical error, its confidence, whole-frame error
+    sure_and_right = [0.01, 0.9, 0.05, 0.9, 0.2]
+    unsure_and_wrong = [0.30, 0.1, 0.05, 0.9, 0.2]  # the classical finder does better here
+    unsure_but_right = [0.02, 0.3, 0.05, 0.1, 0.2]  # and here nothing else does
+    threshold, error = choose_threshold(np.array([sure_and_right, unsure_and_wrong, unsure_but_right]))
+    assert threshold == pytest.approx(0.3) and error == pytest.approx((0.01 + 0.05 + 0.02) / 3)
+    threshold, error = choose_threshold(np.array([sure_and_right, unsure_and_wrong]))
+    assert threshold == pytest.approx(0.9) and error == pytest.approx(0.03)  # the highest of equals
+
+
 def test_corner_photos_read_labels_and_photograph_xrays(tmp_path: Path) -> None:
     from PIL import Image
 
@@ -156,14 +169,9 @@ def test_corners_stage_trains_a_bundle_find_quad_loads(
     done = json.loads((tmp_path / "run" / "done.json").read_text())
     assert done["objective"] == "corners" and done["global_step"] == 4
     assert done["labelled_photos"] > 0 and done["left_out"] > 0  # natural photos in; other photos out
-    for key in ("val/simulated", "test/labelled"):
-        assert set(result.metrics[key]) == {
-            "learned_error",
-            "learned_iou",
-            "classical_error",
-            "classical_iou",
-            "n",
-        }
+    side_by_side = {"learned_error", "learned_iou", "classical_error", "classical_iou", "n"}
+    assert set(result.metrics["test/labelled"]) == side_by_side
+    assert set(result.metrics["val/simulated"]) == side_by_side | {"find_quad_error"}
     model = CornerModel.load(tmp_path / "run")
     assert model.min_confidence == 0.3 and model.image_size == 32
     photo = _photo(_pattern(), QUAD)

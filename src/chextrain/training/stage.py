@@ -238,9 +238,10 @@ class CornersSpec(Spec):
     a black 3:4 screen with probability `canvas` (as the demo's natural photos), left as it is
     (corners = the frame) with probability `plain`. Photos with CheXphoto v1.1 corner labels
     among the rows train as they are when `labelled`. The confidence output learns whether the
-    corners are right within `tolerance` of the diagonal; `min_confidence` goes into the bundle
-    as the threshold below which rectify uses something else. `eval_photos` held-out simulated
-    photos (of the val x-rays) measure the model against the classical finder when it finishes.
+    corners are right within `tolerance` of the diagonal. `eval_photos` held-out simulated photos
+    (of the val x-rays) measure the model against the classical finder when it finishes, and
+    choose the bundle's `min_confidence` (below it rectify falls back to the classical finder)
+    as the one that gives find_quad the smallest error there, unless the stage sets it.
     """
 
     recipes: list[Literal["phone", "photographic", "digital"]] = Field(default=["phone"], min_length=1)
@@ -249,7 +250,7 @@ class CornersSpec(Spec):
     plain: float = Field(default=0.05, ge=0.0, le=1.0)
     labelled: bool = True
     tolerance: float = Field(default=0.03, gt=0.0, lt=1.0)
-    min_confidence: float = Field(default=0.5, ge=0.0, le=1.0)
+    min_confidence: float | None = Field(default=None, ge=0.0, le=1.0)
     eval_photos: int = Field(default=64, ge=0)
 
 

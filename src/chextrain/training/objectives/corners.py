@@ -11,7 +11,9 @@ CheXphoto v1.1 corner labels (data/corners.py) train as they are. Loss: L1 on th
 corners plus BCE teaching the confidence whether the corners are right within the stage's
 `corners.tolerance` (of the diagonal). `finish` measures the model against the classical finder
 (rectify.classical_quad) on held-out simulated photos of the val x-rays and on the labelled
-photos of the val/test splits, and writes the bundle rectify.CornerModel loads.
+photos of the val/test splits, sets the confidence threshold (unless the stage gives one) to
+the one that gives find_quad the smallest error on those simulated photos, and writes the
+bundle rectify.CornerModel loads.
 """
 
 from __future__ import annotations
@@ -36,15 +38,18 @@ from chextrain.data.transforms import Preprocessing, to_network_input
 from chextrain.models.bundle import save_bundle
 from chextrain.models.net import CXRNet
 from chextrain.rectify import (
+    CLASSICAL_MIN_CONFIDENCE,
     CORNER_GRID,
     CORNER_HEAD,
     CORNER_HIDDEN,
     CORNER_RANGE,
+    LEARNED_MIN_CONFIDENCE,
     CornerModel,
     classical_quad,
     corner_error,
     corner_input,
     decode_outputs,
+    full_frame,
     quad_iou,
     to_corner_network,
 )
@@ -195,21 +200,44 @@ def held_out_photos(
     return out
 
 
-def compare(photos: list[tuple[np.ndarray, np.ndarray]], predicted: np.ndarray) -> dict[str, Any]:
+def compare(
+    photos: list[tuple[np.ndarray, np.ndarray]], predicted: np.ndarray, confidence: np.ndarray
+) -> tuple[dict[str, Any], np.ndarray]:
     """Mean corner error (fraction of the diagonal) and IoU of `predicted` (N x 4 x 2 px) and of
-    the classical finder on the same photos, side by side."""
+    the classical finder on the same photos, side by side; and per photo (N x 5) the learned
+    error, its confidence, the classical error, its confidence and the whole frame's error (what
+    choose_threshold weighs)."""
     rows: dict[str, list[float]] = {"learned_error": [], "learned_iou": [], "classical_error": []}
     rows["classical_iou"] = []
-    for (photo, true), found in zip(photos, predicted, strict=True):
+    per_photo = []
+    for (photo, true), found, sure in zip(photos, predicted, confidence, strict=True):
         h, w = photo.shape[:2]
-        classical = classical_quad(photo).corners
+        classical = classical_quad(photo)
         rows["learned_error"].append(corner_error(found, true, w, h))
         rows["learned_iou"].append(quad_iou(found, true))
-        rows["classical_error"].append(corner_error(classical, true, w, h))
-        rows["classical_iou"].append(quad_iou(classical, true))
+        rows["classical_error"].append(corner_error(classical.corners, true, w, h))
+        rows["classical_iou"].append(quad_iou(classical.corners, true))
+        frame = corner_error(full_frame(w, h), true, w, h)
+        per_photo.append(
+            [rows["learned_error"][-1], float(sure), rows["classical_error"][-1], classical.confidence, frame]
+        )
     summary: dict[str, Any] = {k: float(np.mean(v)) if v else float("nan") for k, v in rows.items()}
     summary["n"] = len(photos)
-    return summary
+    return summary, np.asarray(per_photo, dtype=np.float64).reshape(-1, 5)
+
+
+def choose_threshold(per_photo: np.ndarray) -> tuple[float, float]:
+    """The learned model's min_confidence that gives find_quad (learned -> classical -> whole
+    frame) the smallest mean corner error on these photos (compare's N x 5), the highest of equals;
+    returns (threshold, that error)."""
+    learned, sure, classical, classical_sure, frame = per_photo.T
+    fallback = np.where(classical_sure >= CLASSICAL_MIN_CONFIDENCE, classical, frame)
+    best = (0.0, float("inf"))
+    for t in np.round(np.arange(0.0, 0.96, 0.05), 2):
+        error = float(np.where(sure >= t, learned, fallback).mean())
+        if error <= best[1] + 1e-9:
+            best = (float(t), error)
+    return best
 
 
 class Corners:
@@ -288,16 +316,23 @@ class Corners:
         photos = held_out_photos(
             val.astype(str).tolist(), stage.corners, stage.corners.eval_photos, stage.seed
         )
+        threshold = stage.corners.min_confidence
         if photos:
-            corners, _ = finder.predict_batch([p for p, _ in photos])
-            metrics["val/simulated"] = compare(photos, corners)
+            corners, sure = finder.predict_batch([p for p, _ in photos])
+            metrics["val/simulated"], per_photo = compare(photos, corners, sure)
+            chosen, error = choose_threshold(per_photo)
+            metrics["val/simulated"]["find_quad_error"] = error
+            if threshold is None:
+                threshold = chosen
+        threshold = LEARNED_MIN_CONFIDENCE if threshold is None else threshold
+        bundle_meta["corners"]["min_confidence"] = finder.min_confidence = threshold
         for split in ("val", "test"):
             rows = catalog.loc[catalog["split"] == split]
             labelled = catalog_corners(rows) if stage.corners.labelled else {}
             if labelled:
                 real = [(load_image(p), known.corners) for p, known in labelled.items()]
-                corners, _ = finder.predict_batch([p for p, _ in real])
-                metrics[f"{split}/labelled"] = compare(real, corners)
+                corners, sure = finder.predict_batch([p for p, _ in real])
+                metrics[f"{split}/labelled"] = compare(real, corners, sure)[0]
         bundle_meta["metrics"] = metrics
         save_bundle(model, out_dir, bundle_meta)
         last = plan.module.last if isinstance(plan.module, CornersModule) else {}

@@ -266,7 +266,8 @@ class CornerModel:
         self.image_size = int(meta["image_size"])
         self.preprocessing = as_preprocessing(meta.get("preprocessing", "imagenet"))
         corners = meta.get("corners") if isinstance(meta.get("corners"), dict) else {}
-        self.min_confidence = float(corners.get("min_confidence", LEARNED_MIN_CONFIDENCE))
+        threshold = corners.get("min_confidence")
+        self.min_confidence = LEARNED_MIN_CONFIDENCE if threshold is None else float(threshold)
 
     @classmethod
     def load(cls, path: str | Path) -> CornerModel:

@@ -11,7 +11,8 @@ finders on
 - held-out simulated photos: the test split's x-rays (never trained on) photographed by the
   RGB phone recipe the demo uses (training uses the grey one), half of them padded onto a 3:4
   screen, levels 1-3, fixed seeds;
-- the test split's labelled natural photos (the demo's CheXphoto v1.1 polygons).
+- the test split's labelled natural photos (the demo's CheXphoto v1.1 polygons);
+- photos of blank screens (no radiograph): does the confidence say so?
 
 Prints per finder: mean corner error (fraction of the image diagonal), its median, mean
 quadrilateral IoU and ms per photo, then the ratio learned / classical of the mean error, and
@@ -124,6 +125,14 @@ def main() -> None:
             "held-out simulated photos (test x-rays, RGB phone recipe)",
             held_out_photos(test.astype(str).tolist(), spec, args.photos, seed=12345),
             model,
+        )
+        blank = held_out_photos(test.astype(str).tolist(), spec, args.photos // 4, seed=12345, blank=True)
+        said = [find_quad(p, model) for p, _ in blank]
+        print(
+            f"\n{len(blank)} photos of blank screens (no radiograph): learned confidence mean "
+            f"{np.mean([model.predict(p)[1] for p, _ in blank]):.2f} (threshold {model.min_confidence:.2f}); "
+            "find_quad chose "
+            + ", ".join(f"{m} {sum(q.method == m for q in said)}" for m in ("learned", "classical", "none"))
         )
         labelled = catalog_corners(catalog.loc[catalog["split"] == "test"])
         if labelled:

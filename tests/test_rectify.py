@@ -104,6 +104,11 @@ def test_corner_losses_teach_the_confidence_whether_corners_are_right() -> None:
     assert float(right["l1"]) < 1e-5 and float(right["error"]) < 1e-5
     assert float(right["bce"]) < 0.01 < float(wrong["bce"])  # sure and right vs sure and wrong
     assert float(wrong["l1"]) > 0.05
+    blank = torch.cat([target, torch.full((1, 8), float("nan"))])  # the second photo shows no radiograph
+    outputs = torch.cat([torch.cat([logits, torch.tensor([[5.0]])], 1)] * 2)
+    mixed = corner_losses(outputs, blank, 0.03)
+    assert torch.isfinite(mixed["loss"]) and float(mixed["l1"]) < 1e-5  # no corner loss for it
+    assert float(mixed["bce"]) > 2.0  # sure of corners where there are none: penalised
 
 
 def test_choose_threshold_minimises_find_quads_error() -> None:
@@ -171,7 +176,7 @@ def test_corners_stage_trains_a_bundle_find_quad_loads(
     assert done["labelled_photos"] > 0 and done["left_out"] > 0  # natural photos in; other photos out
     side_by_side = {"learned_error", "learned_iou", "classical_error", "classical_iou", "n"}
     assert set(result.metrics["test/labelled"]) == side_by_side
-    assert set(result.metrics["val/simulated"]) == side_by_side | {"find_quad_error"}
+    assert set(result.metrics["val/simulated"]) == side_by_side | {"find_quad_error", "blank_screens_doubted"}
     model = CornerModel.load(tmp_path / "run")
     assert model.image_size == 32 and 0.0 <= model.min_confidence <= 0.95
     assert model.min_confidence in np.round(np.arange(0.0, 0.96, 0.05), 2)  # choose_threshold's grid

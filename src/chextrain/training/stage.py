@@ -236,7 +236,8 @@ class CornersSpec(Spec):
     Each x-ray of the stage's rows becomes a fresh simulated photo every epoch, whose corners
     the photo simulation knows: a recipe of `recipes` at a level of `levels`, padded first onto
     a black 3:4 screen with probability `canvas` (as the demo's natural photos), left as it is
-    (corners = the frame) with probability `plain`. Photos with CheXphoto v1.1 corner labels
+    (corners = the frame) with probability `plain`, its screen blank (no radiograph: the
+    confidence must be 0) with probability `negatives`. Photos with CheXphoto v1.1 corner labels
     among the rows train as they are when `labelled`. The confidence output learns whether the
     corners are right within `tolerance` of the diagonal. `eval_photos` held-out simulated photos
     (of the val x-rays) measure the model against the classical finder when it finishes, and
@@ -248,6 +249,7 @@ class CornersSpec(Spec):
     levels: list[Literal[1, 2, 3, 4]] = Field(default=[1, 2, 3], min_length=1)
     canvas: float = Field(default=0.5, ge=0.0, le=1.0)
     plain: float = Field(default=0.05, ge=0.0, le=1.0)
+    negatives: float = Field(default=0.05, ge=0.0, le=1.0)
     labelled: bool = True
     tolerance: float = Field(default=0.03, gt=0.0, lt=1.0)
     min_confidence: float | None = Field(default=None, ge=0.0, le=1.0)

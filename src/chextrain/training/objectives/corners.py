@@ -74,7 +74,8 @@ def photo_of(
     size the network needs), padded onto a black 3:4 screen with probability `spec.canvas`, then
     photographed by a recipe and level drawn from `spec`; with probability `spec.plain` it stays
     as it is (corners = the frame). `grey` uses the grey phone recipe (fast; training), else the
-    RGB one the demo writes.
+    RGB one the demo writes. With probability `spec.negatives` the screen is blank: the corners
+    are then NaN (no radiograph; the confidence must learn to say so).
     """
     if xray.ndim == 3:
         xray = np.asarray(Image.fromarray(xray).convert("L"))
@@ -85,6 +86,9 @@ def photo_of(
     h, w = xray.shape
     if rng.random() < spec.plain:
         return xray, np.array([[0, 0], [w, 0], [w, h], [0, h]], np.float32)
+    corners_known = True
+    if rng.random() < spec.negatives:  # the screen shows nothing: there is no radiograph to find
+        xray, corners_known = np.zeros_like(xray), False
     region, canvas = None, xray
     if rng.random() < spec.canvas:
         canvas = np.zeros((max(h, round(w * 4 / 3)), w), dtype=np.uint8)
@@ -94,8 +98,10 @@ def photo_of(
     recipe = str(spec.recipes[int(rng.integers(len(spec.recipes)))])
     level = int(spec.levels[int(rng.integers(len(spec.levels)))])
     if grey:
-        return simulate_photo_grey_with_corners(canvas, recipe, level, rng, region=region)
-    return simulate_photo_with_corners(canvas, recipe, level, rng, region=region)
+        photo, corners = simulate_photo_grey_with_corners(canvas, recipe, level, rng, region=region)
+    else:
+        photo, corners = simulate_photo_with_corners(canvas, recipe, level, rng, region=region)
+    return photo, corners if corners_known else np.full((4, 2), np.nan, np.float32)
 
 
 class CornerPhotos(Dataset):
@@ -149,17 +155,21 @@ class CornerPhotos(Dataset):
 def corner_losses(outputs: torch.Tensor, target: torch.Tensor, tolerance: float) -> dict[str, torch.Tensor]:
     """L1 of the corners, the confidence's BCE and the batch's mean corner error.
 
-    outputs: B x 9 logits; target: B x 8 corners as fractions of the side. The confidence learns
-    whether each sample's mean corner distance (normalised, / sqrt 2: a fraction of the diagonal
-    of the unit square) is within `tolerance`.
+    outputs: B x 9 logits; target: B x 8 corners as fractions of the side, NaN where the photo
+    shows no radiograph (no corner loss; the confidence must be 0). The confidence learns whether
+    each sample's mean corner distance (normalised, / sqrt 2: a fraction of the diagonal of the
+    unit square) is within `tolerance`.
     """
-    corners, confidence = decode_outputs(outputs)  # B x 4 x 2, B
+    corners, _ = decode_outputs(outputs)  # B x 4 x 2
     target = target.float().reshape(-1, 4, 2)
-    l1 = (corners - target).abs().mean()
+    known = torch.isfinite(target).flatten(1).all(dim=1)  # B
+    target = torch.where(known[:, None, None], target, corners.detach())  # unknown: no corner loss
+    l1 = (corners - target).abs().mean(dim=(1, 2))[known].sum() / known.sum().clamp_min(1)
     error = (corners - target).norm(dim=2).mean(dim=1).detach() / math.sqrt(2.0)  # B
-    right = (error < tolerance).float()
+    right = ((error < tolerance) & known).float()
     bce = F.binary_cross_entropy_with_logits(outputs[:, 8].float(), right)
-    return {"loss": l1 + 0.1 * bce, "l1": l1, "bce": bce, "error": error.mean()}
+    mean_error = error[known].mean() if bool(known.any()) else error.sum() * 0.0
+    return {"loss": l1 + 0.1 * bce, "l1": l1, "bce": bce, "error": mean_error}
 
 
 class CornersModule(L.LightningModule):
@@ -189,10 +199,12 @@ class CornersModule(L.LightningModule):
 
 
 def held_out_photos(
-    paths: list[str], spec: CornersSpec, n: int, seed: int, side: int = 320
+    paths: list[str], spec: CornersSpec, n: int, seed: int, side: int = 320, blank: bool = False
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """`n` simulated RGB photos (the demo's recipe: never seen in training) of the x-rays at
-    `paths`, cycling through them, each with its true corners; fixed by `seed`."""
+    `paths`, cycling through them, each with its true corners; fixed by `seed`. `blank`: every
+    screen shows nothing instead (corners NaN), to see whether the confidence says so."""
+    spec = spec.model_copy(update={"negatives": 1.0 if blank else 0.0, "plain": 0.0 if blank else spec.plain})
     out = []
     for i in range(n if paths else 0):
         rng = np.random.default_rng([seed, 7919, i])
@@ -226,18 +238,20 @@ def compare(
     return summary, np.asarray(per_photo, dtype=np.float64).reshape(-1, 5)
 
 
-def choose_threshold(per_photo: np.ndarray) -> tuple[float, float]:
-    """The learned model's min_confidence that gives find_quad (learned -> classical -> whole
-    frame) the smallest mean corner error on these photos (compare's N x 5), the highest of equals;
-    returns (threshold, that error)."""
+def choose_threshold(per_photo: np.ndarray, slack: float = 0.1) -> tuple[float, float]:
+    """The learned model's min_confidence for find_quad (learned -> classical -> whole frame): the
+    highest threshold (of 0, 0.05, ..., 0.95) whose mean corner error on these photos (compare's
+    N x 5) is within `slack` (relative) of the smallest; returns (threshold, its error).
+
+    The slack keeps the gate as strict as the corners allow: a photo the model is unsure of (a
+    blank screen, no radiograph) then falls back, at little cost on the photos it knows.
+    """
     learned, sure, classical, classical_sure, frame = per_photo.T
     fallback = np.where(classical_sure >= CLASSICAL_MIN_CONFIDENCE, classical, frame)
-    best = (0.0, float("inf"))
-    for t in np.round(np.arange(0.0, 0.96, 0.05), 2):
-        error = float(np.where(sure >= t, learned, fallback).mean())
-        if error <= best[1] + 1e-9:
-            best = (float(t), error)
-    return best
+    thresholds = np.round(np.arange(0.0, 0.96, 0.05), 2)
+    errors = [float(np.where(sure >= t, learned, fallback).mean()) for t in thresholds]
+    k = max(i for i, e in enumerate(errors) if e <= min(errors) * (1 + slack) + 1e-12)
+    return float(thresholds[k]), errors[k]
 
 
 class Corners:
@@ -313,9 +327,8 @@ class Corners:
         finder = CornerModel(model, bundle_meta)
         metrics: dict[str, Any] = {}
         val = catalog.loc[(catalog["split"] == "val") & (catalog["domain"] == "digital"), "path"]
-        photos = held_out_photos(
-            val.astype(str).tolist(), stage.corners, stage.corners.eval_photos, stage.seed
-        )
+        spec, xrays = stage.corners, val.astype(str).tolist()
+        photos = held_out_photos(xrays, spec, spec.eval_photos, stage.seed)
         threshold = stage.corners.min_confidence
         if photos:
             corners, sure = finder.predict_batch([p for p, _ in photos])
@@ -326,6 +339,10 @@ class Corners:
                 threshold = chosen
         threshold = LEARNED_MIN_CONFIDENCE if threshold is None else threshold
         bundle_meta["corners"]["min_confidence"] = finder.min_confidence = threshold
+        blank = held_out_photos(xrays, spec, spec.eval_photos // 4, stage.seed, blank=True)
+        if blank:
+            _, sure = finder.predict_batch([p for p, _ in blank])
+            metrics["val/simulated"]["blank_screens_doubted"] = float((sure < threshold).mean())
         for split in ("val", "test"):
             rows = catalog.loc[catalog["split"] == split]
             labelled = catalog_corners(rows) if stage.corners.labelled else {}

@@ -87,7 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--image-size", type=int, default=96)
-    parser.add_argument("--photos", type=int, default=100, help="held-out simulated photos")
+    parser.add_argument("--photos", type=int, default=200, help="held-out simulated photos")
     parser.add_argument("--digital", type=int, default=300, help="demo x-rays to train on")
     parser.add_argument("--bundle", type=Path, help="a trained corners bundle (skips training)")
     parser.add_argument("--keep", type=Path, help="write the demo tree and the stage here (kept)")

@@ -251,7 +251,7 @@ class CornersSpec(Spec):
     plain: float = Field(default=0.05, ge=0.0, le=1.0)
     negatives: float = Field(default=0.05, ge=0.0, le=1.0)
     labelled: bool = True
-    tolerance: float = Field(default=0.03, gt=0.0, lt=1.0)
+    tolerance: float = Field(default=0.08, gt=0.0, lt=1.0)
     min_confidence: float | None = Field(default=None, ge=0.0, le=1.0)
     eval_photos: int = Field(default=64, ge=0)
 

@@ -546,3 +546,67 @@ def test_html_opens_in_a_headless_browser_without_errors(study: tuple[Path, repo
     assert problems == []
     assert len(widths) == 4 and min(widths) > 100
     assert headings[0] == "Summary" and "Table 2: test (official valid sets)" in headings
+
+
+def routed_study(root: Path) -> Path:
+    """make_study's study whose routed stage was scored through a router that sends every third photo
+    to the x-ray head (which reads photos upside down), with its oracle routing saved beside it."""
+    out = make_study(root)
+    folder = out / "stages" / "routed"
+    for split in ("val", "test"):
+        file = folder / f"predictions_{split}.parquet"
+        oracle = pd.read_parquet(file)
+        photo = (oracle["domain"] == "photo").to_numpy()
+        oracle["router_prob"] = np.where(photo, 0.9, 0.1).astype(np.float32)
+        oracle.to_parquet(folder / f"predictions_{split}_oracle.parquet", index=False)
+        routed = oracle.copy()
+        wrong = photo & (np.arange(len(routed)) % 3 == 0)
+        routed.loc[wrong, "router_prob"] = np.float32(0.2)
+        routed.loc[wrong, "head"] = "digital"
+        for s in SLUGS:
+            routed.loc[wrong, f"prob_{s}"] = (1 - routed.loc[wrong, f"prob_{s}"]).astype(np.float32)
+        routed.to_parquet(file, index=False)
+    return out
+
+
+def test_a_routed_model_is_reported_through_its_router_with_the_oracle_line_beside(tmp_path: Path) -> None:
+    out = routed_study(tmp_path)
+    paths = write_report(out, n_boot=50, seed=0)
+    folder = out / "stages" / "routed"
+    for name, split in (("table1_val", "val"), ("table2_test", "test")):
+        rows = csv(paths, name)
+        deployed = {"strategy": "Mixed + Routed Heads", "pathology": "average", "metric": "auc"}
+        oracle = {**deployed, "strategy": "Mixed + Routed Heads (oracle routing)"}
+        # The router errs on photos only: the x-ray rows agree, the photo rows do not.
+        assert value(rows, comparison="Standard", **deployed)["value"] == pytest.approx(
+            value(rows, comparison="Standard", **oracle)["value"], abs=1e-12
+        )
+        assert (
+            value(rows, comparison="Photos", **deployed)["value"]
+            < value(rows, comparison="Photos", **oracle)["value"] - 0.1
+        )
+        # Each line is its own saved table's number.
+        for file, where in (("", deployed), ("_oracle", oracle)):
+            table = pd.read_parquet(folder / f"predictions_{split}{file}.parquet")
+            photos = side(table, "chexphoto").loc[lambda t: t["kind"] != "film"]
+            got = value(rows, comparison="Photos", **{**where, "pathology": "edema"})["value"]
+            assert got == pytest.approx(sk(photos, "edema", "auc"), abs=1e-9)
+        # Router accuracy per kind, from the routed table.
+        router = csv(paths, "router")
+        router = router.loc[router["split"] == split]
+        table = pd.read_parquet(folder / f"predictions_{split}.parquet")
+        right = (table["router_prob"] > 0.5) == (table["domain"] == "photo")
+        assert value(router, kind="all")["accuracy"] == pytest.approx(right.mean())
+        assert value(router, kind="digital")["accuracy"] == 1.0
+        natural = table["kind"] == "natural"
+        assert value(router, kind="natural")["accuracy"] == pytest.approx(right[natural].mean())
+        assert value(router, kind="natural")["n"] == natural.sum()
+    md = paths.md.read_text()
+    assert "| Mixed + Routed Heads (oracle routing) | Standard |" in md
+    assert "Router accuracy (test)" in md and "Router accuracy (val)" in md
+    assert "what router mistakes cost" in md
+    assert "tables/router.csv" in md
+    summary = md.split("## Summary")[1].split("##")[0]
+    assert "oracle routing" not in summary  # the ranking is of deployed models
+    html = paths.html.read_text()
+    assert "Mixed + Routed Heads (oracle routing)" in html and "Router accuracy (test)" in html

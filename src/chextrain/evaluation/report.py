@@ -13,6 +13,12 @@ valid sets) and model.json thresholds. It never trains or scores a model. It wri
 - tables/kinds.csv: `split, strategy, kind, n, pathology, metric, value, ci_low, ci_high`.
 - tables/thresholds.csv: `strategy, comparison, threshold (0.5 | tuned), cutoff, pathology,
   metric, value, ci_low, ci_high` (test split; thresholds tuned on validation, from model.json).
+- tables/router.csv: `split, strategy, kind (all | digital | a photo kind), n, accuracy`: how often
+  a routed model's router sends an image to its domain's head.
+
+A routed model (its router picks between two heads) is scored through its router, as deployed;
+its oracle routing (predictions_<split>_oracle.parquet: each image's head from its known domain)
+is the row "<strategy> (oracle routing)" next to it in Tables 1 and 2.
 - figures/roc_<comparison>.png (one panel per pathology, a curve per strategy),
   figures/figure5_budget.png, report.md and a self-contained report.html.
 
@@ -34,6 +40,7 @@ import pandas as pd
 from chextrain.evaluation import figures, render, tables
 from chextrain.evaluation.document import SPLITS, build_document, cell
 from chextrain.evaluation.metrics import AVERAGE, MetricsError
+from chextrain.evaluation.predict import ORACLE
 from chextrain.evaluation.tables import COLUMNS, DIFFERENCE, FILM, PHOTOS, STANDARD, ReportError
 from chextrain.fileio import atomic_write_text
 from chextrain.labels import NAME_OF, SLUGS
@@ -84,6 +91,7 @@ class Results:
     predictions: dict[str, dict[str, pd.DataFrame]] = field(default_factory=dict)  # stage -> split -> table
     notes: list[str] = field(default_factory=list)
     no_positive: set[tuple[str, str, str, str]] = field(default_factory=set)  # split, strategy, side, slug
+    router: list[dict[str, Any]] = field(default_factory=list)  # tables.ROUTER_COLUMNS
 
 
 def read_study(study_dir: Path) -> tuple[dict[str, Any], list[StageInfo]]:
@@ -187,11 +195,36 @@ def evaluate_study(
             except MetricsError as err:
                 raise ReportError(f"{file}: {err}") from err
             out.main[split] += found.main
+            if extras:
+                out.main[split] += oracle_rows(stage, split, n_boot=n_boot, seed=seed, pool_film=pool_film)
+                out.router += tables.router_rows(table, stage.strategy, split)
             out.kinds += [{"split": split, **r} for r in found.kinds]
             out.thresholds += found.thresholds
             out.notes += found.notes
             out.no_positive |= {(split, *key) for key in found.no_positive}
     return out
+
+
+def oracle_rows(
+    stage: StageInfo, split: str, *, n_boot: int, seed: int, pool_film: bool
+) -> list[dict[str, Any]]:
+    """Main rows of a routed stage's oracle routing (predictions_<split>_oracle.parquet), if saved.
+
+    Strategy "<strategy> (oracle routing)": each image through its known domain's head, the line
+    to read the routed row (through the router, as deployed) against.
+    """
+    file = stage.dir / f"predictions_{split}_{ORACLE}.parquet"
+    if not file.is_file():
+        return []
+    table = tables.read_predictions(file)
+    strategy = stage.strategy + tables.ORACLE_ROUTING
+    try:
+        found = tables.evaluate_table(
+            table, strategy, n_boot=n_boot, seed=seed, kinds=False, pool_film=pool_film
+        )
+    except MetricsError as err:
+        raise ReportError(f"{file}: {err}") from err
+    return found.main
 
 
 def write_report(
@@ -274,6 +307,7 @@ def csv_tables(results: Results, stages: Sequence[StageInfo]) -> dict[str, pd.Da
         "thresholds": tables.frame(
             results.thresholds, ("strategy", "comparison", "threshold", "cutoff", *COLUMNS[2:])
         ),
+        "router": tables.frame(results.router, tables.ROUTER_COLUMNS),
     }
 
 

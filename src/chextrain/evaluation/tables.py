@@ -34,6 +34,10 @@ STANDARD, PHOTOS, DIFFERENCE, FILM = "Standard", "Photos", "Standard - Photos", 
 COMPARISONS: tuple[str, ...] = (STANDARD, PHOTOS, DIFFERENCE, FILM)
 SIDES: tuple[str, ...] = (STANDARD, PHOTOS, FILM)
 NO_POSITIVE = "no positives at 0.5"
+ORACLE_ROUTING = (
+    " (oracle routing)"  # strategy suffix of a routed model scored with each image's known domain
+)
+ROUTER_COLUMNS: tuple[str, ...] = ("split", "strategy", "kind", "n", "accuracy")
 AT_THRESHOLD: tuple[str, ...] = ("mcc", "precision", "recall", "f1")  # undefined-looking without positives
 MAIN_METRICS: tuple[str, ...] = ("mcc", "auc")
 APPENDIX_METRICS: tuple[str, ...] = ("precision", "recall", "f1", "accuracy")
@@ -186,6 +190,42 @@ def _threshold_rows(
         for r in long_rows(found, strategy=strategy, comparison=name):
             cutoff = tuned.get(r["pathology"], float("nan"))
             out.thresholds.append({**r, "threshold": "tuned", "cutoff": cutoff})
+
+
+def router_rows(table: pd.DataFrame, strategy: str, split: str) -> list[dict[str, Any]]:
+    """The router's accuracy (P(photo) > 0.5 iff a photo) on all rows and per kind (ROUTER_COLUMNS).
+
+    Empty when the table has no router (no `router_prob` column). Kinds: digital, the photo kinds
+    in PHOTO_KINDS order, then any other.
+    """
+    if "router_prob" not in table.columns or table.empty:
+        return []
+    right = (table["router_prob"].to_numpy() > 0.5) == (table["domain"].astype(str).to_numpy() == "photo")
+    kinds = table["kind"].astype(str).to_numpy()
+    order = [k for k in ("digital", *PHOTO_KINDS) if k in kinds] + sorted(
+        set(kinds) - {"digital", *PHOTO_KINDS}
+    )
+    out = [
+        {
+            "split": split,
+            "strategy": strategy,
+            "kind": "all",
+            "n": len(right),
+            "accuracy": float(right.mean()),
+        }
+    ]
+    for kind in order:
+        mine = right[kinds == kind]
+        out.append(
+            {
+                "split": split,
+                "strategy": strategy,
+                "kind": kind,
+                "n": len(mine),
+                "accuracy": float(mine.mean()),
+            }
+        )
+    return out
 
 
 def roc_inputs(

@@ -7,7 +7,10 @@ learns. The optimiser is built from the STAGE's spec over the trainable paramete
 
 After training, `finish` tunes thresholds on validation (per head, on the rows it serves),
 evaluates every dataset of each evaluated split (a digital-only stage is scored on photos too),
-calibrates OOD on validation, and writes the bundle.
+calibrates OOD on validation, and writes the bundle. A model whose router picks between two heads
+is scored through its router, as deployed; its oracle routing (each image's head from its known
+domain) is saved beside (predictions_<split>_oracle.parquet). Validation predictions are always
+saved, evaluated or not.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ from chextrain.data.dataset import CatalogDataset
 from chextrain.data.transforms import Preprocessing, as_preprocessing, to_network_input
 from chextrain.evaluation.metrics import pathology_metrics
 from chextrain.evaluation.predict import (
+    ORACLE,
     Predictions,
     calibrate_ood_or_none,
+    deployed_head,
     predict_rows,
     router_accuracy,
     tune_head_thresholds,
@@ -239,6 +244,26 @@ def validation_metrics(targets: np.ndarray, probs: np.ndarray, mask: np.ndarray)
     return logs
 
 
+def save_split(
+    predictions: Predictions,
+    out_dir: Path,
+    split: str,
+    thresholds: dict[str, dict[str, float]],
+    evaluated: bool,
+) -> dict[str, Any]:
+    """Write a scored split's predictions and metrics (and a routed model's oracle routing beside them).
+
+    Validation is always written (the report recomputes tuned thresholds from it), but only a split
+    the stage evaluates returns its metrics ({"<split>/<group>": at_0.5}) for done.json and the bundle.
+    """
+    if predictions.oracle is not None:
+        write_evaluation(predictions.oracle, out_dir, split, None, thresholds, routing=ORACLE)
+    document = write_evaluation(predictions.table, out_dir, split, None, thresholds)
+    if not evaluated:
+        return {}
+    return {f"{split}/{group}": entry["at_0.5"] for group, entry in document["groups"].items()}
+
+
 class Supervised:
     """The `supervised` objective for the stage lifecycle (see training/objectives/__init__.py)."""
 
@@ -323,9 +348,10 @@ class Supervised:
             "batch_size": max(stage.batch_size, 32),
             "policy": stage.policy,
             "store": stage_store(stage),
+            "head": deployed_head(model, stage.domain_heads),  # a routed model: through its router
         }
         scored: dict[str, Predictions] = {}
-        for split in ("val", "test"):
+        for split in ("val", "test", "holdout"):
             rows = catalog.loc[catalog["split"] == split].reset_index(drop=True)
             if not rows.empty and (split == "val" or split in stage.evaluate):
                 # one pass: the validation pass also yields the OOD features for calibration
@@ -336,10 +362,7 @@ class Supervised:
         thresholds = tune_head_thresholds(scored["val"].table) if "val" in scored else {}
         metrics: dict[str, Any] = {}
         for split, predictions in scored.items():
-            if split in stage.evaluate:
-                document = write_evaluation(predictions.table, out_dir, split, None, thresholds)
-                for group, entry in document["groups"].items():
-                    metrics[f"{split}/{group}"] = entry["at_0.5"]
+            metrics.update(save_split(predictions, out_dir, split, thresholds, split in stage.evaluate))
         bundle = {
             "image_size": meta["image_size"],
             "preprocessing": meta["preprocessing"],

@@ -14,6 +14,7 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, roc_auc
 
 from chextrain.evaluation import report, tables
 from chextrain.evaluation.bootstrap import Bootstrap, estimates
+from chextrain.evaluation.metrics import tune_thresholds
 from chextrain.evaluation.predict import arrays
 from chextrain.evaluation.report import ReportError, headline_rows, write_report
 from chextrain.labels import SLUGS
@@ -128,6 +129,7 @@ def make_study(root: Path, seed: int = 0) -> Path:
         kind: str = "supervised",
         notes: tuple[str, ...] = (),
         heads: tuple[str, str] = ("main", "main"),
+        evaluate: tuple[str, ...] | None = None,
     ) -> None:
         folder = out / "stages" / name
         folder.mkdir(parents=True)
@@ -145,7 +147,10 @@ def make_study(root: Path, seed: int = 0) -> Path:
                 )
                 table.to_parquet(folder / f"predictions_{split}.parquet", index=False)
             thresholds = {h: {s: 0.4 + 0.05 * j for j, s in enumerate(SLUGS)} for h in set(heads)}
-            (folder / "model.json").write_text(json.dumps({"thresholds": thresholds}))
+            meta: dict = {"thresholds": thresholds}  # the report tunes its own on predictions_val
+            if evaluate is not None:
+                meta["config"] = {"evaluate": list(evaluate)}
+            (folder / "model.json").write_text(json.dumps(meta))
         stages.append(
             {
                 "name": name,
@@ -175,7 +180,7 @@ def make_study(root: Path, seed: int = 0) -> Path:
             skill=skill,
             photo_skill=2.0 - skill,
             budget={"total": 400, "digital": digital},
-            splits=("test",),
+            evaluate=("test",),  # validation predictions saved, not reported
         )
     (out / "study.json").write_text(
         json.dumps(
@@ -400,10 +405,16 @@ def test_budget_table_and_tuned_thresholds(study: tuple[Path, report.ReportPaths
         ]
     )
     test = pd.read_parquet(out / "stages" / "routed" / "predictions_test.parquet")
-    thresholds = json.loads((out / "stages" / "routed" / "model.json").read_text())["thresholds"]
+    val = pd.read_parquet(out / "stages" / "routed" / "predictions_val.parquet")
+    photo_val = val.loc[val["head"] == "photo"]
     routed = {"strategy": "Mixed + Routed Heads", "comparison": "Photos", "pathology": "edema"}
     tuned = value(th, threshold="tuned", **routed)
-    assert tuned["cutoff"] == thresholds["photo"]["edema"]
+    # Tuned again on the saved validation predictions (the photo head's rows), not read from model.json.
+    assert tuned["cutoff"] == tune_thresholds(*arrays(photo_val))["edema"]
+    assert (
+        tuned["cutoff"]
+        != json.loads((out / "stages" / "routed" / "model.json").read_text())["thresholds"]["photo"]["edema"]
+    )
     photos = side(test, "chexphoto").loc[lambda t: t["kind"] != "film"]
     expected = sk(photos, "edema", "mcc", tuned["cutoff"])
     assert tuned["value"] == pytest.approx(expected, abs=1e-9)
@@ -420,7 +431,27 @@ def test_tuned_thresholds_need_one_head_per_side() -> None:
     assert tuned == {("Standard", "0.5"), ("Standard", "tuned"), ("Photos", "0.5")}
     assert found.notes == [
         "mixed heads, Photos: no tuned thresholds (scored by heads ['main', 'other']; "
-        "model.json has thresholds for ['main'])"
+        "validation tuned thresholds for ['main'])"
+    ]
+
+
+def test_a_side_scored_by_several_heads_is_tuned_at_each_images_head() -> None:
+    """A router sent some photos to the x-ray head: each image is judged at its own head's threshold."""
+    table = predictions(np.random.default_rng(4), n_patients=20, skill=1.0, photo_skill=1.0)
+    table.loc[table["kind"] == "natural", "head"] = "other"
+    thresholds = {"main": dict.fromkeys(SLUGS, 0.3), "other": dict.fromkeys(SLUGS, 0.7)}
+    found = tables.evaluate_table(table, "routed", n_boot=0, seed=0, thresholds=thresholds)
+    rows = tables.frame(found.thresholds, [*COLUMNS, "threshold", "cutoff"])
+    photos = side(table, "chexphoto")
+    cut = np.where(photos["head"] == "other", 0.7, 0.3)
+    keep = photos["mask_edema"] > 0
+    y = photos.loc[keep, "target_edema"].to_numpy().astype(int)
+    expected = matthews_corrcoef(y, photos.loc[keep, "prob_edema"].to_numpy() >= cut[keep.to_numpy()])
+    got = value(rows, comparison="Photos", threshold="tuned", pathology="edema")
+    assert got["value"] == pytest.approx(expected, abs=1e-12) and np.isnan(got["cutoff"])
+    assert value(rows, comparison="Standard", threshold="tuned", pathology="edema")["cutoff"] == 0.3
+    assert found.notes == [
+        "routed, Photos: each image at the tuned thresholds of its head (['main', 'other'])"
     ]
 
 

@@ -106,6 +106,7 @@ def runs(
         )
     )
     run(tiny("new_heads", init="stage:mixed", train_heads=["chexpert"], freeze="encoder", **TWO_HEADS))
+    run(tiny("budget", data={**MIXED, "budget": {"total": 40, "digital": 20}}, evaluate=["test"]))
     return results
 
 
@@ -355,3 +356,15 @@ def test_a_logger_that_is_not_installed_is_refused_before_anything_is_written(
     with pytest.raises(StageError, match=r"chextrain\[wandb\]"):
         train_stage(tiny("w", logger=["wandb"]), demo_root, tmp_path / "w", catalog=catalog, progress=False)
     assert not (tmp_path / "w").exists()
+
+
+def test_a_stage_that_evaluates_test_only_still_saves_validation_predictions(
+    runs: dict[str, StageResult], catalog: pd.DataFrame
+) -> None:
+    """A fixed-budget stage (evaluate: [test]) keeps the validation predictions its thresholds came from."""
+    r = runs["budget"]
+    val = pd.read_parquet(r.out_dir / "predictions_val.parquet")
+    assert set(val["split"]) == {"val"} and len(val) == done(r)["val_rows"] > 0
+    assert "test/Standard" in r.metrics and not any(k.startswith("val/") for k in r.metrics)
+    meta = json.loads((r.out_dir / "model.json").read_text())
+    assert meta["thresholds"] == tune_head_thresholds(val) and meta["config"]["evaluate"] == ["test"]

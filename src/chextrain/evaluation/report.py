@@ -2,7 +2,9 @@
 
 `write_report(DIR)` reads DIR/study.json and, for each finished stage, its predictions tables
 (`predictions_val.parquet`: the patient-level holdout; `predictions_test.parquet`: the official
-valid sets) and model.json thresholds. It never trains or scores a model. It writes, under DIR:
+valid sets) and model.json (the input size and preprocessing, the splits the stage evaluates). It
+never trains or scores a model: tuned thresholds are tuned again on the saved validation
+predictions, and a second run over the same files writes byte-identical outputs. It writes, under DIR:
 
 - tables/table1_val.csv, tables/table2_test.csv: `strategy, comparison, pathology, metric, value,
   ci_low, ci_high`; metric mcc / auc at threshold 0.5; comparison Standard / Photos /
@@ -12,7 +14,7 @@ valid sets) and model.json thresholds. It never trains or scores a model. It wri
 - tables/budget.csv: those columns + `digital, total` (test split; stages with a fixed budget).
 - tables/kinds.csv: `split, strategy, kind, n, pathology, metric, value, ci_low, ci_high`.
 - tables/thresholds.csv: `strategy, comparison, threshold (0.5 | tuned), cutoff, pathology,
-  metric, value, ci_low, ci_high` (test split; thresholds tuned on validation, from model.json).
+  metric, value, ci_low, ci_high` (test split; thresholds tuned on the saved validation predictions).
 - tables/router.csv: `split, strategy, kind (all | digital | a photo kind), n, accuracy`: how often
   a routed model's router sends an image to its domain's head.
 
@@ -40,7 +42,7 @@ import pandas as pd
 from chextrain.evaluation import figures, render, tables
 from chextrain.evaluation.document import SPLITS, build_document, cell
 from chextrain.evaluation.metrics import AVERAGE, MetricsError
-from chextrain.evaluation.predict import ORACLE
+from chextrain.evaluation.predict import ORACLE, tune_head_thresholds
 from chextrain.evaluation.tables import COLUMNS, DIFFERENCE, FILM, PHOTOS, STANDARD, ReportError
 from chextrain.fileio import atomic_write_text
 from chextrain.labels import NAME_OF, SLUGS
@@ -131,20 +133,34 @@ def read_study(study_dir: Path) -> tuple[dict[str, Any], list[StageInfo]]:
     return study, stages
 
 
-def stage_thresholds(stage: StageInfo) -> dict[str, dict[str, float]]:
-    """model.json's tuned thresholds {head: {slug: t}} (heads missing a pathology are left out)."""
-    path = stage.dir / "model.json"
-    if not path.is_file():
-        return {}
+def tuned_thresholds(stage: StageInfo) -> dict[str, dict[str, float]] | None:
+    """{head: {slug: t}} tuned (maximising MCC) on the stage's saved validation predictions.
+
+    Recomputed from predictions_val.parquet, as the stage tuned them (predict.tune_head_thresholds),
+    so the tuned-threshold rows need nothing but saved predictions; None without that file.
+    """
+    file = stage.dir / "predictions_val.parquet"
+    if not file.is_file():
+        return None
     try:
-        found = json.loads(path.read_text()).get("thresholds") or {}
+        return tune_head_thresholds(tables.read_predictions(file))
+    except MetricsError as err:
+        raise ReportError(f"{file}: {err}") from err
+
+
+def reported_splits(stage: StageInfo) -> frozenset[str]:
+    """The splits the stage reports: its `evaluate` (model.json config) of val / test; both when unsaid.
+
+    Every stage saves validation predictions (they tune the thresholds), but a stage that evaluates
+    test only (e.g. a fixed-budget stage) stays out of Table 1.
+    """
+    path = stage.dir / "model.json"
+    try:
+        config = json.loads(path.read_text()).get("config") if path.is_file() else None
     except (json.JSONDecodeError, AttributeError) as err:
-        raise ReportError(f"{path}: expected a JSON object with 'thresholds' ({err})") from err
-    return {
-        str(h): {s: float(t[s]) for s in SLUGS}
-        for h, t in found.items()
-        if isinstance(t, dict) and all(s in t for s in SLUGS)
-    }
+        raise ReportError(f"{path}: expected a JSON object ({err})") from err
+    evaluate = config.get("evaluate") if isinstance(config, dict) else None
+    return frozenset(SPLITS if not isinstance(evaluate, list) else (str(e) for e in evaluate))
 
 
 def stage_input(stage: StageInfo) -> str:
@@ -175,13 +191,17 @@ def evaluate_study(
     for stage in stages:
         if stage.state != "done":
             continue
+        reported = reported_splits(stage)
+        tuned = tuned_thresholds(stage) if extras and "test" in splits else None
         for split in splits:
             file = stage.dir / f"predictions_{split}.parquet"
-            if not file.is_file():
+            if not file.is_file() or split not in reported:
                 continue
             table = tables.read_predictions(file)
             out.predictions.setdefault(stage.name, {})[split] = table
-            thresholds = stage_thresholds(stage) if extras and split == "test" else None
+            thresholds = tuned if extras and split == "test" else None
+            if extras and split == "test" and tuned is None:
+                out.notes.append(f"{stage.strategy}: no saved validation predictions to tune thresholds on")
             try:
                 found = tables.evaluate_table(
                     table,

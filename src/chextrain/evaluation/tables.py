@@ -130,8 +130,9 @@ def evaluate_table(
 ) -> TableRows:
     """Every number the report shows for one stage's predictions table (threshold 0.5 unless tuned).
 
-    thresholds: model.json's {head: {slug: t}}; when given, MCC at those (tuned) thresholds is
-    reported next to MCC at 0.5 for each side scored by a single head.
+    thresholds: {head: {slug: t}} tuned on the stage's validation predictions
+    (predict.tune_head_thresholds); when given, MCC at those (tuned) thresholds is reported next
+    to MCC at 0.5 for each side whose heads all have them (each image at its own head's).
     pool_film: film photos count as Photos (default: their own comparison, Film).
     """
     boot = Bootstrap(arrays(table), table["patient"].to_numpy(), n_boot, seed)  # arrays: N x 5 each
@@ -178,17 +179,24 @@ def _threshold_rows(
             if r["comparison"] == name and r["metric"] == "mcc":
                 cutoff = 0.5 if r["pathology"] != AVERAGE else float("nan")
                 out.thresholds.append({**r, "threshold": "0.5", "cutoff": cutoff})
-        heads = sorted(set(table["head"].astype(str).to_numpy()[rows]))
-        if len(heads) != 1 or heads[0] not in thresholds:
+        head_of = table["head"].astype(str).to_numpy()
+        heads = sorted(set(head_of[rows]))
+        if any(h not in thresholds for h in heads):
             out.notes.append(
                 f"{strategy}, {name}: no tuned thresholds (scored by heads {heads}; "
-                f"model.json has thresholds for {sorted(thresholds)})"
+                f"validation tuned thresholds for {sorted(thresholds)})"
             )
             continue
-        tuned = {s: float(thresholds[heads[0]][s]) for s in SLUGS}
+        if len(heads) == 1:
+            tuned: Mapping[str, float] | np.ndarray = {s: float(thresholds[heads[0]][s]) for s in SLUGS}
+        else:  # a router sent this side's images to several heads: each at its own head's thresholds
+            tuned = np.zeros((len(table), len(SLUGS)))  # N x 5
+            for h in heads:
+                tuned[head_of == h] = [float(thresholds[h][s]) for s in SLUGS]
+            out.notes.append(f"{strategy}, {name}: each image at the tuned thresholds of its head ({heads})")
         found = estimates(boot.values(rows, tuned, metrics=("mcc",)))
         for r in long_rows(found, strategy=strategy, comparison=name):
-            cutoff = tuned.get(r["pathology"], float("nan"))
+            cutoff = tuned.get(r["pathology"], float("nan")) if isinstance(tuned, dict) else float("nan")
             out.thresholds.append({**r, "threshold": "tuned", "cutoff": cutoff})
 
 

@@ -164,7 +164,9 @@ def reported_splits(stage: StageInfo) -> frozenset[str]:
 
 
 def stage_input(stage: StageInfo) -> str:
-    """The input the stage's model was trained and scored at, from model.json: `224 px, histeq`."""
+    """The input the stage's model was trained and scored at, from model.json: `224 px, histeq`,
+    and which of the two its init weights brought (model.json training.input_from):
+    `224 px, histeq (from the init weights)`, `32 px, histeq (preprocessing from the init weights)`."""
     path = stage.dir / "model.json"
     if not path.is_file():
         return ""
@@ -174,7 +176,19 @@ def stage_input(stage: StageInfo) -> str:
         raise ReportError(f"{path}: not valid JSON ({err})") from err
     size, prep = meta.get("image_size"), meta.get("preprocessing")
     name = prep.get("name") if isinstance(prep, dict) else None
-    return ", ".join(x for x in (f"{size} px" if size else "", str(name or "")) if x)
+    text = ", ".join(x for x in (f"{size} px" if size else "", str(name or "")) if x)
+    training = meta.get("training")
+    sources = training.get("input_from") if isinstance(training, dict) else None
+    if not isinstance(sources, dict):
+        return text
+    brought = [
+        what
+        for key, what in (("image_size", "size"), ("preprocessing", "preprocessing"))
+        if sources.get(key) == "init weights"
+    ]  # lifecycle.INIT_WEIGHTS
+    if len(brought) == 2:
+        return f"{text} (from the init weights)"
+    return f"{text} ({brought[0]} from the init weights)" if brought else text
 
 
 def evaluate_study(

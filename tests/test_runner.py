@@ -366,5 +366,6 @@ def test_a_stage_that_evaluates_test_only_still_saves_validation_predictions(
     val = pd.read_parquet(r.out_dir / "predictions_val.parquet")
     assert set(val["split"]) == {"val"} and len(val) == done(r)["val_rows"] > 0
     assert "test/Standard" in r.metrics and not any(k.startswith("val/") for k in r.metrics)
+    assert not (r.out_dir / "metrics_val.json").exists()  # predictions saved, the split not evaluated
     meta = json.loads((r.out_dir / "model.json").read_text())
     assert meta["thresholds"] == tune_head_thresholds(val) and meta["config"]["evaluate"] == ["test"]

@@ -287,6 +287,13 @@ def group_metrics(
     return out
 
 
+def write_predictions(table: pd.DataFrame, out_dir: Path, suffix: str) -> Path:
+    """Write out_dir/predictions_<suffix>.parquet atomically; returns its path."""
+    path = Path(out_dir) / f"predictions_{suffix}.parquet"
+    atomic_write(path, lambda p: table.to_parquet(p, index=False))
+    return path
+
+
 def write_evaluation(
     table: pd.DataFrame,
     out_dir: Path,
@@ -303,7 +310,7 @@ def write_evaluation(
     """
     suffix = "_".join(x for x in (split, head, routing) if x)
     out_dir = Path(out_dir)
-    atomic_write(out_dir / f"predictions_{suffix}.parquet", lambda p: table.to_parquet(p, index=False))
+    write_predictions(table, out_dir, suffix)
     document = {
         "split": split,
         "head": head,

@@ -36,6 +36,7 @@ from chextrain.evaluation.predict import (
     router_accuracy,
     tune_head_thresholds,
     write_evaluation,
+    write_predictions,
 )
 from chextrain.labels import SLUGS
 from chextrain.models.bundle import save_bundle
@@ -253,14 +254,18 @@ def save_split(
 ) -> dict[str, Any]:
     """Write a scored split's predictions and metrics (and a routed model's oracle routing beside them).
 
-    Validation is always written (the report recomputes tuned thresholds from it), but only a split
-    the stage evaluates returns its metrics ({"<split>/<group>": at_0.5}) for done.json and the bundle.
+    A split the stage does not evaluate (validation of an `evaluate: [test]` stage) still saves its
+    predictions tables, which the report tunes thresholds on, but no metrics file and no metrics;
+    an evaluated one returns {"<split>/<group>": at_0.5} for done.json and the bundle.
     """
+    if not evaluated:
+        write_predictions(predictions.table, out_dir, split)
+        if predictions.oracle is not None:
+            write_predictions(predictions.oracle, out_dir, f"{split}_{ORACLE}")
+        return {}
     if predictions.oracle is not None:
         write_evaluation(predictions.oracle, out_dir, split, None, thresholds, routing=ORACLE)
     document = write_evaluation(predictions.table, out_dir, split, None, thresholds)
-    if not evaluated:
-        return {}
     return {f"{split}/{group}": entry["at_0.5"] for group, entry in document["groups"].items()}
 
 

@@ -17,12 +17,12 @@ predictions, and a second run over the same files writes byte-identical outputs.
   metric, value, ci_low, ci_high` (test split; thresholds tuned on the saved validation predictions).
 - tables/router.csv: `split, strategy, kind (all | digital | a photo kind), n, accuracy`: how often
   a routed model's router sends an image to its domain's head.
+- figures/roc_<comparison>.png (one panel per pathology, a curve per strategy),
+  figures/figure5_budget.png, report.md and a self-contained report.html.
 
 A routed model (its router picks between two heads) is scored through its router, as deployed;
 its oracle routing (predictions_<split>_oracle.parquet: each image's head from its known domain)
 is the row "<strategy> (oracle routing)" next to it in Tables 1 and 2.
-- figures/roc_<comparison>.png (one panel per pathology, a curve per strategy),
-  figures/figure5_budget.png, report.md and a self-contained report.html.
 
 Film photos (CheXphoto v1.1) are their own comparison, Film; study.json's `pool_film: true` (or
 write_report's pool_film) counts them in Photos instead.
@@ -229,8 +229,13 @@ def evaluate_study(
             except MetricsError as err:
                 raise ReportError(f"{file}: {err}") from err
             out.main[split] += found.main
+            oracle = (
+                oracle_rows(stage, split, n_boot=n_boot, seed=seed, pool_film=pool_film) if extras else None
+            )
+            if oracle is not None:
+                out.main[split] += oracle.main
+                out.no_positive |= {(split, *key) for key in oracle.no_positive}
             if extras:
-                out.main[split] += oracle_rows(stage, split, n_boot=n_boot, seed=seed, pool_film=pool_film)
                 out.router += tables.router_rows(table, stage.strategy, split)
             out.kinds += [{"split": split, **r} for r in found.kinds]
             out.thresholds += found.thresholds
@@ -241,15 +246,15 @@ def evaluate_study(
 
 def oracle_rows(
     stage: StageInfo, split: str, *, n_boot: int, seed: int, pool_film: bool
-) -> list[dict[str, Any]]:
-    """Main rows of a routed stage's oracle routing (predictions_<split>_oracle.parquet), if saved.
+) -> tables.TableRows | None:
+    """The rows of a routed stage's oracle routing (predictions_<split>_oracle.parquet), None unsaved.
 
     Strategy "<strategy> (oracle routing)": each image through its known domain's head, the line
     to read the routed row (through the router, as deployed) against.
     """
     file = stage.dir / f"predictions_{split}_{ORACLE}.parquet"
     if not file.is_file():
-        return []
+        return None
     table = tables.read_predictions(file)
     strategy = stage.strategy + tables.ORACLE_ROUTING
     try:
@@ -258,7 +263,7 @@ def oracle_rows(
         )
     except MetricsError as err:
         raise ReportError(f"{file}: {err}") from err
-    return found.main
+    return found
 
 
 def write_report(

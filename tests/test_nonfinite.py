@@ -119,3 +119,27 @@ def test_predictions_with_nan_after_training_name_the_files() -> None:
     table.loc[1, "prob_edema"] = np.inf
     with pytest.raises(NonFiniteError, match=r"stage 's': 1 test image\(s\) .*b\.jpg.*step 3"):
         check_finite_predictions(table, "s", "test", 3)
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_stop_together_at_the_same_step(demo_root: Path, tmp_path: Path) -> None:
+    """Under DDP (two gloo processes) both ranks stop with the one-line error at the same step; none
+    is left waiting in a collective (the stage's non-finite check is all-reduced across ranks)."""
+    import os
+    import subprocess
+    import sys
+
+    stage = tiny("ddp_nan", optimizer={"name": "sgd", "lr": 1e30}, max_steps=None, epochs=1)
+    file = tmp_path / "stage.yaml"
+    file.write_text(yaml.safe_dump(stage.model_dump(mode="json", exclude_unset=True)))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "chextrain.cli", "train", str(file), "--data", str(demo_root)]
+    cmd += ["--out", str(out), "--devices", "2", "--no-progress"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == FAILED_RUN, result.stderr[-3000:]
+    assert "MEMBER: 2/2" in result.stderr and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and errors[0] == errors[1]  # one line per process, the same step on both
+    assert "stage 'ddp_nan': the training loss is nan at training step" in errors[0]
+    assert unfinished(out)

@@ -360,3 +360,34 @@ def test_skip_mode_reports_a_broken_file_and_reads_the_others(tmp_path):
     assert str(issues["CheXphoto-v1.0/valid.csv"]).count("valid.csv") == 1  # the file named once
     with pytest.raises(CatalogError, match="empty CSV"):
         read_catalog(tmp_path)
+
+
+def test_a_stage_names_the_release_of_a_dataset_found_twice(tmp_path):
+    """`data: {releases: [...]}` picks one CheXphoto release; CheXpert (found once) is read as found."""
+    from chextrain.data.catalog import select_releases
+    from chextrain.training.loaders import prepare_catalog
+    from chextrain.training.stage import parse_stage, resolved_config
+
+    root = make_releases(tmp_path)
+    with pytest.raises(
+        CatalogError, match=r"CheXphoto-v1.0 and CheXphoto-v1.1.*`data: \{releases: \[CheXphoto-v1.0\]\}`"
+    ):
+        read_catalog(root)
+    chosen = read_catalog(root, releases=["CheXphoto-v1.1"])
+    assert set(chosen["release"]) == {"CheXpert-v1.0-small", "CheXphoto-v1.1"}
+    everything = read_catalog(root, releases=ALL_RELEASES)
+    pd.testing.assert_frame_equal(
+        select_releases(everything, ["CheXphoto-v1.1"]), chosen.reset_index(drop=True)
+    )
+    base = {"name": "s", "backbone": "tiny"}
+    stage = parse_stage({**base, "data": {"train": ["chexphoto"], "releases": ["CheXphoto-v1.0"]}})
+    assert set(prepare_catalog(stage, root)["release"]) == {"CheXpert-v1.0-small", "CheXphoto-v1.0"}
+    assert set(prepare_catalog(stage, None, everything)["release"]) == {
+        "CheXpert-v1.0-small",
+        "CheXphoto-v1.0",
+    }
+    with pytest.raises(CatalogError, match="2 releases of chexphoto"):
+        prepare_catalog(parse_stage(base), root)
+    # Unset, the key stays out of the resolved config: the hash of every stage without it is unchanged.
+    assert "releases" not in resolved_config(parse_stage(base))["data"]
+    assert resolved_config(stage)["data"]["releases"] == ["CheXphoto-v1.0"]

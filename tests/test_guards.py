@@ -8,6 +8,7 @@ augmentation dropped from the training loader, and a report that is not regenera
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from chextrain.labels import SLUGS
 from chextrain.training.specs import SplitSpec
 from chextrain.training.stage import SupervisedStage
 from chextrain.training.study import load_study
-from tests.test_report import COLUMNS, make_study, predictions, value
+from tests.test_report import COLUMNS, predictions, routed_study, value
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "studies"
 
@@ -137,22 +138,42 @@ def test_augmentation_reaches_the_training_loader(demo_root: Path) -> None:
 
 
 def test_study_report_command_regenerates_identical_files(tmp_path: Path) -> None:
-    """Defect: anything unstable in the report (set order, timestamps, unseeded resamples)."""
+    """Defect: anything unstable in the report (set order, timestamps, PNG metadata, unseeded
+    resamples), or a number that needs more than the saved files (model.json's thresholds).
+
+    The second run starts from a copy holding only the stages' saved files (report, tables and
+    figures deleted, model.json without thresholds) and must write the same bytes.
+    """
+    import shutil
+
     from chextrain.cli import build_app
 
-    out = make_study(tmp_path)
-    files = []
-    for _ in range(2):
+    first = routed_study(tmp_path / "a")  # a routed stage with its oracle routing, budget stages
+    second = tmp_path / "b"
+    shutil.copytree(first, second)
+
+    def outputs(out: Path) -> dict[str, bytes]:
         result = CliRunner().invoke(build_app(), ["study", "report", str(out), "--n-boot", "50"])
         assert result.exit_code == 0, result.output
-        names = [
-            "report.md",
-            "report.html",
-            *(f"tables/{p.name}" for p in sorted((out / "tables").glob("*.csv"))),
-        ]
-        files.append({n: (out / n).read_bytes() for n in names})
-    assert len(files[0]) >= 8 and files[0] == files[1]
-    assert "Baseline" in files[0]["report.md"].decode()
+        names = ["report.md", "report.html"]
+        names += [f"{d}/{p.name}" for d in ("tables", "figures") for p in sorted((out / d).iterdir())]
+        return {n: (out / n).read_bytes() for n in names}
+
+    study = json.loads((second / "study.json").read_text())
+    for record in study["stages"]:
+        record.pop("dir")  # the copy reads its own stages/NAME folders
+    (second / "study.json").write_text(json.dumps(study))
+    for meta in second.glob("stages/*/model.json"):
+        meta.write_text(
+            json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "thresholds"})
+        )
+    once, again = outputs(first), outputs(first)
+    fresh = outputs(second)
+    assert len(once) >= 12 and {n for n in once if n.endswith(".png")} and "tables/router.csv" in once
+    assert once == again
+    for name in once:  # the paths inside report.md are relative: the copy's bytes are the same
+        assert fresh[name] == once[name], name
+    assert "Baseline" in once["report.md"].decode()
 
 
 def test_a_stage_can_ask_for_the_holdout_split() -> None:

@@ -72,6 +72,23 @@ def test_fixed_head_and_router_routing(model: CXRNet, catalog: pd.DataFrame) -> 
     routed = predict(model, rows, head="router", domain_heads=DOMAIN_HEADS, image_size=32)
     expect = np.where(routed["router_prob"] > 0.5, "photo", "xray")
     assert (routed["head"].to_numpy() == expect).all()
+
+
+def test_routed_scoring_keeps_the_oracle_routing_of_the_same_pass(
+    model: CXRNet, catalog: pd.DataFrame
+) -> None:
+    """head="router": the table follows the router; `oracle` is each image's domain head, byte for byte."""
+    rows = catalog.loc[catalog["split"] == "test"].reset_index(drop=True)
+    kwargs = {"domain_heads": DOMAIN_HEADS, "image_size": 32, "batch_size": 8, "num_workers": 0}
+    routed = predict_rows(model, rows, head="router", **kwargs)
+    by_domain = predict_rows(model, rows, **kwargs).table
+    pd.testing.assert_frame_equal(routed.oracle, by_domain, check_exact=True)
+    wrong = (routed.table["head"] != by_domain["head"]).to_numpy()
+    assert 0 < wrong.sum() < len(rows)  # the untrained router errs on some images, not all
+    probs = [f"prob_{s}" for s in SLUGS]
+    same = routed.table[probs].to_numpy() == by_domain[probs].to_numpy()
+    assert same[~wrong].all() and not same[wrong].all(axis=1).any()  # a misrouted image: the other head
+    assert predict_rows(model, rows, **kwargs).oracle is None
     with pytest.raises(EvaluationError, match="router"):
         predict(CXRNet("tiny"), rows, head="router", image_size=32)
 
@@ -182,8 +199,16 @@ def test_evaluate_run_writes_predictions_and_metrics(
     bundle: Path, demo_root: Path, catalog: pd.DataFrame
 ) -> None:
     doc = evaluate_run(bundle, demo_root, "val")
-    table = pd.read_parquet(bundle / "predictions_val.parquet")
-    on_disk = json.loads((bundle / "metrics_val.json").read_text())
+    # A routed bundle is scored through its router (as deployed), its oracle routing beside it.
+    routed = pd.read_parquet(bundle / "predictions_val.parquet")
+    assert (routed["head"] == np.where(routed["router_prob"] > 0.5, "photo", "xray")).all()
+    main = json.loads((bundle / "metrics_val.json").read_text())
+    xray_heads = sorted(set(routed.loc[routed["dataset"] == "chexpert", "head"]))
+    assert main["groups"]["Standard"]["heads"] == doc["groups"]["Standard"]["heads"] == xray_heads
+    assert xray_heads != ["xray"]  # the untrained router sends x-rays to the photo head
+    table = pd.read_parquet(bundle / "predictions_val_oracle.parquet")
+    on_disk = json.loads((bundle / "metrics_val_oracle.json").read_text())
+    assert on_disk["routing"] == "oracle" and "routing" not in doc
     assert on_disk["split"] == "val" and on_disk["n"] == len(table) == (catalog["split"] == "val").sum()
     assert doc["groups"]["Standard"]["n"] == on_disk["groups"]["Standard"]["n"]
     # The run's own split settings and policy: zeros turns every uncertain label into 0, unmasked.

@@ -14,6 +14,7 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, roc_auc
 
 from chextrain.evaluation import report, tables
 from chextrain.evaluation.bootstrap import Bootstrap, estimates
+from chextrain.evaluation.metrics import tune_thresholds
 from chextrain.evaluation.predict import arrays
 from chextrain.evaluation.report import ReportError, headline_rows, write_report
 from chextrain.labels import SLUGS
@@ -128,6 +129,7 @@ def make_study(root: Path, seed: int = 0) -> Path:
         kind: str = "supervised",
         notes: tuple[str, ...] = (),
         heads: tuple[str, str] = ("main", "main"),
+        evaluate: tuple[str, ...] | None = None,
     ) -> None:
         folder = out / "stages" / name
         folder.mkdir(parents=True)
@@ -145,7 +147,10 @@ def make_study(root: Path, seed: int = 0) -> Path:
                 )
                 table.to_parquet(folder / f"predictions_{split}.parquet", index=False)
             thresholds = {h: {s: 0.4 + 0.05 * j for j, s in enumerate(SLUGS)} for h in set(heads)}
-            (folder / "model.json").write_text(json.dumps({"thresholds": thresholds}))
+            meta: dict = {"thresholds": thresholds}  # the report tunes its own on predictions_val
+            if evaluate is not None:
+                meta["config"] = {"evaluate": list(evaluate)}
+            (folder / "model.json").write_text(json.dumps(meta))
         stages.append(
             {
                 "name": name,
@@ -175,7 +180,7 @@ def make_study(root: Path, seed: int = 0) -> Path:
             skill=skill,
             photo_skill=2.0 - skill,
             budget={"total": 400, "digital": digital},
-            splits=("test",),
+            evaluate=("test",),  # validation predictions saved, not reported
         )
     (out / "study.json").write_text(
         json.dumps(
@@ -401,10 +406,16 @@ def test_budget_table_and_tuned_thresholds(study: tuple[Path, report.ReportPaths
         ]
     )
     test = pd.read_parquet(out / "stages" / "routed" / "predictions_test.parquet")
-    thresholds = json.loads((out / "stages" / "routed" / "model.json").read_text())["thresholds"]
+    val = pd.read_parquet(out / "stages" / "routed" / "predictions_val.parquet")
+    photo_val = val.loc[val["head"] == "photo"]
     routed = {"strategy": "Mixed + Routed Heads", "comparison": "Photos", "pathology": "edema"}
     tuned = value(th, threshold="tuned", **routed)
-    assert tuned["cutoff"] == thresholds["photo"]["edema"]
+    # Tuned again on the saved validation predictions (the photo head's rows), not read from model.json.
+    assert tuned["cutoff"] == tune_thresholds(*arrays(photo_val))["edema"]
+    assert (
+        tuned["cutoff"]
+        != json.loads((out / "stages" / "routed" / "model.json").read_text())["thresholds"]["photo"]["edema"]
+    )
     photos = side(test, "chexphoto").loc[lambda t: t["kind"] != "film"]
     expected = sk(photos, "edema", "mcc", tuned["cutoff"])
     assert tuned["value"] == pytest.approx(expected, abs=1e-9)
@@ -421,7 +432,27 @@ def test_tuned_thresholds_need_one_head_per_side() -> None:
     assert tuned == {("Standard", "0.5"), ("Standard", "tuned"), ("Photos", "0.5")}
     assert found.notes == [
         "mixed heads, Photos: no tuned thresholds (scored by heads ['main', 'other']; "
-        "model.json has thresholds for ['main'])"
+        "validation tuned thresholds for ['main'])"
+    ]
+
+
+def test_a_side_scored_by_several_heads_is_tuned_at_each_images_head() -> None:
+    """A router sent some photos to the x-ray head: each image is judged at its own head's threshold."""
+    table = predictions(np.random.default_rng(4), n_patients=20, skill=1.0, photo_skill=1.0)
+    table.loc[table["kind"] == "natural", "head"] = "other"
+    thresholds = {"main": dict.fromkeys(SLUGS, 0.3), "other": dict.fromkeys(SLUGS, 0.7)}
+    found = tables.evaluate_table(table, "routed", n_boot=0, seed=0, thresholds=thresholds)
+    rows = tables.frame(found.thresholds, [*COLUMNS, "threshold", "cutoff"])
+    photos = side(table, "chexphoto")
+    cut = np.where(photos["head"] == "other", 0.7, 0.3)
+    keep = photos["mask_edema"] > 0
+    y = photos.loc[keep, "target_edema"].to_numpy().astype(int)
+    expected = matthews_corrcoef(y, photos.loc[keep, "prob_edema"].to_numpy() >= cut[keep.to_numpy()])
+    got = value(rows, comparison="Photos", threshold="tuned", pathology="edema")
+    assert got["value"] == pytest.approx(expected, abs=1e-12) and np.isnan(got["cutoff"])
+    assert value(rows, comparison="Standard", threshold="tuned", pathology="edema")["cutoff"] == 0.3
+    assert found.notes == [
+        "routed, Photos: each image at the tuned thresholds of its head (['main', 'other'])"
     ]
 
 
@@ -547,3 +578,67 @@ def test_html_opens_in_a_headless_browser_without_errors(study: tuple[Path, repo
     assert problems == []
     assert len(widths) == 5 and min(widths) > 100  # ROC x 3, Figure 5, the reliability diagram
     assert headings[0] == "Summary" and "Table 2: test (official valid sets)" in headings
+
+
+def routed_study(root: Path) -> Path:
+    """make_study's study whose routed stage was scored through a router that sends every third photo
+    to the x-ray head (which reads photos upside down), with its oracle routing saved beside it."""
+    out = make_study(root)
+    folder = out / "stages" / "routed"
+    for split in ("val", "test"):
+        file = folder / f"predictions_{split}.parquet"
+        oracle = pd.read_parquet(file)
+        photo = (oracle["domain"] == "photo").to_numpy()
+        oracle["router_prob"] = np.where(photo, 0.9, 0.1).astype(np.float32)
+        oracle.to_parquet(folder / f"predictions_{split}_oracle.parquet", index=False)
+        routed = oracle.copy()
+        wrong = photo & (np.arange(len(routed)) % 3 == 0)
+        routed.loc[wrong, "router_prob"] = np.float32(0.2)
+        routed.loc[wrong, "head"] = "digital"
+        for s in SLUGS:
+            routed.loc[wrong, f"prob_{s}"] = (1 - routed.loc[wrong, f"prob_{s}"]).astype(np.float32)
+        routed.to_parquet(file, index=False)
+    return out
+
+
+def test_a_routed_model_is_reported_through_its_router_with_the_oracle_line_beside(tmp_path: Path) -> None:
+    out = routed_study(tmp_path)
+    paths = write_report(out, n_boot=50, seed=0)
+    folder = out / "stages" / "routed"
+    for name, split in (("table1_val", "val"), ("table2_test", "test")):
+        rows = csv(paths, name)
+        deployed = {"strategy": "Mixed + Routed Heads", "pathology": "average", "metric": "auc"}
+        oracle = {**deployed, "strategy": "Mixed + Routed Heads (oracle routing)"}
+        # The router errs on photos only: the x-ray rows agree, the photo rows do not.
+        assert value(rows, comparison="Standard", **deployed)["value"] == pytest.approx(
+            value(rows, comparison="Standard", **oracle)["value"], abs=1e-12
+        )
+        assert (
+            value(rows, comparison="Photos", **deployed)["value"]
+            < value(rows, comparison="Photos", **oracle)["value"] - 0.1
+        )
+        # Each line is its own saved table's number.
+        for file, where in (("", deployed), ("_oracle", oracle)):
+            table = pd.read_parquet(folder / f"predictions_{split}{file}.parquet")
+            photos = side(table, "chexphoto").loc[lambda t: t["kind"] != "film"]
+            got = value(rows, comparison="Photos", **{**where, "pathology": "edema"})["value"]
+            assert got == pytest.approx(sk(photos, "edema", "auc"), abs=1e-9)
+        # Router accuracy per kind, from the routed table.
+        router = csv(paths, "router")
+        router = router.loc[router["split"] == split]
+        table = pd.read_parquet(folder / f"predictions_{split}.parquet")
+        right = (table["router_prob"] > 0.5) == (table["domain"] == "photo")
+        assert value(router, kind="all")["accuracy"] == pytest.approx(right.mean())
+        assert value(router, kind="digital")["accuracy"] == 1.0
+        natural = table["kind"] == "natural"
+        assert value(router, kind="natural")["accuracy"] == pytest.approx(right[natural].mean())
+        assert value(router, kind="natural")["n"] == natural.sum()
+    md = paths.md.read_text()
+    assert "| Mixed + Routed Heads (oracle routing) | Standard |" in md
+    assert "Router accuracy (test)" in md and "Router accuracy (val)" in md
+    assert "what router mistakes cost" in md
+    assert "tables/router.csv" in md
+    summary = md.split("## Summary")[1].split("##")[0]
+    assert "oracle routing" not in summary  # the ranking is of deployed models
+    html = paths.html.read_text()
+    assert "Mixed + Routed Heads (oracle routing)" in html and "Router accuracy (test)" in html

@@ -20,7 +20,7 @@ from sklearn.metrics import matthews_corrcoef, roc_auc_score
 
 from chextrain.data.catalog import read_catalog
 from chextrain.evaluation.metrics import tune_thresholds
-from chextrain.evaluation.predict import arrays
+from chextrain.evaluation.predict import arrays, tune_head_thresholds
 from chextrain.labels import SLUGS
 from chextrain.training.lifecycle import RunDirError, StageResult, train_stage
 from chextrain.training.stage import Stage, StageError, load_stage, parse_stage, resolved_config
@@ -106,6 +106,7 @@ def runs(
         )
     )
     run(tiny("new_heads", init="stage:mixed", train_heads=["chexpert"], freeze="encoder", **TWO_HEADS))
+    run(tiny("budget", data={**MIXED, "budget": {"total": 40, "digital": 20}}, evaluate=["test"]))
     return results
 
 
@@ -210,9 +211,24 @@ def test_router_trains_alone_and_routes(runs: dict[str, StageResult]) -> None:
     assert meta["router"]["overall"] == pytest.approx(right.mean())
     assert set(meta["router"]["per_kind"]) == set(val["kind"])
     assert runs["router"].metrics["val/router"] == meta["router"]
-    # Evaluation scores each image with its domain's head.
-    assert (table.loc[table["domain"] == "photo", "head"] == "chexphoto").all()
-    assert (table.loc[table["domain"] == "digital", "head"] == "chexpert").all()
+    # Scored as deployed: each image goes to the head the router picks; the oracle routing (each
+    # image's domain head) is saved beside it, and the router's mistakes change the numbers.
+    assert (table["head"] == np.where(table["router_prob"] > 0.5, "chexphoto", "chexpert")).all()
+    oracle = pd.read_parquet(runs["router"].out_dir / "predictions_test_oracle.parquet")
+    assert (oracle["head"] == oracle["domain"].map({"photo": "chexphoto", "digital": "chexpert"})).all()
+    assert oracle["path"].tolist() == table["path"].tolist()
+    wrong = (table["head"] != oracle["head"]).to_numpy()
+    assert wrong.any()  # a 3-step router errs on some test images
+    probs = [f"prob_{s}" for s in SLUGS]
+    assert np.array_equal(table.loc[~wrong, probs], oracle.loc[~wrong, probs])
+    routed_metrics = json.loads((runs["router"].out_dir / "metrics_test.json").read_text())["groups"]
+    oracle_metrics = json.loads((runs["router"].out_dir / "metrics_test_oracle.json").read_text())["groups"]
+    assert routed_metrics != oracle_metrics
+    assert runs["router"].metrics["test/Standard"] == routed_metrics["Standard"]["at_0.5"]
+    # Thresholds are tuned on the validation rows each head serves through the router.
+    tuned = tune_head_thresholds(val)
+    assert {head: meta["thresholds"][head] for head in tuned} == tuned
+    assert (runs["router"].out_dir / "predictions_val_oracle.parquet").exists()
 
 
 def test_new_heads_on_a_shared_head_model_keep_its_encoder(runs: dict[str, StageResult]) -> None:
@@ -340,3 +356,16 @@ def test_a_logger_that_is_not_installed_is_refused_before_anything_is_written(
     with pytest.raises(StageError, match=r"chextrain\[wandb\]"):
         train_stage(tiny("w", logger=["wandb"]), demo_root, tmp_path / "w", catalog=catalog, progress=False)
     assert not (tmp_path / "w").exists()
+
+
+def test_a_stage_that_evaluates_test_only_still_saves_validation_predictions(
+    runs: dict[str, StageResult], catalog: pd.DataFrame
+) -> None:
+    """A fixed-budget stage (evaluate: [test]) keeps the validation predictions its thresholds came from."""
+    r = runs["budget"]
+    val = pd.read_parquet(r.out_dir / "predictions_val.parquet")
+    assert set(val["split"]) == {"val"} and len(val) == done(r)["val_rows"] > 0
+    assert "test/Standard" in r.metrics and not any(k.startswith("val/") for k in r.metrics)
+    assert not (r.out_dir / "metrics_val.json").exists()  # predictions saved, the split not evaluated
+    meta = json.loads((r.out_dir / "model.json").read_text())
+    assert meta["thresholds"] == tune_head_thresholds(val) and meta["config"]["evaluate"] == ["test"]

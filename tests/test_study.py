@@ -4,6 +4,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -188,3 +189,30 @@ def test_shipped_studies_parse():
     reduced = load_study(root / "fixed_budget.yaml", profile="demo")
     assert len(reduced.stages) == 3 and "reduced set of 3 of the study's 11 stages" in reduced.notes[0]
     assert full.notes == [] and demo.notes == []
+
+
+def test_film_pooling_is_a_study_option_that_reaches_the_report(tmp_path):
+    """`report: {pool_film: true}` pools film photos into Photos; by default Film is its own comparison."""
+    from chextrain.evaluation.report import write_report
+    from tests.test_report import make_study
+
+    assert parse_study(STUDY).pool_film is False
+    pooled = parse_study({**STUDY, "report": {"pool_film": True}})
+    assert pooled.pool_film is True
+    state = run(pooled, tmp_path, FakeTrain())
+    assert json.loads((tmp_path / "out" / "study.json").read_text())["pool_film"] is True
+    assert states(state)["a"] == "done"
+    for flag in (False, True):  # the report follows study.json's option
+        out = make_study(tmp_path / str(flag))
+        study = json.loads((out / "study.json").read_text())
+        (out / "study.json").write_text(json.dumps({**study, "pool_film": flag}))
+        paths = write_report(out, n_boot=0)
+        comparisons = set(pd.read_csv(paths.tables / "table2_test.csv")["comparison"])
+        assert ("Film" in comparisons) is not flag
+        assert ("pooled into Photos" in paths.md.read_text()) is flag
+    for bad, message in (
+        ({"pool": True}, r"unknown key\(s\) \['pool'\]"),
+        ({"pool_film": "yes"}, "true or false"),
+    ):
+        with pytest.raises(StageError, match=message):
+            parse_study({**STUDY, "report": bad})

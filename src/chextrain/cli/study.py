@@ -121,7 +121,8 @@ def _checked_study(
     check_overrides([o for o in overrides if o.partition("=")[0].strip() not in variables])
     study = load_study(study_file, profile=profile, overrides=overrides)
     wanted_stages(study, only)
-    read_catalog(data)
+    for releases in dict.fromkeys(tuple(s.data.releases or ()) for s in study.stages.values()):
+        read_catalog(data, releases=list(releases) or None)  # each stage's `data.releases`
     return study
 
 

@@ -105,8 +105,9 @@ def read_catalog(
         on_error: "raise" stops at the first bad row; "skip" drops bad rows and lists them in
             ``catalog.attrs["issues"]`` (the `data check` command reports them).
         check_files: also report rows whose image file is missing.
-        releases: the release folder names to read (e.g. ["CheXpert-v1.0-small", "CheXphoto-v1.1"]);
-            required when one dataset has two releases under `root` (reading both duplicates rows).
+        releases: release folder names to read (e.g. ["CheXpert-v1.0-small"]): for each dataset they
+            name a release of, those; the other datasets as found. Required when one dataset has two
+            releases under `root` (reading both duplicates rows); a stage's `data.releases`.
     """
     found = find_releases(Path(root))
     if not found:
@@ -145,29 +146,41 @@ def read_catalog(
 
 
 def choose_releases(found: list[Path], wanted: Iterable[str] | None, root: Path) -> list[Path]:
-    """The releases to read: `wanted` by folder name, else all, unless one dataset has two releases.
+    """The releases to read, in `found` order: for each dataset `wanted` names a release of, the named
+    ones (even two of it, when named); every other dataset as found, unless it has two releases.
 
     Reading CheXpert-v1.0-small with CheXpert-v1.0, or CheXphoto-v1.0 with CheXphoto-v1.1, would
     put every image in the catalog twice (the same patients in train and test files alike).
     """
-    if wanted is not None:
-        names = list(dict.fromkeys(wanted))
-        by_name = {p.name: p for p in found}
-        missing = [n for n in names if n not in by_name]
-        if missing:
-            raise CatalogError(f"{root}: release(s) {missing} not found; releases present: {sorted(by_name)}")
-        return [by_name[n] for n in names]  # named explicitly: the caller's choice, even two of a dataset
+    names = list(dict.fromkeys(wanted or ()))
+    by_name = {p.name: p for p in found}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise CatalogError(f"{root}: release(s) {missing} not found; releases present: {sorted(by_name)}")
+    named = {dataset_of_folder(n) for n in names}
+    chosen = [p for p in found if p.name in names or dataset_of_folder(p.name) not in named]
     per_dataset: dict[str, list[str]] = {}
-    for p in found:
-        per_dataset.setdefault(str(dataset_of_folder(p.name)), []).append(p.name)
-    for dataset, names in per_dataset.items():
-        if len(names) > 1:
+    for p in chosen:
+        if p.name not in names:
+            per_dataset.setdefault(str(dataset_of_folder(p.name)), []).append(p.name)
+    for dataset, both in per_dataset.items():
+        if len(both) > 1:
             raise CatalogError(
-                f"{root}: {len(names)} releases of {dataset} found ({' and '.join(names)}); reading both "
-                "would duplicate their images. Say which one to use: read_catalog(..., releases=[...]) "
-                "(a stage: `data: {releases: [...]}`)"
+                f"{root}: {len(both)} releases of {dataset} found ({' and '.join(both)}); reading both "
+                "would duplicate their images. Say which one to use with the stage key "
+                f"`data: {{releases: [{both[0]}]}}` (a study: `defaults: {{data: {{releases: [...]}}}}`; "
+                "in Python: read_catalog(..., releases=[...]))"
             )
-    return found
+    return chosen
+
+
+def select_releases(catalog: pd.DataFrame, releases: Iterable[str]) -> pd.DataFrame:
+    """The rows of an already-read catalog that read_catalog(..., releases=releases) would keep:
+    the named releases of the datasets they name, every row of the other datasets."""
+    names = list(releases)
+    named = {dataset_of_folder(n) for n in names}
+    keep = catalog["release"].isin(names) | ~catalog["dataset"].isin(named)
+    return catalog.loc[keep.to_numpy()].reset_index(drop=True)
 
 
 def concat_catalogs(parts: Iterable[pd.DataFrame]) -> pd.DataFrame:

@@ -88,13 +88,15 @@ class Bootstrap:
     def values(
         self,
         rows: np.ndarray | None = None,
-        thresholds: Mapping[str, float] | float = 0.5,
+        thresholds: Mapping[str, float] | float | np.ndarray = 0.5,
         metrics: Sequence[str] = SCORED,
     ) -> Values:
         """Point estimate and per-resample values of `metrics` on the rows `rows` (None: every row).
 
-        A row may be listed more than once (it then counts that often). thresholds: one value or
-        {slug or pathology name: value}; a prediction is positive when prob >= threshold.
+        A row may be listed more than once (it then counts that often). thresholds: one value,
+        {slug or pathology name: value}, or an N x 5 array with a threshold per row of the table
+        (e.g. the tuned thresholds of the head that scored each image); a prediction is positive
+        when prob >= threshold.
         """
         names = list(metrics)
         bad = [k for k in names if k not in METRICS]
@@ -102,7 +104,14 @@ class Bootstrap:
             raise MetricsError(f"unknown metrics {bad or names}; expected names from {list(METRICS)}")
         rows = np.arange(len(self.arrays[0])) if rows is None else np.asarray(rows, dtype=np.int64)
         t, p, m = (a[rows] for a in self.arrays)  # n x 5 each
-        thr = per_pathology(thresholds, "thresholds")
+        if isinstance(thresholds, np.ndarray):
+            if thresholds.shape != self.arrays[0].shape:
+                raise MetricsError(
+                    f"per-row thresholds must be N x 5 {self.arrays[0].shape}; got {thresholds.shape}"
+                )
+            thr: Sequence[float] | np.ndarray = np.asarray(thresholds, dtype=np.float64)[rows]  # n x 5
+        else:
+            thr = per_pathology(thresholds, "thresholds")
         point = _weighted(t, p, m, np.ones((1, len(rows))), thr, names)
         parts = [_weighted(t, p, m, w, thr, names) for w in self.weights(rows)]
         empty = np.zeros((0, len(PATHOLOGY_KEYS)))
@@ -126,14 +135,18 @@ def _weighted(
     p: np.ndarray,
     m: np.ndarray,
     weights: np.ndarray,
-    thr: Sequence[float],
+    thr: Sequence[float] | np.ndarray,
     metrics: Sequence[str],
 ) -> dict[str, np.ndarray]:
-    """{metric: B x 6}: each pathology over its unmasked rows, then the nanmean over pathologies."""
+    """{metric: B x 6}: each pathology over its unmasked rows, then the nanmean over pathologies.
+
+    thr: a threshold per pathology, or n x 5 (one per row and pathology).
+    """
     out = {k: np.full((weights.shape[0], len(PATHOLOGY_KEYS)), np.nan) for k in metrics}  # B x 6
     for j in range(len(SLUGS)):
         keep = m[:, j]
-        found = weighted_metrics(t[keep, j], p[keep, j], weights[:, keep], thr[j])
+        cut = thr[keep, j] if isinstance(thr, np.ndarray) else thr[j]  # n_kept or a scalar
+        found = weighted_metrics(t[keep, j], p[keep, j], weights[:, keep], cut)
         for k in metrics:
             out[k][:, j] = found[k]
     for v in out.values():

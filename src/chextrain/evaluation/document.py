@@ -41,6 +41,11 @@ NO_POSITIVE_NOTE = (
     "recall, F1) say nothing about ranking; see MCC at the thresholds tuned on validation just below, "
     "and AUC."
 )
+ROUTING_NOTE = (
+    "A routed model is scored through its router, as a user gets it: each image goes to the head the "
+    f"router picks. The row '...{tables.ORACLE_ROUTING}' scores the same model with each image's head "
+    "picked from its known domain; the gap between the two rows is what router mistakes cost."
+)
 FIGURE5_MISSING = (
     "Figure 5 (MCC against the number of digital training images) needs the fixed-budget study: "
     "`chextrain study run configs/studies/fixed_budget.yaml --data ROOT --out DIR`, then "
@@ -105,6 +110,7 @@ def _ci(row: Any) -> str:
 def summary(df: pd.DataFrame, split: str) -> list[str]:
     """Which strategy is best on Standard, on Photos, and has the smallest gap, by average MCC."""
     avg = df.loc[(df["metric"] == "mcc") & (df["pathology"] == AVERAGE) & df["value"].notna()]
+    avg = avg.loc[~avg["strategy"].str.endswith(tables.ORACLE_ROUTING)]  # the deployed models only
     lines = []
     for side in (STANDARD, PHOTOS):
         ranked = avg.loc[avg["comparison"] == side].sort_values("value", ascending=False, kind="stable")
@@ -227,6 +233,7 @@ def build_document(
             blocks.append(pivot(csv[name], metric, "comparison", COMPARISONS, caption, flags, notes))
             if sp == "test" and metric == "mcc":  # the tuned-threshold table next to MCC at 0.5
                 blocks += _thresholds(csv["thresholds"], notes_in, flags)
+        blocks += routing_blocks(csv["router"], sp)
     kinds = csv["kinds"].loc[csv["kinds"]["split"] == "test"]
     blocks.append(R.Heading("Photos by kind (test)"))
     for metric in tables.MAIN_METRICS if len(kinds) else ():
@@ -250,7 +257,32 @@ def build_document(
     files = FILES[:2] + (
         ["tables/budget.csv: Table 2's columns + digital, total"] if len(csv["budget"]) else []
     )
+    if len(csv["router"]):
+        files.append("tables/router.csv: router accuracy (split, strategy, kind, n, accuracy)")
     return [*blocks, R.Heading("Files"), R.Bullets(files + FILES[2:])]
+
+
+def routing_blocks(df: pd.DataFrame, split: str) -> list[R.Block]:
+    """The router's accuracy per kind on one split (tables/router.csv) and how to read the oracle rows."""
+    part = df.loc[df["split"] == split]
+    if part.empty:
+        return []
+    kinds = list(dict.fromkeys(part["kind"]))
+    found = {(r.strategy, r.kind): (r.accuracy, r.n) for r in part.itertuples()}
+    rows = [
+        [
+            strategy,
+            *(
+                f"{found[(strategy, k)][0]:.3f} (n={found[(strategy, k)][1]})"
+                if (strategy, k) in found
+                else ""
+                for k in kinds
+            ),
+        ]
+        for strategy in dict.fromkeys(part["strategy"])
+    ]
+    caption = f"Router accuracy ({split}): share of images the router sends to their domain's head"
+    return [R.Table(caption, ["Strategy", *kinds], rows, notes=[ROUTING_NOTE])]
 
 
 def _thresholds(

@@ -42,6 +42,7 @@ ID_COLUMNS: tuple[str, ...] = ("path", "dataset", "domain", "kind", "patient", "
 # CSV a row came from, and the columns subgroups are drawn from.
 DESCRIBE_COLUMNS: tuple[str, ...] = ("release", "source", "sex", "age", "ap_pa")
 ROUTED = "router"  # head= value that lets the model's router pick each image's head
+ORACLE = "oracle"  # a routed model's predictions with each image's head picked from its known domain
 GROUPS: dict[str, tuple[str, str]] = {
     "Standard": ("dataset", "chexpert"),
     "Photos": ("dataset", "chexphoto"),
@@ -58,10 +59,13 @@ class Predictions:
     """The predictions table of some catalog rows and, when asked for, their OOD features.
 
     features: N x D float32 ScoringNet features, row-aligned with `table` (None unless asked).
+    oracle: with head="router", the same rows with each image's head picked from its known domain
+    instead (oracle routing), from the same pass; None otherwise.
     """
 
     table: pd.DataFrame
     features: np.ndarray | None = None
+    oracle: pd.DataFrame | None = None
 
 
 def default_workers() -> int:
@@ -88,7 +92,8 @@ def predict_rows(
     """Score catalog rows in one pass: the predictions table (same rows, same order) and OOD features.
 
     head: a head name for every image; None to pick each image's head by its domain through
-    `domain_heads`; or "router" to let the model's router pick the domain (as at deployment).
+    `domain_heads`; or "router" to let the model's router pick the domain (as at deployment; the
+    result's `oracle` then holds the domain_heads choice from the same pass).
     device: where the model runs (it is moved there and left there); None: CUDA when available.
     num_workers: loader processes (None: `default_workers()`; 0 loads in this process).
     store: read the images from this prepared image store (built first where rows are missing).
@@ -126,6 +131,7 @@ def predict_rows(
     was_training = model.training
     net = ScoringNet(model.eval().to(device), logits=True)
     probs, heads, routers, features = [], [], [], []
+    oracle_probs, oracle_heads = [], []  # head="router": each image's domain head, same pass
     try:
         for batch in loader:
             out = run_batch(
@@ -137,29 +143,61 @@ def predict_rows(
             # place in the tensor (vector lanes vs tail), so the shape keeps the stored bytes.
             probs.append(torch.sigmoid(torch.from_numpy(out[0][np.arange(len(h)), h])).numpy())
             heads.append(h)
+            if head == ROUTED:
+                d = batch["head"].numpy()
+                oracle_probs.append(torch.sigmoid(torch.from_numpy(out[0][np.arange(len(d)), d])).numpy())
+                oracle_heads.append(d)
             if r is not None:
                 routers.append(r)
             if ood_features:
                 features.append(out[-1])
     finally:
         model.train(was_training)
+    router = np.concatenate(routers) if routers else np.zeros(0, np.float32)
+    table = _table(rows, dataset, model.head_names, probs, heads, None if model.router is None else router)
+    oracle = None
+    if head == ROUTED:
+        oracle = _table(rows, dataset, model.head_names, oracle_probs, oracle_heads, router)
+    if not ood_features:
+        return Predictions(table, oracle=oracle)
+    width = sum(size for _, size in feature_groups(model))
+    found = np.concatenate(features) if features else np.zeros((0, width), np.float32)
+    return Predictions(table, found, oracle)
+
+
+def _table(
+    rows: pd.DataFrame,
+    dataset: CatalogDataset,
+    head_names: list[str] | tuple[str, ...],
+    probs: list[np.ndarray],
+    heads: list[np.ndarray],
+    router: np.ndarray | None,
+) -> pd.DataFrame:
+    """The predictions table of `rows` from per-batch probabilities (B x 5) and head indices (B)."""
     p = np.concatenate(probs) if probs else np.zeros((0, len(SLUGS)), np.float32)
     h = np.concatenate(heads) if heads else np.zeros(0, np.int64)
     present = [c for c in DESCRIBE_COLUMNS if c in rows.columns]
     table = rows.reset_index(drop=True).reindex(columns=[*ID_COLUMNS, *present]).copy()
     table["split"] = rows["split"].to_numpy() if "split" in rows else ""
-    table["head"] = np.asarray(model.head_names, dtype=object)[h] if len(h) else np.array([], dtype=object)
-    if model.router is not None:
-        table["router_prob"] = np.concatenate(routers) if routers else np.zeros(0, np.float32)
+    table["head"] = np.asarray(head_names, dtype=object)[h] if len(h) else np.array([], dtype=object)
+    if router is not None:
+        table["router_prob"] = router
     targets, mask = dataset.targets.numpy(), dataset.mask.numpy()
     for j, slug in enumerate(SLUGS):
         table[f"prob_{slug}"] = p[:, j]
         table[f"target_{slug}"] = targets[:, j]
         table[f"mask_{slug}"] = mask[:, j]
-    if not ood_features:
-        return Predictions(table)
-    width = sum(size for _, size in feature_groups(model))
-    return Predictions(table, np.concatenate(features) if features else np.zeros((0, width), np.float32))
+    return table
+
+
+def deployed_head(model: CXRNet, domain_heads: Mapping[str, str] | None) -> str | None:
+    """ROUTED when the model's router picks between two heads (score it as deployed), else None.
+
+    None picks each image's head by its known domain through domain_heads (the same as the router
+    when a single head serves both domains).
+    """
+    heads = set((domain_heads or {}).values())
+    return ROUTED if model.router is not None and len(heads) > 1 else None
 
 
 def bundle_store(folder: str | Path, meta: Mapping[str, Any]) -> ImageStore:
@@ -249,17 +287,30 @@ def group_metrics(
     return out
 
 
+def write_predictions(table: pd.DataFrame, out_dir: Path, suffix: str) -> Path:
+    """Write out_dir/predictions_<suffix>.parquet atomically; returns its path."""
+    path = Path(out_dir) / f"predictions_{suffix}.parquet"
+    atomic_write(path, lambda p: table.to_parquet(p, index=False))
+    return path
+
+
 def write_evaluation(
     table: pd.DataFrame,
     out_dir: Path,
     split: str,
     head: str | None,
     thresholds: Mapping[str, Mapping[str, float]] | None,
+    *,
+    routing: str | None = None,
 ) -> dict[str, Any]:
-    """Write predictions_<split>[_<head>].parquet and metrics_<split>[_<head>].json; return the metrics."""
-    suffix = f"{split}_{head}" if head else split
+    """Write predictions_<split>[_<head>].parquet and metrics_<split>[_<head>].json; return the metrics.
+
+    routing: ORACLE for the oracle-routed table of a routed model (files
+    predictions_<split>_oracle.parquet / metrics_<split>_oracle.json; the document says `routing`).
+    """
+    suffix = "_".join(x for x in (split, head, routing) if x)
     out_dir = Path(out_dir)
-    atomic_write(out_dir / f"predictions_{suffix}.parquet", lambda p: table.to_parquet(p, index=False))
+    write_predictions(table, out_dir, suffix)
     document = {
         "split": split,
         "head": head,
@@ -268,6 +319,8 @@ def write_evaluation(
         "thresholds": {h: dict(t) for h, t in (thresholds or {}).items()},
         "groups": group_metrics(table, thresholds),
     }
+    if routing:
+        document["routing"] = routing
     write_json(out_dir / f"metrics_{suffix}.json", document, newline=True)
     return document
 
@@ -284,6 +337,9 @@ def evaluate_run(
     store: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score a finished run's bundle on a split of the data and write its predictions and metrics.
+
+    Without `head`, a bundle whose router picks between two heads is scored through its router (as
+    deployed) and its oracle routing is written beside (predictions_<split>_oracle.parquet).
 
     The split is rebuilt with the run's own split settings (model.json `config.split`), so `val`
     is the same validation set the run tuned its thresholds on. `store`: a prepared image store
@@ -306,10 +362,11 @@ def evaluate_run(
     rows = catalog.loc[catalog["split"] == split].reset_index(drop=True)
     if rows.empty:
         raise EvaluationError(f"no catalog rows in split {split!r} under {data_root}")
-    table = predict(
+    routed = head is None and deployed_head(model, meta.get("domain_heads")) == ROUTED
+    found = predict_rows(
         model,
         rows,
-        head=head,
+        head=ROUTED if routed else head,
         domain_heads=meta.get("domain_heads"),
         image_size=int(meta["image_size"]),
         preprocessing=meta.get("preprocessing", "imagenet"),
@@ -318,4 +375,6 @@ def evaluate_run(
         policy=config.get("policy", "ones"),
         store=None if store is None else bundle_store(store, meta),
     )
-    return write_evaluation(table, Path(run_dir), split, head, meta.get("thresholds"))
+    if routed and found.oracle is not None:  # the router's picks are the numbers; oracle routing beside
+        write_evaluation(found.oracle, Path(run_dir), split, None, meta.get("thresholds"), routing=ORACLE)
+    return write_evaluation(found.table, Path(run_dir), split, head, meta.get("thresholds"))

@@ -2,7 +2,9 @@
 
 `write_report(DIR)` reads DIR/study.json and, for each finished stage, its predictions tables
 (`predictions_val.parquet`: the patient-level holdout; `predictions_test.parquet`: the official
-valid sets) and model.json thresholds. It never trains or scores a model. It writes, under DIR:
+valid sets) and model.json (the input size and preprocessing, the splits the stage evaluates). It
+never trains or scores a model: tuned thresholds are tuned again on the saved validation
+predictions, and a second run over the same files writes byte-identical outputs. It writes, under DIR:
 
 - tables/table1_val.csv, tables/table2_test.csv: `strategy, comparison, pathology, metric, value,
   ci_low, ci_high`; metric mcc / auc at threshold 0.5; comparison Standard / Photos /
@@ -12,11 +14,17 @@ valid sets) and model.json thresholds. It never trains or scores a model. It wri
 - tables/budget.csv: those columns + `digital, total` (test split; stages with a fixed budget).
 - tables/kinds.csv: `split, strategy, kind, n, pathology, metric, value, ci_low, ci_high`.
 - tables/thresholds.csv: `strategy, comparison, threshold (0.5 | tuned), cutoff, pathology,
-  metric, value, ci_low, ci_high` (test split; thresholds tuned on validation, from model.json).
+  metric, value, ci_low, ci_high` (test split; thresholds tuned on the saved validation predictions).
+- tables/router.csv: `split, strategy, kind (all | digital | a photo kind), n, accuracy`: how often
+  a routed model's router sends an image to its domain's head.
 - figures/roc_<comparison>.png (one panel per pathology, a curve per strategy),
   figures/figure5_budget.png, report.md and a self-contained report.html.
 - tables/calibration.csv, tables/subgroups.csv and figures/reliability.png: the calibration and
   subgroup sections (evaluation/sections.py).
+
+A routed model (its router picks between two heads) is scored through its router, as deployed;
+its oracle routing (predictions_<split>_oracle.parquet: each image's head from its known domain)
+is the row "<strategy> (oracle routing)" next to it in Tables 1 and 2.
 
 Film photos (CheXphoto v1.1) are their own comparison, Film; study.json's `pool_film: true` (or
 write_report's pool_film) counts them in Photos instead.
@@ -36,6 +44,7 @@ import pandas as pd
 from chextrain.evaluation import figures, render, tables
 from chextrain.evaluation.document import SPLITS, build_document, cell
 from chextrain.evaluation.metrics import AVERAGE, MetricsError
+from chextrain.evaluation.predict import ORACLE, tune_head_thresholds
 from chextrain.evaluation.sections import add_sections
 from chextrain.evaluation.tables import COLUMNS, DIFFERENCE, FILM, PHOTOS, STANDARD, ReportError
 from chextrain.fileio import atomic_write_text
@@ -87,6 +96,7 @@ class Results:
     predictions: dict[str, dict[str, pd.DataFrame]] = field(default_factory=dict)  # stage -> split -> table
     notes: list[str] = field(default_factory=list)
     no_positive: set[tuple[str, str, str, str]] = field(default_factory=set)  # split, strategy, side, slug
+    router: list[dict[str, Any]] = field(default_factory=list)  # tables.ROUTER_COLUMNS
 
 
 def read_study(study_dir: Path) -> tuple[dict[str, Any], list[StageInfo]]:
@@ -126,24 +136,40 @@ def read_study(study_dir: Path) -> tuple[dict[str, Any], list[StageInfo]]:
     return study, stages
 
 
-def stage_thresholds(stage: StageInfo) -> dict[str, dict[str, float]]:
-    """model.json's tuned thresholds {head: {slug: t}} (heads missing a pathology are left out)."""
-    path = stage.dir / "model.json"
-    if not path.is_file():
-        return {}
+def tuned_thresholds(stage: StageInfo) -> dict[str, dict[str, float]] | None:
+    """{head: {slug: t}} tuned (maximising MCC) on the stage's saved validation predictions.
+
+    Recomputed from predictions_val.parquet, as the stage tuned them (predict.tune_head_thresholds),
+    so the tuned-threshold rows need nothing but saved predictions; None without that file.
+    """
+    file = stage.dir / "predictions_val.parquet"
+    if not file.is_file():
+        return None
     try:
-        found = json.loads(path.read_text()).get("thresholds") or {}
+        return tune_head_thresholds(tables.read_predictions(file))
+    except MetricsError as err:
+        raise ReportError(f"{file}: {err}") from err
+
+
+def reported_splits(stage: StageInfo) -> frozenset[str]:
+    """The splits the stage reports: its `evaluate` (model.json config) of val / test; both when unsaid.
+
+    Every stage saves validation predictions (they tune the thresholds), but a stage that evaluates
+    test only (e.g. a fixed-budget stage) stays out of Table 1.
+    """
+    path = stage.dir / "model.json"
+    try:
+        config = json.loads(path.read_text()).get("config") if path.is_file() else None
     except (json.JSONDecodeError, AttributeError) as err:
-        raise ReportError(f"{path}: expected a JSON object with 'thresholds' ({err})") from err
-    return {
-        str(h): {s: float(t[s]) for s in SLUGS}
-        for h, t in found.items()
-        if isinstance(t, dict) and all(s in t for s in SLUGS)
-    }
+        raise ReportError(f"{path}: expected a JSON object ({err})") from err
+    evaluate = config.get("evaluate") if isinstance(config, dict) else None
+    return frozenset(SPLITS if not isinstance(evaluate, list) else (str(e) for e in evaluate))
 
 
 def stage_input(stage: StageInfo) -> str:
-    """The input the stage's model was trained and scored at, from model.json: `224 px, histeq`."""
+    """The input the stage's model was trained and scored at, from model.json: `224 px, histeq`,
+    and which of the two its init weights brought (model.json training.input_from):
+    `224 px, histeq (from the init weights)`, `32 px, histeq (preprocessing from the init weights)`."""
     path = stage.dir / "model.json"
     if not path.is_file():
         return ""
@@ -153,7 +179,19 @@ def stage_input(stage: StageInfo) -> str:
         raise ReportError(f"{path}: not valid JSON ({err})") from err
     size, prep = meta.get("image_size"), meta.get("preprocessing")
     name = prep.get("name") if isinstance(prep, dict) else None
-    return ", ".join(x for x in (f"{size} px" if size else "", str(name or "")) if x)
+    text = ", ".join(x for x in (f"{size} px" if size else "", str(name or "")) if x)
+    training = meta.get("training")
+    sources = training.get("input_from") if isinstance(training, dict) else None
+    if not isinstance(sources, dict):
+        return text
+    brought = [
+        what
+        for key, what in (("image_size", "size"), ("preprocessing", "preprocessing"))
+        if sources.get(key) == "init weights"
+    ]  # lifecycle.INIT_WEIGHTS
+    if len(brought) == 2:
+        return f"{text} (from the init weights)"
+    return f"{text} ({brought[0]} from the init weights)" if brought else text
 
 
 def evaluate_study(
@@ -170,13 +208,17 @@ def evaluate_study(
     for stage in stages:
         if stage.state != "done":
             continue
+        reported = reported_splits(stage)
+        tuned = tuned_thresholds(stage) if extras and "test" in splits else None
         for split in splits:
             file = stage.dir / f"predictions_{split}.parquet"
-            if not file.is_file():
+            if not file.is_file() or split not in reported:
                 continue
             table = tables.read_predictions(file)
             out.predictions.setdefault(stage.name, {})[split] = table
-            thresholds = stage_thresholds(stage) if extras and split == "test" else None
+            thresholds = tuned if extras and split == "test" else None
+            if extras and split == "test" and tuned is None:
+                out.notes.append(f"{stage.strategy}: no saved validation predictions to tune thresholds on")
             try:
                 found = tables.evaluate_table(
                     table,
@@ -190,11 +232,41 @@ def evaluate_study(
             except MetricsError as err:
                 raise ReportError(f"{file}: {err}") from err
             out.main[split] += found.main
+            oracle = (
+                oracle_rows(stage, split, n_boot=n_boot, seed=seed, pool_film=pool_film) if extras else None
+            )
+            if oracle is not None:
+                out.main[split] += oracle.main
+                out.no_positive |= {(split, *key) for key in oracle.no_positive}
+            if extras:
+                out.router += tables.router_rows(table, stage.strategy, split)
             out.kinds += [{"split": split, **r} for r in found.kinds]
             out.thresholds += found.thresholds
             out.notes += found.notes
             out.no_positive |= {(split, *key) for key in found.no_positive}
     return out
+
+
+def oracle_rows(
+    stage: StageInfo, split: str, *, n_boot: int, seed: int, pool_film: bool
+) -> tables.TableRows | None:
+    """The rows of a routed stage's oracle routing (predictions_<split>_oracle.parquet), None unsaved.
+
+    Strategy "<strategy> (oracle routing)": each image through its known domain's head, the line
+    to read the routed row (through the router, as deployed) against.
+    """
+    file = stage.dir / f"predictions_{split}_{ORACLE}.parquet"
+    if not file.is_file():
+        return None
+    table = tables.read_predictions(file)
+    strategy = stage.strategy + tables.ORACLE_ROUTING
+    try:
+        found = tables.evaluate_table(
+            table, strategy, n_boot=n_boot, seed=seed, kinds=False, pool_film=pool_film
+        )
+    except MetricsError as err:
+        raise ReportError(f"{file}: {err}") from err
+    return found
 
 
 def write_report(
@@ -289,6 +361,7 @@ def csv_tables(results: Results, stages: Sequence[StageInfo]) -> dict[str, pd.Da
         "thresholds": tables.frame(
             results.thresholds, ("strategy", "comparison", "threshold", "cutoff", *COLUMNS[2:])
         ),
+        "router": tables.frame(results.router, tables.ROUTER_COLUMNS),
     }
 
 

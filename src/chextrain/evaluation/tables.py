@@ -34,6 +34,10 @@ STANDARD, PHOTOS, DIFFERENCE, FILM = "Standard", "Photos", "Standard - Photos", 
 COMPARISONS: tuple[str, ...] = (STANDARD, PHOTOS, DIFFERENCE, FILM)
 SIDES: tuple[str, ...] = (STANDARD, PHOTOS, FILM)
 NO_POSITIVE = "no positives at 0.5"
+ORACLE_ROUTING = (
+    " (oracle routing)"  # strategy suffix of a routed model scored with each image's known domain
+)
+ROUTER_COLUMNS: tuple[str, ...] = ("split", "strategy", "kind", "n", "accuracy")
 AT_THRESHOLD: tuple[str, ...] = ("mcc", "precision", "recall", "f1")  # undefined-looking without positives
 MAIN_METRICS: tuple[str, ...] = ("mcc", "auc")
 APPENDIX_METRICS: tuple[str, ...] = ("precision", "recall", "f1", "accuracy")
@@ -126,8 +130,9 @@ def evaluate_table(
 ) -> TableRows:
     """Every number the report shows for one stage's predictions table (threshold 0.5 unless tuned).
 
-    thresholds: model.json's {head: {slug: t}}; when given, MCC at those (tuned) thresholds is
-    reported next to MCC at 0.5 for each side scored by a single head.
+    thresholds: {head: {slug: t}} tuned on the stage's validation predictions
+    (predict.tune_head_thresholds); when given, MCC at those (tuned) thresholds is reported next
+    to MCC at 0.5 for each side whose heads all have them (each image at its own head's).
     pool_film: film photos count as Photos (default: their own comparison, Film).
     """
     boot = Bootstrap(arrays(table), table["patient"].to_numpy(), n_boot, seed)  # arrays: N x 5 each
@@ -174,18 +179,61 @@ def _threshold_rows(
             if r["comparison"] == name and r["metric"] == "mcc":
                 cutoff = 0.5 if r["pathology"] != AVERAGE else float("nan")
                 out.thresholds.append({**r, "threshold": "0.5", "cutoff": cutoff})
-        heads = sorted(set(table["head"].astype(str).to_numpy()[rows]))
-        if len(heads) != 1 or heads[0] not in thresholds:
+        head_of = table["head"].astype(str).to_numpy()
+        heads = sorted(set(head_of[rows]))
+        if any(h not in thresholds for h in heads):
             out.notes.append(
                 f"{strategy}, {name}: no tuned thresholds (scored by heads {heads}; "
-                f"model.json has thresholds for {sorted(thresholds)})"
+                f"validation tuned thresholds for {sorted(thresholds)})"
             )
             continue
-        tuned = {s: float(thresholds[heads[0]][s]) for s in SLUGS}
+        if len(heads) == 1:
+            tuned: Mapping[str, float] | np.ndarray = {s: float(thresholds[heads[0]][s]) for s in SLUGS}
+        else:  # a router sent this side's images to several heads: each at its own head's thresholds
+            tuned = np.zeros((len(table), len(SLUGS)))  # N x 5
+            for h in heads:
+                tuned[head_of == h] = [float(thresholds[h][s]) for s in SLUGS]
+            out.notes.append(f"{strategy}, {name}: each image at the tuned thresholds of its head ({heads})")
         found = estimates(boot.values(rows, tuned, metrics=("mcc",)))
         for r in long_rows(found, strategy=strategy, comparison=name):
-            cutoff = tuned.get(r["pathology"], float("nan"))
+            cutoff = tuned.get(r["pathology"], float("nan")) if isinstance(tuned, dict) else float("nan")
             out.thresholds.append({**r, "threshold": "tuned", "cutoff": cutoff})
+
+
+def router_rows(table: pd.DataFrame, strategy: str, split: str) -> list[dict[str, Any]]:
+    """The router's accuracy (P(photo) > 0.5 iff a photo) on all rows and per kind (ROUTER_COLUMNS).
+
+    Empty when the table has no router (no `router_prob` column). Kinds: digital, the photo kinds
+    in PHOTO_KINDS order, then any other.
+    """
+    if "router_prob" not in table.columns or table.empty:
+        return []
+    right = (table["router_prob"].to_numpy() > 0.5) == (table["domain"].astype(str).to_numpy() == "photo")
+    kinds = table["kind"].astype(str).to_numpy()
+    order = [k for k in ("digital", *PHOTO_KINDS) if k in kinds] + sorted(
+        set(kinds) - {"digital", *PHOTO_KINDS}
+    )
+    out = [
+        {
+            "split": split,
+            "strategy": strategy,
+            "kind": "all",
+            "n": len(right),
+            "accuracy": float(right.mean()),
+        }
+    ]
+    for kind in order:
+        mine = right[kinds == kind]
+        out.append(
+            {
+                "split": split,
+                "strategy": strategy,
+                "kind": kind,
+                "n": len(mine),
+                "accuracy": float(mine.mean()),
+            }
+        )
+    return out
 
 
 def roc_inputs(

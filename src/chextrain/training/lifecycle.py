@@ -92,6 +92,9 @@ def resolve_init(init: str, resolve_ref: Callable[[str], Path] | None) -> str:
     return str(resolve_ref(init[len(REF_PREFIX) :]))
 
 
+INIT_WEIGHTS, STAGE_SET, DEFAULT = "init weights", "stage", "default"  # where an input setting came from
+
+
 def apply_expected_input(stage: BaseStage, init: str) -> Any:
     """The stage with the preprocessing / image size its init weights were trained on, where it sets none.
 
@@ -100,13 +103,26 @@ def apply_expected_input(stage: BaseStage, init: str) -> Any:
     320 px, imagenet: ImageNet's). A stage that sets `preprocessing` (e.g. `preprocessing: imagenet`, the
     paper's mismatch) or `image_size` keeps its own. Training, the bundle and prediction use the result.
     """
-    expected = expected_input(init)
+    return fit_expected_input(stage, expected_input(init))[0]
+
+
+def fit_expected_input(stage: BaseStage, expected: dict[str, Any]) -> tuple[Any, dict[str, str]]:
+    """apply_expected_input from what the init expects, and where each input setting came from.
+
+    Returns (stage, {"image_size": src, "preprocessing": src}) with src INIT_WEIGHTS (the init
+    changed it), STAGE_SET (the stage, or a study default or profile, set it) or DEFAULT (the stage
+    type's default, which the init may share: ImageNet weights and ImageNet normalisation).
+    """
     update: dict[str, Any] = {}
-    if "preprocessing" not in stage.model_fields_set and "preprocessing" in expected:
-        update["preprocessing"] = as_preprocessing(expected["preprocessing"])
-    if "image_size" not in stage.model_fields_set and "image_size" in expected:
-        update["image_size"] = int(expected["image_size"])
-    return stage.model_copy(update=update) if update else stage
+    sources: dict[str, str] = {}
+    for key in ("image_size", "preprocessing"):
+        sources[key] = STAGE_SET if key in stage.model_fields_set else DEFAULT
+        if key in stage.model_fields_set or key not in expected:
+            continue
+        value = int(expected[key]) if key == "image_size" else as_preprocessing(expected[key])
+        if value != getattr(stage, key):
+            update[key], sources[key] = value, INIT_WEIGHTS
+    return (stage.model_copy(update=update) if update else stage), sources
 
 
 def auto_workers(devices: int | str) -> int:
@@ -295,7 +311,8 @@ def train_stage(
             f"stage {stage.name!r}: no training rows for data {stage.data.model_dump()} in {data_root}"
         )
     init = resolve_init(stage.init, resolve_ref)
-    fitted = apply_expected_input(stage, init)  # reads the init file: a pickle or a bad file stops here
+    # reads the init file: a pickle or a bad file stops here
+    fitted, input_from = fit_expected_input(stage, expected_input(init))
     out_dir.mkdir(parents=True, exist_ok=True)
     model, init_note = initial_model(stage, init, out_dir, resumed=resumed, load_heads=objective.load_heads)
     stage = fitted
@@ -335,6 +352,7 @@ def train_stage(
         "train_rows": len(train_rows),
         "val_rows": plan.val_rows,
         "init": init_note,
+        "input_from": input_from,  # image_size / preprocessing: init weights, stage or default
     }
     meta = {
         "image_size": stage.image_size,

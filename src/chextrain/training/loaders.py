@@ -12,7 +12,7 @@ import pandas as pd
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import Dataset
 
-from chextrain.data.catalog import read_catalog
+from chextrain.data.catalog import read_catalog, select_releases
 from chextrain.data.dataset import make_loader, worker_init
 from chextrain.data.splits import assign_splits, sample_budget
 from chextrain.data.store import ImageStore
@@ -23,11 +23,16 @@ from chextrain.training.stage import BaseStage, StageError
 def prepare_catalog(
     stage: BaseStage, data_root: Path | None, catalog: pd.DataFrame | None = None
 ) -> pd.DataFrame:
-    """The catalog (read from data_root unless given) with the stage's train/val/test split."""
+    """The catalog (read from data_root unless given) with the stage's train/val/test split.
+
+    Read with the stage's `data.releases` (the release to use of a dataset found twice).
+    """
     if catalog is None:
         if data_root is None:
             raise StageError("train_stage needs data_root or a catalog")
-        catalog = read_catalog(Path(data_root))
+        catalog = read_catalog(Path(data_root), releases=stage.data.releases)
+    elif stage.data.releases and "release" in catalog.columns:
+        catalog = select_releases(catalog, stage.data.releases)
     return assign_splits(catalog, **stage.split.model_dump())
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from chextrain.data.transforms import PhotoSim, StandardAugment
 
@@ -48,6 +48,17 @@ class DataSpec(Spec):
     kinds: list[Kind] | None = None
     budget: BudgetSpec | None = None
     store: str | None = Field(default=None, exclude=True)
+    # the release folder to read of a dataset found twice under the data root (CheXpert-v1.0-small
+    # with CheXpert-v1.0): data.catalog.read_catalog(releases=...); other datasets are read as found
+    releases: list[str] | None = Field(default=None, min_length=1)
+
+    @model_serializer(mode="wrap")
+    def _without_unset_releases(self, handler: Any) -> Any:
+        """Leave `releases: null` out of the dump, so the config hash of every stage without it stays."""
+        data = handler(self)
+        if self.releases is None and isinstance(data, dict):
+            data.pop("releases", None)
+        return data
 
 
 class SplitSpec(Spec):

@@ -1,6 +1,7 @@
-"""How a stage's validation errors read: one `field: problem` line each, naming the file or override.
+"""How a stage's errors read: validation errors as one `field: problem` line each, naming the file or
+override, and the error that stops a stage whose loss or probabilities stop being finite.
 
-Used by training/stage.py (parse_stage, check_overrides); pydantic only.
+Used by training/stage.py (parse_stage, check_overrides) and the objectives; pydantic only.
 """
 
 from __future__ import annotations
@@ -9,6 +10,29 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel
+
+from chextrain.errors import FAILED_RUN, ChextrainError
+
+
+class NonFiniteError(ChextrainError):
+    """A training loss or validation probability that is NaN or infinite: the stage stops at once.
+
+    The message names the stage, the step and a hint (the learning rate, an input file, the init
+    weights); the stage is left unfinished (no bundle, no done.json).
+    """
+
+    exit_code = FAILED_RUN
+
+
+def non_finite_message(stage: str, what: str, where: str, hint: str) -> str:
+    """`stage 'NAME': WHAT WHERE; HINT. The stage stopped unfinished (no bundle, no done.json) ...`.
+
+    where: e.g. `at training step 12 (epoch 0)`, `at the validation after step 12`.
+    """
+    return (
+        f"stage {stage!r}: {what} {where}; {hint}. The stage stopped unfinished "
+        "(no bundle, no done.json); fix the cause and run it again"
+    )
 
 
 def related(loc: tuple[Any, ...], path: tuple[str, ...]) -> bool:

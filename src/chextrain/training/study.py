@@ -5,7 +5,9 @@ them), `resources` (SLURM resources of every stage, see specs.ResourcesSpec), `s
 of stage specs; `init: stage:NAME` makes the DAG), `variables` (named values substituted as
 `${name}` in stage strings; `--set name=value` replaces one) and `profiles`
 (`{demo: {defaults: {...}, stages: {NAME: {...}}, only: [NAME, ...], fallbacks: {imagenet: random}}}`)
-that scale a study down (`only` keeps a reduced set of stages).
+that scale a study down (`only` keeps a reduced set of stages), and `report` (how the report
+compares: `{pool_film: true}` counts CheXphoto v1.1's film photos in Photos; by default they are a
+comparison of their own, Film).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from chextrain.training.stage import (
     resolved_config,
 )
 
-STUDY_KEYS = ("name", "description", "defaults", "resources", "stages", "variables", "profiles")
+STUDY_KEYS = ("name", "description", "defaults", "resources", "stages", "variables", "profiles", "report")
+REPORT_KEYS = ("pool_film",)
 PROFILE_KEYS = ("defaults", "stages", "fallbacks", "only", "description")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -47,6 +50,7 @@ class Study:
     order: list[str]
     fallbacks: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # shown at the top of the report
+    pool_film: bool = False  # the report counts film photos in Photos (default: Film apart)
 
 
 def deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -189,6 +193,7 @@ def parse_study(
     except graphlib.CycleError as err:
         raise StageError(f"{source}: stages form a cycle: {' -> '.join(err.args[1])}") from None
     return Study(
+        pool_film=report_options(data.get("report"), source)["pool_film"],
         name=str(data.get("name", Path(source).stem)),
         source=source,
         profile=profile,
@@ -203,6 +208,23 @@ def parse_study(
         if len(keep) < len(names)
         else [],
     )
+
+
+def report_options(report: Any, source: str) -> dict[str, bool]:
+    """The study's `report:` mapping checked: {pool_film: bool} (False when absent)."""
+    if report is None:
+        return {"pool_film": False}
+    if not isinstance(report, Mapping):
+        raise StageError(
+            f"{source}: report: expected a mapping with keys {list(REPORT_KEYS)}, got {report!r}"
+        )
+    unknown = sorted(set(report) - set(REPORT_KEYS))
+    if unknown:
+        raise StageError(f"{source}: report: unknown key(s) {unknown}; allowed: {list(REPORT_KEYS)}")
+    pool = report.get("pool_film", False)
+    if not isinstance(pool, bool):
+        raise StageError(f"{source}: report.pool_film: expected true or false, got {pool!r}")
+    return {"pool_film": pool}
 
 
 def load_study(path: str | Path, *, profile: str | None = None, overrides: Sequence[str] = ()) -> Study:

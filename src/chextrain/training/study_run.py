@@ -73,6 +73,7 @@ class StudyState:
                     "source": study.source,
                     "profile": study.profile,
                     "data_root": str(data_root),
+                    "pool_film": study.pool_film,  # the report's comparison of film photos
                     "notes": [],
                     "stages": records,
                 }

@@ -7,7 +7,10 @@ learns. The optimiser is built from the STAGE's spec over the trainable paramete
 
 After training, `finish` tunes thresholds on validation (per head, on the rows it serves),
 evaluates every dataset of each evaluated split (a digital-only stage is scored on photos too),
-calibrates OOD and fits a temperature per head on validation, and writes the bundle.
+calibrates OOD and fits a temperature per head on validation, and writes the bundle. A model whose
+router picks between two heads is scored through its router, as deployed; its oracle routing (each
+image's head from its known domain) is saved beside (predictions_<split>_oracle.parquet).
+Validation predictions are always saved, evaluated or not.
 """
 
 from __future__ import annotations
@@ -26,12 +29,15 @@ from chextrain.data.transforms import Preprocessing, as_preprocessing, to_networ
 from chextrain.evaluation.calibration import head_temperatures
 from chextrain.evaluation.metrics import pathology_metrics
 from chextrain.evaluation.predict import (
+    ORACLE,
     Predictions,
     calibrate_ood_or_none,
+    deployed_head,
     predict_rows,
     router_accuracy,
     tune_head_thresholds,
     write_evaluation,
+    write_predictions,
 )
 from chextrain.labels import SLUGS
 from chextrain.models.bundle import save_bundle
@@ -42,6 +48,7 @@ from chextrain.training.objectives.plan import LoaderSettings, Outcome, Plan
 from chextrain.training.optim import make_optimizer
 from chextrain.training.specs import OptimizerSpec
 from chextrain.training.stage import SupervisedStage
+from chextrain.training.stage_errors import NonFiniteError, non_finite_message
 
 
 def masked_bce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -66,6 +73,7 @@ class SupervisedModule(L.LightningModule):
         train_heads: heads that learn (plus "router" to train the domain router).
         channels_last: use the channels-last memory format (set on CUDA).
         preprocessing: how uint8 images become the network input (the stage's).
+        name, init: the stage's name and init, for the error a non-finite loss raises.
     """
 
     def __init__(
@@ -77,9 +85,13 @@ class SupervisedModule(L.LightningModule):
         train_heads: list[str] | tuple[str, ...] = ("shared",),
         channels_last: bool = False,
         preprocessing: str | Preprocessing = "imagenet",
+        name: str = "stage",
+        init: str = "",
     ) -> None:
         super().__init__()
         self.model = model
+        self.stage_name, self.init = name, init
+        self.started_finite = True  # the weights training started from (init or checkpoint) were finite
         self.preprocessing = as_preprocessing(preprocessing)
         self.optimizer_spec = optimizer
         self.trainable = apply_freeze(model, freeze, list(train_heads))
@@ -98,12 +110,15 @@ class SupervisedModule(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        self.started_finite = all_finite(self.model)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        out = self.model.forward_all(self._images(batch))
+        images = self._images(batch)
+        out = self.model.forward_all(images)
         rows = torch.arange(out["logits"].shape[0], device=self.device)
         logits = out["logits"][rows, batch["head"]]  # B x 5, each sample through its head
         loss = masked_bce(logits, batch["target"], batch["mask"])
+        self._stop_if_not_finite(loss, images, batch)
         self.log("train/bce", loss, on_step=True, prog_bar=False, batch_size=len(rows))
         if self.train_router:
             router = F.binary_cross_entropy_with_logits(out["router"].float(), batch["domain"].float())
@@ -112,6 +127,48 @@ class SupervisedModule(L.LightningModule):
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=len(rows))
         self.samples_seen += len(rows)
         return loss
+
+    def _stop_if_not_finite(self, loss: torch.Tensor, images: torch.Tensor, batch: dict[str, Any]) -> None:
+        """Raise NonFiniteError when the loss is NaN / inf (on any DDP rank), before the weights see it."""
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:  # every rank stops together, none waits
+            bad = bool(trainer.strategy.reduce_boolean_decision(bad, all=False))
+        if not bad:
+            return
+        files = self._train_files(batch["index"]) if not bool(torch.isfinite(images).all()) else []
+        hint = self.hint(files)
+        raise NonFiniteError(
+            non_finite_message(
+                self.stage_name,
+                f"the training loss is {float(loss.detach())}",
+                f"at training step {self.global_step + 1} (epoch {self.current_epoch})",
+                hint,
+            )
+        )
+
+    def hint(self, files: list[str]) -> str:
+        """What most likely made a value non-finite: the starting weights, an input file, else the lr."""
+        if not self.started_finite:
+            where = f"init {self.init!r}" if self.init else "the init"
+            return (
+                f"the weights it started from hold NaN or inf values: check the init weights ({where}), "
+                "or the checkpoint it resumed from"
+            )
+        if files:
+            return f"the network input is not finite: check the input file(s) {', '.join(files[:3])}"
+        return (
+            f"the weights diverged: lower the learning rate (optimizer.lr = {self.optimizer_spec.lr:g}), "
+            "or check the input files and the init weights"
+        )
+
+    def _train_files(self, index: torch.Tensor) -> list[str]:
+        """The image files of some training-set indices (row numbers when the dataset is not at hand)."""
+        trainer = self._trainer
+        dataset = getattr(getattr(trainer, "datamodule", None), "train", None)
+        if not hasattr(dataset, "path"):
+            return [f"training row {int(i)}" for i in index.tolist()]
+        return [dataset.path(int(i)) for i in index.tolist()]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         out = self.model.forward_all(self._images(batch))
@@ -125,12 +182,17 @@ class SupervisedModule(L.LightningModule):
             return
         index, probs, target, mask, domain, router = (torch.cat(t) for t in zip(*self._val, strict=True))
         self._val.clear()
-        if self.trainer.world_size > 1:  # every rank scored a padded shard: gather, drop repeats
+        if self._trainer is not None and self.trainer.world_size > 1:  # padded shards: gather, drop repeats
             index, probs, target, mask, domain, router = (
                 self.all_gather(t).flatten(0, 1) for t in (index, probs, target, mask, domain, router)
             )
         keep = np.unique(index.cpu().numpy(), return_index=True)[1]
         probs, target, mask = (t[keep].cpu().double() for t in (probs, target, mask))
+        if not bool(torch.isfinite(probs).all()):  # every rank gathered the same: all stop
+            n = int((~torch.isfinite(probs)).any(dim=1).sum())
+            what = f"{n} validation image(s) got NaN / inf probabilities"
+            where = f"at the validation after step {self.global_step}"
+            raise NonFiniteError(non_finite_message(self.stage_name, what, where, self.hint([])))
         logs = validation_metrics(target.numpy(), probs.numpy(), mask.numpy())
         if self.model.router is not None:
             d, r = domain[keep].cpu().float(), router[keep].cpu().float()
@@ -152,6 +214,23 @@ class SupervisedModule(L.LightningModule):
         self.samples_seen = int(checkpoint.get("samples_seen", 0))
 
 
+def all_finite(model: torch.nn.Module) -> bool:
+    """Every parameter and floating-point buffer of the model is finite."""
+    tensors = [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
+    return all(bool(torch.isfinite(t.detach()).all()) for t in tensors)
+
+
+def check_finite_predictions(table: pd.DataFrame, stage: str, split: str, step: int) -> None:
+    """Raise NonFiniteError when a predictions table holds NaN / inf probabilities (named by file)."""
+    probs = table[[f"prob_{s}" for s in SLUGS]].to_numpy(dtype=np.float64)  # N x 5
+    bad = ~np.isfinite(probs).all(axis=1)
+    if bad.any():
+        files = ", ".join(table.loc[bad, "path"].astype(str).head(3))
+        what = f"{int(bad.sum())} {split} image(s) got NaN / inf probabilities after training (e.g. {files})"
+        hint = "the trained weights are not finite: lower the learning rate, or check the init weights"
+        raise NonFiniteError(non_finite_message(stage, what, f"(training ended at step {step})", hint))
+
+
 def validation_metrics(targets: np.ndarray, probs: np.ndarray, mask: np.ndarray) -> dict[str, float]:
     """val/loss, val/auc_<slug> and val/auc_mean (NaN-aware) from N x 5 arrays."""
     eps = 1e-7
@@ -165,6 +244,30 @@ def validation_metrics(targets: np.ndarray, probs: np.ndarray, mask: np.ndarray)
     finite = [a for a in aucs if np.isfinite(a)]
     logs["val/auc_mean"] = float(np.mean(finite)) if finite else float("nan")
     return logs
+
+
+def save_split(
+    predictions: Predictions,
+    out_dir: Path,
+    split: str,
+    thresholds: dict[str, dict[str, float]],
+    evaluated: bool,
+) -> dict[str, Any]:
+    """Write a scored split's predictions and metrics (and a routed model's oracle routing beside them).
+
+    A split the stage does not evaluate (validation of an `evaluate: [test]` stage) still saves its
+    predictions tables, which the report tunes thresholds on, but no metrics file and no metrics;
+    an evaluated one returns {"<split>/<group>": at_0.5} for done.json and the bundle.
+    """
+    if not evaluated:
+        write_predictions(predictions.table, out_dir, split)
+        if predictions.oracle is not None:
+            write_predictions(predictions.oracle, out_dir, f"{split}_{ORACLE}")
+        return {}
+    if predictions.oracle is not None:
+        write_evaluation(predictions.oracle, out_dir, split, None, thresholds, routing=ORACLE)
+    document = write_evaluation(predictions.table, out_dir, split, None, thresholds)
+    return {f"{split}/{group}": entry["at_0.5"] for group, entry in document["groups"].items()}
 
 
 class Supervised:
@@ -193,6 +296,8 @@ class Supervised:
             train_heads=stage.train_heads,
             channels_last=loader.channels_last,
             preprocessing=stage.preprocessing,
+            name=stage.name,
+            init=stage.init,
         )
         store = stage_store(stage)
         if store is not None:
@@ -249,20 +354,21 @@ class Supervised:
             "batch_size": max(stage.batch_size, 32),
             "policy": stage.policy,
             "store": stage_store(stage),
+            "head": deployed_head(model, stage.domain_heads),  # a routed model: through its router
         }
         scored: dict[str, Predictions] = {}
-        for split in ("val", "test"):
+        for split in ("val", "test", "holdout"):
             rows = catalog.loc[catalog["split"] == split].reset_index(drop=True)
             if not rows.empty and (split == "val" or split in stage.evaluate):
                 # one pass: the validation pass also yields the OOD features for calibration
                 scored[split] = predict_rows(model, rows, ood_features=split == "val", **kwargs)
+                check_finite_predictions(
+                    scored[split].table, stage.name, split, meta["training"]["global_step"]
+                )
         thresholds = tune_head_thresholds(scored["val"].table) if "val" in scored else {}
         metrics: dict[str, Any] = {}
         for split, predictions in scored.items():
-            if split in stage.evaluate:
-                document = write_evaluation(predictions.table, out_dir, split, None, thresholds)
-                for group, entry in document["groups"].items():
-                    metrics[f"{split}/{group}"] = entry["at_0.5"]
+            metrics.update(save_split(predictions, out_dir, split, thresholds, split in stage.evaluate))
         bundle = {
             "image_size": meta["image_size"],
             "preprocessing": meta["preprocessing"],

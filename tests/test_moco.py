@@ -132,6 +132,25 @@ def test_training_step_logs_loss_and_instance_accuracy() -> None:
     assert set(m.last) == {"loss", "acc1"} and 0.0 <= m.last["acc1"] <= 1.0
 
 
+def test_a_non_finite_moco_loss_stops_the_stage_naming_it_and_the_step() -> None:
+    from chextrain.training.stage_errors import NonFiniteError
+
+    m = _module(queue_size=16)
+    m.stage_name = "moco_chexpert"
+    m.log = lambda *args, **kwargs: None  # no Trainer attached
+    batch = {"view1": _images(4, 1), "view2": _images(4, 2)}
+    batch["view1"][0, 0, 0, 0] = float("nan")  # one poisoned input value reaches the loss
+    with pytest.raises(NonFiniteError) as err:
+        m.training_step(batch, 0)
+    text = str(err.value)
+    assert "stage 'moco_chexpert'" in text and "the MoCo loss is nan at training step 1" in text
+    assert "optimizer.lr" in text and m.samples_seen == 0  # stopped before the step counted
+    with torch.no_grad():
+        next(iter(m.encoder_q.parameters())).fill_(float("inf"))
+    with pytest.raises(NonFiniteError, match="check the init weights"):
+        m.training_step({"view1": _images(4, 1), "view2": _images(4, 2)}, 0)
+
+
 def test_cosine_schedule_runs_from_one_to_zero() -> None:
     f = cosine(10)
     assert f(0) == 1.0 and f(5) == pytest.approx(0.5) and f(10) == pytest.approx(0.0) and f(12) == f(10)

@@ -35,6 +35,7 @@ from torch import nn
 from chextrain.data.transforms import Preprocessing, as_preprocessing, to_network_input
 from chextrain.training.optim import cosine, make_optimizer
 from chextrain.training.specs import MocoSpec, OptimizerSpec
+from chextrain.training.stage_errors import NonFiniteError, non_finite_message
 
 
 def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
@@ -134,6 +135,7 @@ class MocoModule(L.LightningModule):
         optimizer: the stage's optimiser (over the query encoder and its projection).
         seed: seeds the initial queue and the shuffle-BN permutations.
         preprocessing: how uint8 views become the network input (the stage's).
+        stage_name: named by the error that stops a stage whose loss is NaN / inf.
     """
 
     def __init__(
@@ -145,9 +147,10 @@ class MocoModule(L.LightningModule):
         optimizer: OptimizerSpec = OptimizerSpec(),
         seed: int = 0,
         preprocessing: str | Preprocessing = "imagenet",
+        stage_name: str = "moco",
     ) -> None:
         super().__init__()
-        self.spec, self.optimizer_spec = spec, optimizer
+        self.spec, self.optimizer_spec, self.stage_name = spec, optimizer, stage_name
         self.preprocessing = as_preprocessing(preprocessing)
         self.encoder_q = encoder
         self.projection_q = projection_mlp(num_features, spec.hidden_dim or num_features, spec.proj_dim)
@@ -207,6 +210,7 @@ class MocoModule(L.LightningModule):
         loss, logits = self(
             *(to_network_input(v, self.preprocessing) if v.dtype == torch.uint8 else v for v in views)
         )
+        self._stop_if_not_finite(loss)
         n = logits.shape[0]
         acc = (logits.argmax(dim=1) == 0).float().mean()  # the positive beats every negative
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=n)
@@ -214,6 +218,33 @@ class MocoModule(L.LightningModule):
         self.samples_seen += n
         self.last = {"loss": float(loss.detach()), "acc1": float(acc)}
         return loss
+
+    def _stop_if_not_finite(self, loss: torch.Tensor) -> None:
+        """Raise NonFiniteError when the loss is NaN / inf on any rank, before the weights see it."""
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:  # every rank stops together, none waits
+            bad = bool(trainer.strategy.reduce_boolean_decision(bad, all=False))
+        if not bad:
+            return
+        if not all(bool(torch.isfinite(w.detach()).all()) for w in self.encoder_q.parameters()):
+            hint = (
+                "the encoder's weights hold NaN or inf values: check the init weights, "
+                "or lower the learning rate"
+            )
+        else:
+            hint = (
+                f"lower the learning rate (optimizer.lr = {self.optimizer_spec.lr:g}) or raise the MoCo "
+                f"temperature (moco.temperature = {self.spec.temperature:g}), or check the input files"
+            )
+        raise NonFiniteError(
+            non_finite_message(
+                self.stage_name,
+                f"the MoCo loss is {float(loss.detach())}",
+                f"at training step {self.global_step + 1} (epoch {self.current_epoch})",
+                hint,
+            )
+        )
 
     def configure_optimizers(self) -> Any:
         params = [*self.encoder_q.parameters(), *self.projection_q.parameters()]

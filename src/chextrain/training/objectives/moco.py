@@ -44,6 +44,7 @@ class Moco:
             optimizer=stage.optimizer,
             seed=stage.seed,
             preprocessing=stage.preprocessing,
+            stage_name=stage.name,
         )
         pool = catalog.loc[catalog["split"] == "train"].reset_index(drop=True)  # real photo partners
         data = TrainData(

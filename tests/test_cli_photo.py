@@ -107,3 +107,19 @@ def test_bad_options_exit_2(tmp_path, args, message):
     assert result.exit_code == 2
     assert message in result.output
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_corners_writes_labelme_beside_the_photo_and_the_same_photo(tmp_path):
+    from chextrain.data.corners import read_labelme
+
+    a = _xray(tmp_path / "a.jpg", 0, size=(80, 64))
+    plain, labelled = tmp_path / "plain", tmp_path / "labelled"
+    assert _run(str(a), "--out", str(plain), "--seed", "2").exit_code == 0
+    result = _run(str(a), "--out", str(labelled), "--seed", "2", "--corners")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in labelled.iterdir()) == ["a.jpg", "a.json"]
+    assert (labelled / "a.jpg").read_bytes() == (plain / "a.jpg").read_bytes()
+    got = read_labelme(labelled / "a.json")
+    assert (got.width, got.height) == (64, 80)
+    area = 0.5 * abs(np.cross(got.corners[2] - got.corners[0], got.corners[3] - got.corners[1]))
+    assert 0.3 * 64 * 80 < area < 64 * 80  # the monitor shows the x-ray smaller than the frame

@@ -6,6 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from chextrain.data import photo
 from chextrain.data.photo import RECIPES, simulate_photo
@@ -303,3 +304,76 @@ def test_simulate_photo_grey_runs_every_recipe_in_grey():
     )
     with pytest.raises(ValueError, match="unknown photo recipe"):
         simulate_photo_grey(image, "fax", 1, np.random.default_rng(0))
+
+
+# --- the radiograph's corners in the photo ------------------------------------------------
+
+
+def _polygon_mask(corners: np.ndarray, shape: tuple[int, int], grow: float = 0.0) -> np.ndarray:
+    """Boolean H x W mask of the quadrilateral, moved `grow` px outwards from its centre."""
+    from PIL import ImageDraw
+
+    c = np.asarray(corners, dtype=float)
+    centre = c.mean(axis=0)
+    away = c - centre
+    c = centre + away * (1 + grow / np.linalg.norm(away, axis=1, keepdims=True))
+    mask = Image.new("L", (shape[1], shape[0]), 0)
+    ImageDraw.Draw(mask).polygon([tuple(p) for p in c], fill=1)
+    return np.asarray(mask, dtype=bool)
+
+
+@pytest.mark.parametrize("grey", [False, True])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_phone_corners_outline_the_xray_inside_its_canvas(grey: bool, seed: int) -> None:
+    """A bright x-ray padded onto a black canvas: the corners outline the x-ray, not the canvas."""
+    from chextrain.data.phone_grey import simulate_photo_grey_with_corners
+    from chextrain.data.photo import simulate_photo_with_corners
+
+    canvas = np.zeros((128, 96), dtype=np.uint8)
+    canvas[24:104] = 220  # the x-ray: rows 24-104 of the canvas
+    region = (0, 24, 96, 104)
+    rng = np.random.default_rng(seed)
+    if grey:
+        photo, corners = simulate_photo_grey_with_corners(canvas, "phone", 1, rng, region=region)
+    else:
+        photo, corners = simulate_photo_with_corners(canvas, "phone", 1, rng, region=region)
+        photo = np.asarray(Image.fromarray(photo).convert("L"))
+    assert corners.shape == (4, 2) and corners.dtype == np.float32
+    inside = _polygon_mask(corners, photo.shape, grow=-4)
+    ring = _polygon_mask(corners, photo.shape, grow=6) & ~_polygon_mask(corners, photo.shape, grow=2)
+    above_below = ring & (np.abs(np.arange(128)[:, None] - corners[:, 1].mean()) > 25)  # the black canvas
+    assert photo[inside].mean() > 150
+    assert photo[above_below].mean() < 80
+
+
+def test_corners_do_not_change_the_photo_or_the_draws() -> None:
+    from chextrain.data.phone_grey import phone_grey, phone_grey_with_corners
+    from chextrain.data.photo import simulate_photo_with_corners
+
+    image = (np.arange(60 * 48) % 251).astype(np.uint8).reshape(60, 48)
+    for recipe in RECIPES:
+        a, b = np.random.default_rng(5), np.random.default_rng(5)
+        photo, _ = simulate_photo_with_corners(image, recipe, 2, a)
+        assert np.array_equal(photo, simulate_photo(image, recipe, 2, b))
+        assert a.random() == b.random()  # the generators moved alike
+    assert np.array_equal(
+        phone_grey_with_corners(image, np.random.default_rng(1), 2)[0],
+        phone_grey(image, np.random.default_rng(1), 2),
+    )
+
+
+def test_tilt_and_digital_corners() -> None:
+    from chextrain.data.photo import simulate_photo_with_corners
+
+    image = np.full((50, 40), 200, dtype=np.uint8)
+    _, digital = simulate_photo_with_corners(
+        image, "digital", 1, np.random.default_rng(0), region=(2, 3, 30, 40)
+    )
+    assert np.array_equal(digital, np.array([[2, 3], [30, 3], [30, 40], [2, 40]], np.float32))
+    photo, tilted = simulate_photo_with_corners(image, "photographic", 4, np.random.default_rng(0))
+    grey = photo[..., 0]
+    assert grey[_polygon_mask(tilted, grey.shape, grow=-2)].mean() > 100  # the tilted x-ray (moire lines)
+    assert grey[~_polygon_mask(tilted, grey.shape, grow=2)].max() < 30  # the black border
+    assert not np.allclose(tilted, [[0, 0], [40, 0], [40, 50], [0, 50]], atol=0.5)
+    with pytest.raises(ValueError, match="region"):
+        simulate_photo_with_corners(image, "digital", 1, np.random.default_rng(0), region=(0, 0, 41, 10))

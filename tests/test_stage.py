@@ -174,7 +174,7 @@ def test_stage_type_follows_the_objective_and_foreign_keys_are_refused_when_read
         with pytest.raises(StageError, match=f"{key}: does not apply to an `objective: moco` stage"):
             parse_stage({"name": "m", "objective": "moco", key: value})
     with pytest.raises(
-        StageError, match=r"objective: expected one of \['supervised', 'moco'\] \(got 'byol'\)"
+        StageError, match=r"objective: expected one of \['supervised', 'moco', 'corners'\] \(got 'byol'\)"
     ):
         parse_stage({"name": "x", "objective": "byol"})
 
@@ -242,9 +242,9 @@ def test_yaml_errors_name_the_line(tmp_path: Path) -> None:
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("name", ["baseline", "finetune", "heads", "moco"])
+@pytest.mark.parametrize("name", ["baseline", "finetune", "heads", "moco", "corners"])
 def test_the_example_stages_load(name: str) -> None:
     path = Path(__file__).resolve().parents[1] / "configs" / "stages" / f"{name}.yaml"
     stage = load_stage(path)
     assert stage.name and path.read_text().startswith("#")  # commented
-    assert (stage.objective == "moco") == (name == "moco")
+    assert stage.objective == (name if name in ("moco", "corners") else "supervised")

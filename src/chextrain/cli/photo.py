@@ -24,12 +24,19 @@ def photo_sim(
     recipe: str = typer.Option("phone", "--recipe", "-r", help=RECIPE_HELP),
     level: int = typer.Option(1, "--level", "-l", min=1, max=4, help="Strength, 1 (CheXphoto's) to 4."),
     seed: int = typer.Option(0, "--seed", help="Seed; input number i uses the generator of (seed, i)."),
+    corners: bool = typer.Option(
+        False,
+        "--corners",
+        help="Also write STEM.json: the x-ray's corners in the photo (labelme, CheXphoto v1.1's layout).",
+    ),
 ) -> None:
     """Simulate a photo of each input and write it to OUT as STEM.jpg (JPEG quality 95).
 
     Files that cannot be read or written are reported and skipped; the exit code is then 1.
 
     Input number i uses the random generator of (seed, i): its photo does not depend on the others.
+    With --corners, STEM.json beside each photo holds where the x-ray lies in it (a labelme
+    polygon, points TR, BR, BL, TL as CheXphoto v1.1 stores them); the photos are the same.
     """
     with checks.reported():
         checks.out_dir(out)
@@ -37,8 +44,9 @@ def photo_sim(
     from PIL import Image
     from rich.console import Console
 
+    from chextrain.data.corners import write_labelme
     from chextrain.data.images import ImageLoadError, load_image
-    from chextrain.data.photo import RECIPES, simulate_photo
+    from chextrain.data.photo import RECIPES, simulate_photo_with_corners
 
     err = Console(stderr=True, soft_wrap=True, highlight=False)
     with checks.reported():
@@ -53,8 +61,12 @@ def photo_sim(
             if target.resolve() in sources:
                 raise ValueError(f"{path}: writing {target} would overwrite an input")
             image = load_image(path)
-            photo = simulate_photo(image, recipe, level, np.random.default_rng([seed, index]))
+            rng = np.random.default_rng([seed, index])
+            photo, quad = simulate_photo_with_corners(image, recipe, level, rng)
             Image.fromarray(photo).save(target, "JPEG", quality=95)
+            if corners:
+                h, w = photo.shape[:2]
+                write_labelme(target.with_suffix(".json"), quad, w, h, target.name)
         except (ImageLoadError, ValueError) as e:
             failed += 1
             err.print(f"[red]error:[/red] {e}")

@@ -18,7 +18,10 @@ and view. Choices where the real release is unknown or too big to copy:
 - some natural photos (10 % Nokia on its tripod, 30 % hand-held iPhone / OnePlus) carry
   EXIF Orientation 6 and store their pixels turned 90 degrees counter-clockwise (landscape),
   as phones do: a loader that ignores EXIF sees them sideways;
-- valid labels are independent draws at the real valid prevalences.
+- valid labels are independent draws at the real valid prevalences;
+- every natural photo (train and valid; the release labels valid ones only) has the x-ray's
+  four corners in a labelme file at labels/CheXphoto-v1.1/<split>/natural/<phone>/.../viewN.json,
+  in the v1.1 layout and point order (data/corners.py).
 
 Everything is a function of `seed`: the CSVs are sampled in one process, and each image gets
 its own generator from (seed, its path), so any number of workers writes identical bytes.
@@ -39,9 +42,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from chextrain.data.corners import label_path, write_labelme
 from chextrain.data.demo_labels import CHEXPERT_DIR, CHEXPHOTO_DIR, DemoError, Photo, Sampler, Xray, patients
 from chextrain.data.phantom import render_xray
-from chextrain.data.photo import simulate_photo
+from chextrain.data.photo import simulate_photo, simulate_photo_with_corners
 from chextrain.fileio import atomic_write_bytes
 from chextrain.labels import CHEXPERT_COLUMNS
 
@@ -172,24 +176,34 @@ def _exif(device: str, orientation: int) -> bytes:
     return exif.tobytes()
 
 
-def _natural(image: np.ndarray, photo: Photo, rng: np.random.Generator) -> np.ndarray:
-    """A phone photo of the x-ray shown on a black screen: 3:4 portrait, RGB, maybe stored turned."""
+def _natural(image: np.ndarray, photo: Photo, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A phone photo of the x-ray shown on a black screen: 3:4 portrait, RGB, maybe stored turned.
+
+    Returns the stored pixels and the x-ray's corners (TL, TR, BR, BL) in the photo as a viewer
+    shows it (EXIF orientation applied: the un-turned frame).
+    """
     h, w = image.shape
     canvas = np.zeros((max(h, round(w * 4 / 3)), w), dtype=np.uint8)  # H x W
     top = (canvas.shape[0] - h) // 2
     canvas[top : top + h] = image
-    out = simulate_photo(canvas, "phone", 1, rng)  # H x W x 3
-    return np.rot90(out, 1) if photo.orientation == 6 else out  # Orientation 6: viewers turn it back
+    out, corners = simulate_photo_with_corners(canvas, "phone", 1, rng, region=(0, top, w, top + h))
+    stored = np.rot90(out, 1) if photo.orientation == 6 else out  # Orientation 6: viewers turn it back
+    return stored, corners
 
 
 def _render(x: Xray, root: str, seed: int) -> int:
-    """Draw one x-ray and every photo of it; returns the number of files written."""
+    """Draw one x-ray and every photo of it (natural ones with their corner labels); returns the
+    number of images written."""
     image, _ = render_xray(x.labels, x.view, _rng(seed, x.rel), x.shape)
     _save(image, Path(root, x.rel))
     for photo in x.photos:
         rng = _rng(seed, photo.rel)
         if photo.recipe == "phone":
-            _save(_natural(image, photo, rng), Path(root, photo.rel), _exif(photo.device, photo.orientation))
+            pixels, corners = _natural(image, photo, rng)
+            _save(pixels, Path(root, photo.rel), _exif(photo.device, photo.orientation))
+            height, width = pixels.shape[:2] if photo.orientation == 1 else pixels.shape[1::-1]
+            name = Path(photo.rel).name
+            write_labelme(label_path(Path(root), photo.rel), corners, width, height, name)
         else:
             _save(simulate_photo(image, photo.recipe, 1, rng), Path(root, photo.rel))
     return 1 + len(x.photos)

@@ -22,6 +22,7 @@ from chextrain.data.pixels import (
     check_level,
     expand_field,
     perspective_coeffs,
+    perspective_matrix,
     reference_scale,
     round_to_uint8,
     to_rgb,
@@ -35,8 +36,26 @@ def phone(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.nda
     screen_border -> room_scene -> uneven_lighting with vignette (one pass) -> defocus or
     motion blur -> sensor_noise -> colour_cast -> brightness_contrast -> jpeg_recompress.
     """
-    x = screen_border(to_rgb(check_image(image)), rng, level)
-    x = room_scene(x, rng, level)
+    return phone_with_corners(image, rng, level)[0]
+
+
+def phone_with_corners(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    level: int = 1,
+    region: tuple[float, float, float, float] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`phone`, and where the radiograph ended up: (photo RGB H x W x 3, corners 4 x 2 float32).
+
+    `region` (x0, y0, x1, y1 in input pixels, edges not centres; default the whole input) is the
+    radiograph inside `image`; the corners are its TL, TR, BR, BL in output pixels. The random
+    draws and the photo are exactly `phone`'s.
+    """
+    image = to_rgb(check_image(image))
+    h, w = image.shape[:2]
+    x, (ox, oy, iw, ih) = _screen_border(image, rng, level)
+    x, quad = _room_scene(x, rng, level)
+    corners = face_to_photo(region_corners(region, w, h), (ox, oy, iw, ih), w, h, quad)
     h, w = x.shape[:2]
     gain, add = _lighting(h, w, rng, level)  # uneven_lighting and vignette in one pass
     x = round_to_uint8(
@@ -46,7 +65,32 @@ def phone(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.nda
     x = sensor_noise(x, rng, level)
     x = colour_cast(x, rng, level)
     x = brightness_contrast(x, rng, level)
-    return jpeg_recompress(x, rng, level)
+    return jpeg_recompress(x, rng, level), corners
+
+
+def region_corners(region: tuple[float, float, float, float] | None, w: int, h: int) -> np.ndarray:
+    """Corners TL, TR, BR, BL (4 x 2 float64) of `region` (x0, y0, x1, y1), or of the w x h frame."""
+    x0, y0, x1, y1 = (0.0, 0.0, float(w), float(h)) if region is None else (float(v) for v in region)
+    if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+        raise ValueError(f"region {region} must lie inside the {w} x {h} image with x0 < x1 and y0 < y1")
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], dtype=np.float64)
+
+
+def map_points(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Points N x 2 through a 3 x 3 homography (N x 2 float64)."""
+    p = np.c_[np.asarray(points, np.float64), np.ones(len(points))] @ np.asarray(matrix, np.float64).T
+    return p[:, :2] / p[:, 2:3]
+
+
+def face_to_photo(
+    corners: np.ndarray, xray: tuple[float, float, float, float], w: int, h: int, quad: np.ndarray
+) -> np.ndarray:
+    """Input-image points -> photo pixels: scaled into the screen's x-ray box `xray` (x, y, width,
+    height in monitor-face pixels), then through the warp of the w x h face onto `quad`. 4 x 2 float32."""
+    ox, oy, iw, ih = xray
+    face = corners * np.array([iw / w, ih / h]) + np.array([ox, oy])
+    frame = [(0.0, 0.0), (float(w), 0.0), (float(w), float(h)), (0.0, float(h))]
+    return map_points(perspective_matrix(frame, [tuple(p) for p in quad]), face).astype(np.float32)
 
 
 def screen_border(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.ndarray:
@@ -55,6 +99,13 @@ def screen_border(image: np.ndarray, rng: np.random.Generator, level: int = 1) -
     With probability 0.3 (more at higher levels) the x-ray is shrunk by a margin up to
     0.15 L of the screen and placed at a random spot on the black screen.
     """
+    return _screen_border(image, rng, level)[0]
+
+
+def _screen_border(
+    image: np.ndarray, rng: np.random.Generator, level: int
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """screen_border, and the x-ray's box on the screen (x, y, width, height)."""
     image, level = check_image(image), check_level(level)
     h, w = image.shape[:2]
     bezel = min(int(round(rng.uniform(0.015, 0.045) * max(h, w))), (min(h, w) - 1) // 2)
@@ -73,7 +124,7 @@ def screen_border(image: np.ndarray, rng: np.random.Generator, level: int = 1) -
         out[bezel - 1 : bezel + sh + 1, bezel - 1] = rim
     xray = Image.fromarray(image).resize((iw, ih), Image.Resampling.BILINEAR)
     out[oy : oy + ih, ox : ox + iw] = np.asarray(xray)
-    return out
+    return out, (ox, oy, iw, ih)
 
 
 def room_scene(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.ndarray:
@@ -82,6 +133,11 @@ def room_scene(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> n
     The monitor goes through a full projective warp (scale, shear, rotation, perspective);
     its sides are 88-96 % of the frame's at level 1 and 52-84 % at level 4. Returns RGB.
     """
+    return _room_scene(image, rng, level)[0]
+
+
+def _room_scene(image: np.ndarray, rng: np.random.Generator, level: int) -> tuple[np.ndarray, np.ndarray]:
+    """room_scene, and the quadrilateral (4 x 2, TL, TR, BR, BL) the monitor face was warped onto."""
     image, level = check_image(image), check_level(level)
     h, w = image.shape[:2]
     scene = _room_background(h, w, rng, level)
@@ -99,7 +155,7 @@ def room_scene(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> n
     mask = Image.new("L", (w, h), 0)
     ImageDraw.Draw(mask).polygon([tuple(p) for p in quad], fill=255)
     scene.paste(face, (0, 0), mask)
-    return np.array(scene)
+    return np.array(scene), quad
 
 
 def projective_warp(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.ndarray:

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from chextrain.data.phone import _lighting, _random_quad, _vignette_gain
-from chextrain.data.photo import simulate_photo
+from chextrain.data.phone import _lighting, _random_quad, _vignette_gain, face_to_photo, region_corners
+from chextrain.data.photo import simulate_photo_with_corners
 from chextrain.data.pixels import (
     check_image,
     check_level,
@@ -50,20 +50,45 @@ def luma(colour: np.ndarray | tuple[float, ...]) -> int:
 def simulate_photo_grey(image: np.ndarray, recipe: str, level: int, rng: np.random.Generator) -> np.ndarray:
     """A simulated photo of `image`, grey uint8 H x W: `phone_grey` for the phone recipe, else
     data/photo.py's `simulate_photo` made grey (its digital and photographic recipes are grey inside)."""
+    return simulate_photo_grey_with_corners(image, recipe, level, rng)[0]
+
+
+def simulate_photo_grey_with_corners(
+    image: np.ndarray,
+    recipe: str,
+    level: int,
+    rng: np.random.Generator,
+    region: tuple[float, float, float, float] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`simulate_photo_grey`, and the radiograph's corners (TL, TR, BR, BL, 4 x 2 float32 output
+    pixels) of `region` (x0, y0, x1, y1 input pixels; default the whole input), as in
+    photo.simulate_photo_with_corners."""
     if recipe == "phone":
-        return phone_grey(image, rng, level)
-    out = simulate_photo(image, recipe, level=level, rng=rng)
-    return out if out.ndim == 2 else np.asarray(Image.fromarray(out).convert("L"))
+        return phone_grey_with_corners(image, rng, level, region)
+    out, corners = simulate_photo_with_corners(image, recipe, level=level, rng=rng, region=region)
+    return (out if out.ndim == 2 else np.asarray(Image.fromarray(out).convert("L"))), corners
 
 
 def phone_grey(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.ndarray:
     """A phone photo of the x-ray on a monitor in a room, grey: uint8 H x W (see the module docstring)."""
+    return phone_grey_with_corners(image, rng, level)[0]
+
+
+def phone_grey_with_corners(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    level: int = 1,
+    region: tuple[float, float, float, float] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`phone_grey`, and the corners of `region` (default the whole input) in the photo, as
+    phone.phone_with_corners: (uint8 H x W, TL, TR, BR, BL 4 x 2 float32 output pixels)."""
     image, level = check_image(image), check_level(level)
     if image.ndim == 3:
         image = np.asarray(Image.fromarray(image).convert("L"))
     h, w = image.shape
     face = _screen(h, w, rng, level)
-    x = _room(image, face, rng, level)  # float32 H x W
+    x, quad = _room(image, face, rng, level)  # float32 H x W
+    corners = face_to_photo(region_corners(region, w, h), face.xray, w, h, quad)
     gain, add = _lighting(h, w, rng, level)
     x *= gain * _vignette_gain(h, w, rng, level)
     x += add
@@ -75,7 +100,7 @@ def phone_grey(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> n
     x *= np.float32(cast * gain_bc)  # colour cast, then exposure, in one pass
     x += np.float32(offset)
     quality = int(rng.integers(max(70, 100 - 8 * level), 100 - 3 * (level - 1)))
-    return _jpeg(round_to_uint8(x), quality)
+    return _jpeg(round_to_uint8(x), quality), corners
 
 
 # --- the monitor in the room --------------------------------------------------------------
@@ -104,8 +129,11 @@ def _screen(h: int, w: int, rng: np.random.Generator, level: int) -> _Screen:
     return _Screen(bezel, bezel_grey, screen_grey, (bezel, bezel, sw, sh), (ox, oy, iw, ih))
 
 
-def _room(image: np.ndarray, face: _Screen, rng: np.random.Generator, level: int) -> np.ndarray:
-    """phone.room_scene in luma: the room drawn, the monitor face sampled in one warp. float32 H x W."""
+def _room(
+    image: np.ndarray, face: _Screen, rng: np.random.Generator, level: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """phone.room_scene in luma: the room drawn, the monitor face sampled in one warp. float32 H x W,
+    and the quadrilateral (4 x 2, TL, TR, BR, BL) the face went onto."""
     h, w = image.shape
     scene = _background(h, w, rng, level)
     quad = _random_quad(rng, w, h, level, rng.uniform(1 - 0.12 * level, 1 - 0.04 * level))
@@ -134,7 +162,7 @@ def _room(image: np.ndarray, face: _Screen, rng: np.random.Generator, level: int
     grid = torch.from_numpy(np.stack([gx, gy], axis=-1))[None]  # 1 x H x W x 2
     src = torch.from_numpy(canvas)[None, None]  # 1 x 1 x ch x cw
     sampled = F.grid_sample(src, grid, mode="bilinear", align_corners=False)[0, 0].numpy()
-    return np.where(inside, sampled, np.asarray(scene, dtype=np.float32))
+    return np.where(inside, sampled, np.asarray(scene, dtype=np.float32)), quad
 
 
 def _homography(src: np.ndarray, dst: list[tuple[float, float]]) -> np.ndarray:

@@ -35,9 +35,12 @@ from chextrain.data.phone import (
     colour_cast,
     defocus_blur,
     jpeg_recompress,
+    map_points,
     motion_blur,
     phone,
+    phone_with_corners,
     projective_warp,
+    region_corners,
     room_scene,
     screen_border,
     sensor_noise,
@@ -62,7 +65,9 @@ __all__ = [
     "RECIPES",
     "REFERENCE_SIZE",
     "simulate_photo",
+    "simulate_photo_with_corners",
     "phone",
+    "phone_with_corners",
     "contrast",
     "brightness",
     "random_digital",
@@ -96,17 +101,38 @@ def simulate_photo(
     `digital` returns the input's layout (grey stays grey); `photographic` and `phone`
     return RGB H x W x 3. The same `rng` seed gives identical bytes.
     """
+    return simulate_photo_with_corners(image, recipe, level, rng)[0]
+
+
+def simulate_photo_with_corners(
+    image: np.ndarray,
+    recipe: str,
+    level: int = 1,
+    rng: np.random.Generator | None = None,
+    region: tuple[float, float, float, float] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`simulate_photo`, and the radiograph's four corners in the photo: (photo, 4 x 2 float32).
+
+    `region` (x0, y0, x1, y1 in input pixels; default the whole input) is where the radiograph
+    lies in `image` (e.g. an x-ray padded onto a black canvas). Corners are TL, TR, BR, BL in
+    output pixels (continuous coordinates: the image spans [0, W] x [0, H]); they may lie
+    outside the frame when the warp pushes them out. Same draws and bytes as `simulate_photo`.
+    """
     image = check_image(image)
     level = check_level(level)
     if recipe not in RECIPES:
         raise ValueError(f"unknown photo recipe {recipe!r}; expected one of {list(RECIPES)}")
     rng = np.random.default_rng() if rng is None else rng
+    h, w = image.shape[:2]
+    corners = region_corners(region, w, h)
     if recipe == "digital":
-        return random_digital(image, rng, level)
+        return random_digital(image, rng, level), corners.astype(np.float32)
     if recipe == "photographic":
         # Grey in, grey effects: run them on one channel and make RGB at the end (same bytes).
-        return to_rgb(tilt(moire(glare_matte(image, rng, level), rng, level), rng, level))
-    return phone(image, rng, level)
+        tilted, quad = _tilt(moire(glare_matte(image, rng, level), rng, level), rng, level)
+        frame = [(0.0, 0.0), (float(w), 0.0), (float(w), float(h)), (0.0, float(h))]
+        return to_rgb(tilted), map_points(perspective_matrix(frame, quad), corners).astype(np.float32)
+    return phone_with_corners(image, rng, level, region)
 
 
 # --- CheXphoto's released effects ---------------------------------------------------------
@@ -194,6 +220,13 @@ def tilt(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.ndar
 
     Bicubic, black outside the quadrilateral, as in CheXphoto.
     """
+    return _tilt(image, rng, level)[0]
+
+
+def _tilt(
+    image: np.ndarray, rng: np.random.Generator, level: int
+) -> tuple[np.ndarray, list[tuple[float, float]]]:
+    """tilt, and the quadrilateral (TL, TR, BR, BL) the frame was mapped onto."""
     image, level = check_image(image), check_level(level)
     h, w = image.shape[:2]
     d = 0.05 * level
@@ -203,4 +236,4 @@ def tilt(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.ndar
         (w * rng.uniform(1 - d, 1), h * rng.uniform(1 - d, 1)),
         (w * rng.uniform(0, d), h * rng.uniform(1 - d, 1)),
     ]
-    return warp_to_quad(image, quad, Image.Resampling.BICUBIC)
+    return warp_to_quad(image, quad, Image.Resampling.BICUBIC), quad

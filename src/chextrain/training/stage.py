@@ -5,8 +5,9 @@ trains it, what is frozen and which head learns; a `Stage` says exactly that. De
 paper's hyperparameters (DenseNet-121 from ImageNet, U-Ones, Adam 1e-4, batch 16, 3 epochs, 320 px).
 
 `Stage` is a union discriminated by `objective` (default `supervised`): each objective has its own
-stage type (`SupervisedStage`, `MocoStage`), so a key that does not apply to the stage's objective
-(`augment` on a MoCo stage, `moco:` on a supervised one) is refused when the YAML is read.
+stage type (`SupervisedStage`, `MocoStage`, `CornersStage`), so a key that does not apply to the
+stage's objective (`augment` on a MoCo stage, `moco:` on a supervised one) is refused when the
+YAML is read.
 """
 
 from __future__ import annotations
@@ -229,8 +230,53 @@ class MocoStage(BaseStage):
     moco: MocoSpec = MocoSpec()
 
 
+class CornersSpec(Spec):
+    """How the `corners` objective makes its training photos (training/objectives/corners.py).
+
+    Each x-ray of the stage's rows becomes a fresh simulated photo every epoch, whose corners
+    the photo simulation knows: a recipe of `recipes` at a level of `levels`, padded first onto
+    a black 3:4 screen with probability `canvas` (as the demo's natural photos), left as it is
+    (corners = the frame) with probability `plain`, its screen blank (no radiograph: the
+    confidence must be 0) with probability `negatives`. Photos with CheXphoto v1.1 corner labels
+    among the rows train as they are when `labelled`. The confidence output learns whether the
+    corners are right within `tolerance` of the diagonal. `eval_photos` held-out simulated photos
+    (of the val x-rays) measure the model against the classical finder when it finishes, and
+    choose the bundle's `min_confidence` (below it rectify falls back to the classical finder)
+    as the one that gives find_quad the smallest error there, unless the stage sets it.
+    """
+
+    recipes: list[Literal["phone", "photographic", "digital"]] = Field(default=["phone"], min_length=1)
+    levels: list[Literal[1, 2, 3, 4]] = Field(default=[1, 2, 3], min_length=1)
+    canvas: float = Field(default=0.5, ge=0.0, le=1.0)
+    plain: float = Field(default=0.05, ge=0.0, le=1.0)
+    negatives: float = Field(default=0.05, ge=0.0, le=1.0)
+    labelled: bool = True
+    tolerance: float = Field(default=0.03, gt=0.0, lt=1.0)
+    min_confidence: float | None = Field(default=None, ge=0.0, le=1.0)
+    eval_photos: int = Field(default=64, ge=0)
+
+
+class CornersStage(BaseStage):
+    """A stage that trains the corner network of chextrain.rectify (the four corners + a confidence).
+
+    Defaults suit a small network from scratch: the `tiny` backbone, random init, 128 px, Adam 1e-3.
+    """
+
+    objective: Literal["corners"]
+    init: str = "random"
+    backbone: str = "tiny"
+    image_size: int = Field(default=128, ge=16)
+    batch_size: int = Field(default=32, gt=0)
+    optimizer: OptimizerSpec = OptimizerSpec(lr=1.0e-3)
+    corners: CornersSpec = CornersSpec()
+
+
 # The stage type of each objective (training/objectives/ holds the code that runs it).
-STAGE_TYPES: dict[str, type[BaseStage]] = {"supervised": SupervisedStage, "moco": MocoStage}
+STAGE_TYPES: dict[str, type[BaseStage]] = {
+    "supervised": SupervisedStage,
+    "moco": MocoStage,
+    "corners": CornersStage,
+}
 
 
 def _objective_of(value: Any) -> str | None:
@@ -243,7 +289,9 @@ def _objective_of(value: Any) -> str | None:
 
 
 Stage = Annotated[
-    Annotated[SupervisedStage, Tag("supervised")] | Annotated[MocoStage, Tag("moco")],
+    Annotated[SupervisedStage, Tag("supervised")]
+    | Annotated[MocoStage, Tag("moco")]
+    | Annotated[CornersStage, Tag("corners")],
     Discriminator(
         _objective_of,
         custom_error_type="objective",

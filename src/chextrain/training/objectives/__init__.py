@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import pandas as pd
 
 from chextrain.models.net import CXRNet
+from chextrain.training.objectives.corners import CORNERS
 from chextrain.training.objectives.moco import MOCO
 from chextrain.training.objectives.plan import LoaderSettings, Outcome, Plan
 from chextrain.training.objectives.supervised import SUPERVISED
@@ -54,7 +55,7 @@ class Objective(Protocol):
     ) -> Outcome: ...
 
 
-OBJECTIVES: dict[str, Objective] = {"supervised": SUPERVISED, "moco": MOCO}
+OBJECTIVES: dict[str, Objective] = {"supervised": SUPERVISED, "moco": MOCO, "corners": CORNERS}
 
 
 def objective_of(stage: BaseStage) -> Objective:

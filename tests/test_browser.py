@@ -212,3 +212,86 @@ def test_a_dicom_upload_shows_the_server_rendered_preview(page, use_demo: Path, 
     assert page.get_attribute("#preview", "src").startswith("data:image/png;base64,")
     assert page.locator("#preview").evaluate("img => img.complete && img.naturalWidth") == 64
     assert not page.locator("#quality").is_visible()  # a digital x-ray: no photo checks
+
+
+def _tilted_photo() -> tuple[np.ndarray, np.ndarray]:
+    """A simulated photo of a phantom x-ray tilted on the film plane (RGB 256 x 256) and its corners."""
+    from chextrain.data.phantom import render_xray
+    from chextrain.data.photo import simulate_photo_with_corners
+
+    rng = np.random.default_rng(0)
+    xray, _ = render_xray({}, "frontal", rng, 256)
+    return simulate_photo_with_corners(xray, "photographic", 2, rng)
+
+
+def _points(page) -> np.ndarray:
+    """The outline's polygon as drawn: 4 x 2 corners in the image's pixels."""
+    points = page.get_attribute("#outline-shape", "points").split()
+    return np.array([[float(v) for v in p.split(",")] for p in points])
+
+
+def _probs(page) -> list[str]:
+    return page.locator("#bars .prob").all_inner_texts()
+
+
+def test_the_outline_is_drawn_dragged_and_scored_again(page) -> None:
+    """Phone viewport: a tilted photo's outline is shown on the photo, a corner dragged with the
+    pointer, the photo scored again inside it (the numbers change); a blurred photo gets advice."""
+    from PIL import ImageFilter
+
+    from chextrain.rectify import quad_iou
+
+    page.errors.clear()
+    assert page.viewport_size == {"width": 390, "height": 844}
+    photo, true = _tilted_photo()
+    page.set_input_files(
+        "#file", files=[{"name": "tilted.png", "mimeType": "image/png", "buffer": _png_bytes(photo)}]
+    )
+    expect(page.locator("#heatmaps img")).to_have_count(5, timeout=60_000)
+    expect(page.locator("#outline")).to_be_visible()
+    handles = page.locator("#frame .handle")
+    assert handles.count() == 4
+    assert page.get_attribute("#outline", "viewBox") == "0 0 256 256"
+    drawn = _points(page)
+    assert quad_iou(drawn, true) > 0.6  # the radiograph found, drawn where it is
+    note = page.inner_text("#outline-note")
+    assert note.startswith("The outline is the radiograph we found") and "drag the corners" in note
+    frame = page.locator("#frame").bounding_box()
+    for i in range(4):  # each handle sits on its corner of the displayed photo (within 2 px)
+        box = handles.nth(i).bounding_box()
+        cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        assert abs(cx - frame["x"] - drawn[i, 0] / 256 * frame["width"]) < 2
+        assert abs(cy - frame["y"] - drawn[i, 1] / 256 * frame["height"]) < 2
+    before = _probs(page)
+
+    box = handles.nth(0).bounding_box()  # drag the top-left corner down and right
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x + 40, y + 30, steps=5)
+    page.mouse.up()
+    moved = _points(page)
+    scale = 256 / frame["width"]
+    assert np.allclose(moved[0], drawn[0] + [40 * scale, 30 * scale], atol=1.5)
+    assert np.array_equal(moved[1:], drawn[1:])
+
+    with page.expect_response(lambda r: "/api/predict" in r.url) as answer:
+        page.get_by_role("button", name="Score again with this outline").click()
+    quad = answer.value.json()["quad"]  # the server scored the dragged outline
+    assert quad["method"] == "user" and np.allclose(quad["corners"], moved, atol=0.1)
+    expect(page.locator("#status")).to_have_text("Done: scored with your outline.", timeout=60_000)
+    assert page.inner_text("#outline-note").startswith("Scored on the radiograph inside your outline")
+    assert np.allclose(_points(page), moved, atol=0.1)  # the outline kept, as the server used it
+    after = _probs(page)
+    assert len(after) == 5 and after != before  # the findings changed
+    expect(page.locator("#heatmaps img")).to_have_count(5)
+
+    blurred = np.asarray(Image.fromarray(photo).filter(ImageFilter.GaussianBlur(2.5)))
+    page.set_input_files(
+        "#file", files=[{"name": "blurred.png", "mimeType": "image/png", "buffer": _png_bytes(blurred)}]
+    )
+    expect(page.locator("#heatmaps img")).to_have_count(5, timeout=60_000)
+    assert "hold the phone still" in page.inner_text("#quality .advice")
+    assert page.get_attribute("#quality li[data-check=blur]", "class") == "fail"
+    assert page.inner_text("#withheld").startswith("Not scored: poor photo: blur")
+    assert not page.errors

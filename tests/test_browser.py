@@ -19,6 +19,7 @@ from playwright.sync_api import expect, sync_playwright
 from chextrain.inference import Predictor
 from chextrain.serve.app import create_app
 from tests.conftest import demo_files, running_server
+from tests.test_serve import tilted_photo
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -214,16 +215,6 @@ def test_a_dicom_upload_shows_the_server_rendered_preview(page, use_demo: Path, 
     assert not page.locator("#quality").is_visible()  # a digital x-ray: no photo checks
 
 
-def _tilted_photo() -> tuple[np.ndarray, np.ndarray]:
-    """A simulated photo of a phantom x-ray tilted on the film plane (RGB 256 x 256) and its corners."""
-    from chextrain.data.phantom import render_xray
-    from chextrain.data.photo import simulate_photo_with_corners
-
-    rng = np.random.default_rng(0)
-    xray, _ = render_xray({}, "frontal", rng, 256)
-    return simulate_photo_with_corners(xray, "photographic", 2, rng)
-
-
 def _points(page) -> np.ndarray:
     """The outline's polygon as drawn: 4 x 2 corners in the image's pixels."""
     points = page.get_attribute("#outline-shape", "points").split()
@@ -243,7 +234,7 @@ def test_the_outline_is_drawn_dragged_and_scored_again(page) -> None:
 
     page.errors.clear()
     assert page.viewport_size == {"width": 390, "height": 844}
-    photo, true = _tilted_photo()
+    photo, true = tilted_photo()
     page.set_input_files(
         "#file", files=[{"name": "tilted.png", "mimeType": "image/png", "buffer": _png_bytes(photo)}]
     )

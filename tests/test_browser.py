@@ -265,6 +265,11 @@ def test_the_outline_is_drawn_dragged_and_scored_again(page) -> None:
     scale = 256 / frame["width"]
     assert np.allclose(moved[0], drawn[0] + [40 * scale, 30 * scale], atol=1.5)
     assert np.array_equal(moved[1:], drawn[1:])
+    handles.nth(2).press("ArrowLeft")  # and the keyboard moves a corner by 1% of the side
+    nudged = _points(page)
+    assert np.allclose(nudged[2], moved[2] - [2.56, 0], atol=0.01)
+    handles.nth(2).press("ArrowRight")
+    assert np.allclose(_points(page), moved, atol=0.01)
 
     with page.expect_response(lambda r: "/api/predict" in r.url) as answer:
         page.get_by_role("button", name="Score again with this outline").click()

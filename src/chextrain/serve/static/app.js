@@ -252,6 +252,20 @@ function startDrag(event) {
   handle.addEventListener("pointercancel", end);
 }
 
+// Arrow keys move a focused corner by 1% of the image's side (5% with Shift).
+const ARROWS = { ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1] };
+function nudge(event) {
+  const step = ARROWS[event.key];
+  if (!step) return;
+  event.preventDefault();
+  const index = Number(event.currentTarget.dataset.index);
+  const k = event.shiftKey ? 0.05 : 0.01;
+  const [x, y] = current.corners[index];
+  current.corners[index] = [Math.min(current.width, Math.max(0, x + step[0] * k * current.width)),
+    Math.min(current.height, Math.max(0, y + step[1] * k * current.height))];
+  drawOutline();
+}
+
 function clearOutline() {
   for (const handle of document.querySelectorAll("#frame .handle")) handle.remove();
   show("outline", false);
@@ -274,7 +288,11 @@ function renderOutline(r) {
     handle.dataset.index = String(i);
     handle.dataset.corner = name;
     handle.title = "drag the " + name + " corner";
+    handle.tabIndex = 0;
+    handle.setAttribute("role", "button");
+    handle.setAttribute("aria-label", name + " corner of the radiograph: drag it, or move it with the arrow keys");
     handle.addEventListener("pointerdown", startDrag);
+    handle.addEventListener("keydown", nudge);
     $("frame").appendChild(handle);
   });
   drawOutline();

@@ -515,20 +515,59 @@ def test_corners_sent_twice_or_not_as_text_are_422(client: httpx.Client) -> None
     assert _error(r, 422, "invalid-corners") == "corners: expected UTF-8 text of 8 numbers"
 
 
-def test_a_served_corner_model_finds_the_outline(predictor: Predictor) -> None:
-    """create_app(corner_model=...) uses it: an untrained network with threshold 0 is always 'learned'."""
+def _corner_bundle(out: Path) -> Path:
+    """An untrained corner model's bundle whose threshold is 0: its outline is always 'learned'."""
     import torch
 
+    from chextrain.models.bundle import save_bundle
     from chextrain.models.net import CXRNet
-    from chextrain.rectify import CORNER_HEAD, CornerModel, to_corner_network
+    from chextrain.rectify import CORNER_HEAD, to_corner_network
 
     torch.manual_seed(0)
     net = to_corner_network(CXRNet("tiny", heads=[CORNER_HEAD]))
-    model = CornerModel(net, {"image_size": 64, "corners": {"min_confidence": 0.0}})
+    meta = {"image_size": 64, "objective": "corners", "corners": {"min_confidence": 0.0}}
+    return save_bundle(net, out, meta)
+
+
+def test_serve_uses_a_corner_model_from_corners_or_beside_the_bundle(
+    routed_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`serve --corners CB` and BUNDLE/corners give the app a learned corner model; without either,
+    the classical finder; a path that is not a corner bundle is a one-line error."""
+    import shutil
+
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from chextrain.cli import build_app
+    from chextrain.rectify import CornerModel
+
+    corners = _corner_bundle(tmp_path / "corners_model")
+    served = shutil.copytree(routed_bundle, tmp_path / "served")
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+
+    def serve(*args: object) -> tuple[int, str]:
+        result = CliRunner().invoke(build_app(), ["serve", *map(str, args)], env={"COLUMNS": "250"})
+        return result.exit_code, result.stderr
+
+    def method(app) -> str:
+        with running_server(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+            return c.post("/api/predict", files={"file": ("t.png", _png(photo))}).json()["quad"]["method"]
+
     photo, _ = tilted_photo()
-    app = create_app(predictor, corner_model=model)
-    with running_server(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+    assert serve(served, "--corners", corners)[0] == 0 and method(apps[-1]) == "learned"
+    code, err = serve(served)
+    assert code == 0 and "classical outline finder" in err and method(apps[-1]) == "classical"
+    shutil.copytree(corners, served / "corners")  # found beside the served bundle
+    code, err = serve(served)
+    assert code == 0 and "corner model" in err and method(apps[-1]) == "learned"
+    code, err = serve(served, "--corners", tmp_path / "missing")
+    assert code == 2 and "does not exist" in err
+    code, err = serve(served, "--corners", routed_bundle)
+    assert code != 0 and "not a corner model" in err
+    assert len(apps) == 3  # the refused ones never served: the last app is BUNDLE/corners's
+    expected, _ = CornerModel.load(corners).predict(load_image_bytes(_png(photo)))
+    with running_server(apps[-1]) as url, httpx.Client(base_url=url, timeout=60) as c:
         body = c.post("/api/predict", files={"file": ("t.png", _png(photo))}).json()
-    assert body["quad"]["method"] == "learned"
-    expected, _ = model.predict(load_image_bytes(_png(photo)))
     assert np.allclose(body["quad"]["corners"], expected, atol=0.06)

@@ -296,6 +296,13 @@ def test_the_outline_is_drawn_dragged_and_scored_again(page) -> None:
     assert len(after) == 5 and after != before  # the findings changed
     expect(page.locator("#heatmaps img")).to_have_count(5)
 
+    # an outline dragged into a bow tie: the server's reason is shown, the findings stay
+    page.evaluate("current.corners = [[10, 10], [200, 200], [200, 10], [10, 200]]; drawOutline();")
+    page.get_by_role("button", name="Score again with this outline").click()
+    expect(page.locator("#error")).to_contain_text("corners: the corners must form a convex quadrilateral")
+    assert page.locator("#result").is_visible() and _probs(page) == after
+    page.errors.clear()  # the browser logs the refused request (422) as a console error
+
     blurred = np.asarray(Image.fromarray(photo).filter(ImageFilter.GaussianBlur(2.5)))
     page.set_input_files(
         "#file", files=[{"name": "blurred.png", "mimeType": "image/png", "buffer": _png_bytes(blurred)}]

@@ -26,6 +26,7 @@ import chextrain
 from chextrain.data.images import load_image_bytes
 from chextrain.inference import Predictor
 from chextrain.labels import PATHOLOGIES, SLUGS
+from chextrain.rectify import find_quad
 from chextrain.serve.app import (
     ApiError,
     TooManyPixelsError,
@@ -34,6 +35,7 @@ from chextrain.serve.app import (
     create_app,
     upload_error,
 )
+from chextrain.serve.outline import quad_json, score_upload
 from tests.conftest import demo_files, running_server
 
 STATIC = Path(chextrain.__file__).parent / "serve" / "static"
@@ -100,7 +102,11 @@ def test_predict_a_phone_photo(client: httpx.Client, photo: bytes, predictor: Pr
     assert body["ood"]["status"] in ("in-distribution", "out-of-distribution")
     assert list(body["quality"]["checks"]) == ["blur", "glare", "exposure", "size", "tilt"]
     assert body["quality"]["passed"] and body["quality"]["retake"] is None and not body["withheld"]
-    direct = predictor.predict_images([load_image_bytes(photo)], ["upload"])[0]
+    image = load_image_bytes(photo)
+    quad = find_quad(image)  # the outline the server finds, given to the quality gate when found
+    direct = predictor.predict_images([image], ["upload"], quads=[None if quad.method == "none" else quad])[0]
+    assert body.pop("quad") == quad_json(quad, image.shape[1], image.shape[0])
+    assert body.pop("rectified") is False
     assert body == direct  # the same answer as the library
 
 
@@ -376,7 +382,7 @@ def test_load_on_loopback_has_no_errors_and_consistent_answers(plain_bundle: Pat
     files = demo_files(use_demo, "digital", "valid")[:2] + demo_files(use_demo, "natural", "valid")[:2]
     payloads = [f.read_bytes() for f in files]
     predictor = Predictor.from_bundle(plain_bundle)
-    expected = [predictor.predict_images([load_image_bytes(p)], ["upload"])[0] for p in payloads]
+    expected = [score_upload(predictor, load_image_bytes(p))[0] for p in payloads]
     answers: dict[int, dict] = {}
     errors: list[str] = []
 
@@ -399,3 +405,169 @@ def test_load_on_loopback_has_no_errors_and_consistent_answers(plain_bundle: Pat
     assert errors == [] and sorted(answers) == list(range(40))
     for i, answer in answers.items():
         assert answer == expected[i % len(payloads)]
+
+
+# --- the radiograph's outline ---------------------------------------------------------------
+
+
+def tilted_photo() -> tuple[np.ndarray, np.ndarray]:
+    """A simulated photo of a phantom x-ray tilted on the film plane (RGB 256 x 256) and the
+    radiograph's true corners (TL, TR, BR, BL); the classical finder finds it."""
+    from chextrain.data.phantom import render_xray
+    from chextrain.data.photo import simulate_photo_with_corners
+
+    rng = np.random.default_rng(0)
+    xray, _ = render_xray({}, "frontal", rng, 256)
+    return simulate_photo_with_corners(xray, "photographic", 2, rng)
+
+
+def _corners_text(corners: np.ndarray) -> str:
+    return ",".join(f"{v:.1f}" for v in np.asarray(corners, np.float64).ravel())
+
+
+def _findings(body: dict) -> dict[str, float]:
+    found = body["withheld_pathologies"] if body["withheld"] else body["pathologies"]
+    return {slug: v["prob"] for slug, v in found.items()}
+
+
+def test_a_photo_answer_carries_the_outline_found_in_it(client: httpx.Client, use_demo: Path) -> None:
+    from chextrain.quality import frame_share, tilt
+    from chextrain.rectify import quad_iou
+
+    photo, true = tilted_photo()
+    body = client.post("/api/predict", files={"file": ("tilted.png", _png(photo))}).json()
+    assert body["domain"] == "photo" and body["rectified"] is False
+    quad = body["quad"]
+    assert quad["method"] == "classical" and 0.6 <= quad["confidence"] <= 1
+    assert (quad["width"], quad["height"]) == (256, 256)
+    corners = np.array(quad["corners"])
+    assert corners.shape == (4, 2) and quad_iou(corners, true) > 0.6
+    # the quality gate measured the radiograph's size and tilt on that quadrilateral
+    checks = body["quality"]["checks"]
+    assert body["quality"]["region"] == "quadrilateral"
+    assert checks["size"]["value"] == pytest.approx(frame_share(corners, (256, 256)), abs=0.01)
+    assert checks["size"]["value"] < 0.95 and checks["tilt"]["value"] == pytest.approx(tilt(corners), abs=0.5)
+    xray = demo_files(use_demo, "digital", "valid")[0].read_bytes()
+    digital = client.post("/api/predict", files={"file": ("x.jpg", xray)}).json()
+    assert digital["domain"] == "digital" and digital["quad"] is None and digital["quality"] is None
+
+
+def test_corrected_corners_score_the_flattened_radiograph(client: httpx.Client, predictor: Predictor) -> None:
+    from chextrain.rectify import warp
+
+    photo, true = tilted_photo()
+    corners = np.clip(np.round(true, 1), 0, 256).astype(np.float32)
+    found = client.post("/api/predict", files={"file": ("t.png", _png(photo))}).json()
+    text = _corners_text(corners)
+    body = client.post("/api/predict", files={"file": ("t.png", _png(photo))}, data={"corners": text}).json()
+    assert np.allclose(body["quad"].pop("corners"), corners, atol=1e-4)
+    assert body["quad"] == {"confidence": None, "method": "user", "width": 256, "height": 256}
+    assert body["rectified"] is True and body["domain"] == "photo"
+    assert _findings(body) != _findings(found)  # the scores changed
+    grey = load_image_bytes(_png(photo))
+    flat = warp(grey, corners)
+    direct = predictor.predict_images([flat], ["upload"], domain="photo")[0]
+    assert _findings(body) == _findings(direct)  # scored: the radiograph warped flat
+    assert body["quality"]["region"] == "whole image"  # the gate judged what the model saw
+    by_query = client.post(f"/api/predict?corners={text}", files={"file": ("t.png", _png(photo))}).json()
+    by_query["quad"].pop("corners")
+    assert by_query == body
+    explained = client.post(
+        "/api/explain", files={"file": ("t.png", _png(photo))}, data={"corners": text}
+    ).json()
+    assert explained["quad"]["method"] == "user" and _findings(explained) == _findings(body)
+    assert len(explained["heatmaps"]) == 5
+
+
+@pytest.mark.parametrize(
+    ("corners", "says"),
+    [
+        ("10,10,200,10,200,200", "expected 8 numbers"),
+        ("10,10,200,10,200,200,10,200,5", "expected 8 numbers"),
+        ("10,10,200,10,200,200,10,abc", "value 8 ('abc') is not a number"),
+        ("10,10,200,10,200,inf,10,200", "not a finite number"),
+        ("10,10,nan,10,200,200,10,200", "not a finite number"),
+        ("10,10,300,10,200,200,10,200", "corner TR (300, 10) lies outside the 256 x 256 image"),
+        ("-1,10,200,10,200,200,10,200", "corner TL (-1, 10) lies outside"),
+        ("10,10,10,200,200,200,200,10", "convex quadrilateral in the order TL, TR, BR, BL"),  # anticlockwise
+        ("10,10,200,200,200,10,10,200", "convex quadrilateral"),  # crossed (a bow tie)
+        ("10,10,200,10,100,50,10,200", "convex quadrilateral"),  # a dent
+        ("10,10,10,10,200,200,10,200", "on top of each other"),
+        ("10,10,20,10,20,20,10,20", "covers 0.15% of the image"),
+        ("1," * 300, "characters"),
+    ],
+)
+def test_bad_corners_are_422_naming_the_field(client: httpx.Client, corners: str, says: str) -> None:
+    photo, _ = tilted_photo()
+    r = client.post("/api/predict", files={"file": ("t.png", _png(photo))}, data={"corners": corners})
+    detail = _error(r, 422, "invalid-corners")
+    assert detail.startswith("corners: ") and says in detail, detail
+
+
+def test_corners_sent_twice_or_not_as_text_are_422(client: httpx.Client) -> None:
+    photo, true = tilted_photo()
+    text = _corners_text(np.clip(true, 0, 256))
+    r = client.post(
+        f"/api/predict?corners={text}", files={"file": ("t.png", _png(photo))}, data={"corners": text}
+    )
+    assert "sent both" in _error(r, 422, "invalid-corners")
+    r = client.post("/api/explain", files={"file": ("t.png", _png(photo)), "corners": ("c", b"\xff\xfe1,2")})
+    assert _error(r, 422, "invalid-corners") == "corners: expected UTF-8 text of 8 numbers"
+
+
+def _corner_bundle(out: Path) -> Path:
+    """An untrained corner model's bundle whose threshold is 0: its outline is always 'learned'."""
+    import torch
+
+    from chextrain.models.bundle import save_bundle
+    from chextrain.models.net import CXRNet
+    from chextrain.rectify import CORNER_HEAD, to_corner_network
+
+    torch.manual_seed(0)
+    net = to_corner_network(CXRNet("tiny", heads=[CORNER_HEAD]))
+    meta = {"image_size": 64, "objective": "corners", "corners": {"min_confidence": 0.0}}
+    return save_bundle(net, out, meta)
+
+
+def test_serve_uses_a_corner_model_from_corners_or_beside_the_bundle(
+    routed_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`serve --corners CB` and BUNDLE/corners give the app a learned corner model; without either,
+    the classical finder; a path that is not a corner bundle is a one-line error."""
+    import shutil
+
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from chextrain.cli import build_app
+    from chextrain.rectify import CornerModel
+
+    corners = _corner_bundle(tmp_path / "corners_model")
+    served = shutil.copytree(routed_bundle, tmp_path / "served")
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+
+    def serve(*args: object) -> tuple[int, str]:
+        result = CliRunner().invoke(build_app(), ["serve", *map(str, args)], env={"COLUMNS": "250"})
+        return result.exit_code, result.stderr
+
+    def method(app) -> str:
+        with running_server(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+            return c.post("/api/predict", files={"file": ("t.png", _png(photo))}).json()["quad"]["method"]
+
+    photo, _ = tilted_photo()
+    assert serve(served, "--corners", corners)[0] == 0 and method(apps[-1]) == "learned"
+    code, err = serve(served)
+    assert code == 0 and "classical outline finder" in err and method(apps[-1]) == "classical"
+    shutil.copytree(corners, served / "corners")  # found beside the served bundle
+    code, err = serve(served)
+    assert code == 0 and "corner model" in err and method(apps[-1]) == "learned"
+    code, err = serve(served, "--corners", tmp_path / "missing")
+    assert code == 2 and "does not exist" in err
+    code, err = serve(served, "--corners", routed_bundle)
+    assert code != 0 and "not a corner model" in err
+    assert len(apps) == 3  # the refused ones never served: the last app is BUNDLE/corners's
+    expected, _ = CornerModel.load(corners).predict(load_image_bytes(_png(photo)))
+    with running_server(apps[-1]) as url, httpx.Client(base_url=url, timeout=60) as c:
+        body = c.post("/api/predict", files={"file": ("t.png", _png(photo))}).json()
+    assert np.allclose(body["quad"]["corners"], expected, atol=0.06)

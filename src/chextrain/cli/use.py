@@ -318,6 +318,12 @@ def serve(
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Largest upload accepted (413 above)."),
     max_pixels: int = typer.Option(50_000_000, "--max-pixels", help="Largest image accepted, w x h."),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
+    corners: Path | None = typer.Option(
+        None,
+        "--corners",
+        help="A corner model's bundle (`objective: corners`) that finds the radiograph's outline in "
+        "photos; default: BUNDLE/corners when it exists, else OpenCV's classical finder.",
+    ),
 ) -> None:
     """Serve the web page and the JSON API (/api/predict, /api/explain, /api/health, /docs)."""
     from rich.console import Console
@@ -325,6 +331,8 @@ def serve(
 
     with checks.reported():
         check_bundle_options(bundle, runtime, domain)
+        if corners is not None:
+            checks.bundle(corners)
         checks.port_free(host, port)  # before "serving ... on": a port in use is said first
     import torch
     import uvicorn
@@ -333,15 +341,29 @@ def serve(
 
     if threads:
         torch.set_num_threads(threads)
+    from chextrain.rectify import CornerModel
+
     predictor = _predictor(bundle, runtime, domain, onnx)
-    app = create_app(predictor, max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels)
+    beside = (bundle if bundle.is_dir() else bundle.parent) / "corners"
+    if corners is None and (beside / "model.json").is_file():
+        corners = beside
+    corner_model = None if corners is None else CornerModel.load(corners)
+    app = create_app(
+        predictor,
+        max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+        max_pixels=max_pixels,
+        corner_model=corner_model,
+    )
     console = Console(stderr=True)
     if host not in LOOPBACK:
         console.print(
             f"[yellow]warning[/yellow]: binding {host}: the service is reachable from other "
             "machines and has no authentication"
         )
-    console.print(f"serving {escape(str(bundle))} ({predictor.runtime.name}) on http://{host}:{port}/")
+    outline = "classical outline finder" if corners is None else f"corner model {escape(str(corners))}"
+    console.print(
+        f"serving {escape(str(bundle))} ({predictor.runtime.name}, {outline}) on http://{host}:{port}/"
+    )
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 

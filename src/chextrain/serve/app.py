@@ -1,7 +1,18 @@
 """The web service: a FastAPI app around a `Predictor`, and a page for a phone.
 
 Routes: `GET /` (the page), `GET /static/{app.js,style.css}`, `POST /api/predict` and
-`POST /api/explain` (multipart form, field `file`), `GET /api/health`, OpenAPI docs at `/docs`.
+`POST /api/explain` (multipart form, field `file`, optional field `corners`), `GET /api/health`,
+OpenAPI docs at `/docs`.
+
+The outline. Every upload gets the radiograph's quadrilateral (`chextrain.rectify.find_quad`: the
+served corner model when there is one, else OpenCV's classical finder); when the image is scored as
+a photo, the quality gate's size and tilt checks use it and the answer carries it as `quad`
+({"corners": [[x, y] x 4: TL, TR, BR, BL in the uploaded image's pixels], "confidence", "method",
+"width", "height"}). The whole photo is scored, as the served models were trained on. A request
+that sends `corners` (8 numbers: x, y of TL, TR, BR, BL; the page sends them after the person drags
+the outline) is scored on that quadrilateral warped flat (`rectify.warp`), as a photo, and its
+quality gate judges what the model saw (the flat radiograph; size and tilt then pass, the warp
+removed them); the answer says `quad.method: "user"` and `rectified: true`.
 
 Safety: the request body is read in memory up to a limit (413 from Content-Length, and again while
 streaming, so a chunked upload cannot exceed it; an oversized body is read to its end and dropped
@@ -51,6 +62,8 @@ from chextrain.evaluation.saliency import (
 )
 from chextrain.inference import Predictor
 from chextrain.labels import SLUGS
+from chextrain.rectify import CornerModel
+from chextrain.serve.outline import CORNERS_FIELD, CornersError, parse_corners, score_upload
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # a 12 MP phone JPEG is 3-8 MB
 MAX_PIXELS = 50_000_000  # a 4608 x 3456 phone photo is 16 M
@@ -73,7 +86,12 @@ _UPLOAD_BODY = {
                         "type": "string",
                         "format": "binary",
                         "description": "JPEG, PNG, TIFF, BMP, WebP, DICOM or HEIC image",
-                    }
+                    },
+                    "corners": {
+                        "type": "string",
+                        "description": "optional: the radiograph's corners, 8 numbers 'x,y' of TL, TR, "
+                        "BR, BL in the image's pixels; the image is then scored warped flat",
+                    },
                 },
             }
         }
@@ -146,6 +164,12 @@ class InvalidRequestError(ApiError):
     status, code = 422, "invalid-request"
 
 
+class InvalidCornersError(ApiError):
+    """A `corners` field that is not a convex quadrilateral inside the image (the detail says why)."""
+
+    status, code = 422, "invalid-corners"
+
+
 async def read_body(request: Request, limit: int, drain: int = DRAIN_BYTES) -> bytes:
     """The request body, refused with 413 once it exceeds `limit` bytes (declared or streamed).
 
@@ -176,6 +200,12 @@ async def read_body(request: Request, limit: int, drain: int = DRAIN_BYTES) -> b
 
 def form_file(body: bytes, content_type: str, field: str = "file") -> bytes:
     """The bytes of the multipart/form-data field `field`, parsed in memory."""
+    return form_fields(body, content_type, field)[field]
+
+
+def form_fields(body: bytes, content_type: str, field: str = "file") -> dict[str, bytes]:
+    """Every field of a multipart/form-data body (the first of each name), parsed in memory;
+    MissingFieldError when `field` is not among them."""
     ctype, params = parse_options_header(content_type)
     if ctype != b"multipart/form-data" or b"boundary" not in params:
         raise BadRequestError(
@@ -223,7 +253,7 @@ def form_file(body: bytes, content_type: str, field: str = "file") -> bytes:
     if field not in parts:
         got = sorted(parts) or "none"
         raise MissingFieldError(f"the form has no field {field!r} (got {got})")
-    return parts[field]
+    return parts
 
 
 _UPLOAD_ERRORS: dict[type[ImageLoadError], type[ApiError]] = {
@@ -257,14 +287,23 @@ def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
 
 
 def explain_result(
-    predictor: Predictor, image: np.ndarray, method: str, score_anyway: bool = False
+    predictor: Predictor,
+    image: np.ndarray,
+    method: str,
+    score_anyway: bool = False,
+    *,
+    corners: np.ndarray | None = None,
+    corner_model: CornerModel | None = None,
 ) -> dict[str, Any]:
     """The prediction plus a base64 PNG overlay per pathology (on the head the router chose).
 
     "method" is the method used (gradcam falls back to gradient on inputs too small for it), and
     "saliency" says how: {"method", "layer", "cells", "note", "notes": {slug: why a map is blank}}.
+    With `corners`, the maps are those of the flattened radiograph that was scored (score_upload).
     """
-    result = predictor.predict_images([image], ["upload"], score_anyway=score_anyway)[0]
+    result, image = score_upload(
+        predictor, image, corners, corner_model=corner_model, score_anyway=score_anyway
+    )
     x = predictor.inputs(image)  # 1 x 3 x S x S
     with predictor.lock, torch.enable_grad():
         maps, how = explain_maps(predictor.model, x, result["head"], method)
@@ -302,8 +341,13 @@ def create_app(
     max_upload_bytes: int = MAX_UPLOAD_BYTES,
     max_pixels: int = MAX_PIXELS,
     explain_method: str = "gradcam",
+    corner_model: CornerModel | None = None,
 ) -> FastAPI:
-    """The FastAPI app serving `predictor`; the page and scripts are read once, here."""
+    """The FastAPI app serving `predictor`; the page and scripts are read once, here.
+
+    corner_model: a learned corner model (`rectify.CornerModel`) that finds the radiograph's outline
+    in photos; None: OpenCV's classical finder.
+    """
     if explain_method not in METHODS:
         raise ValueError(f"explain_method {explain_method!r} is not one of {list(METHODS)}")
     app = FastAPI(
@@ -336,12 +380,30 @@ def create_app(
     async def _internal_error(request: Request, err: Exception) -> JSONResponse:
         return _error(500, "internal-error", f"{type(err).__name__}: the server failed on this request")
 
-    async def upload(request: Request) -> np.ndarray:
+    async def upload(request: Request, query_corners: str | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(the decoded image, the corners sent as form field or query parameter, or None)."""
         body = await read_body(request, max_upload_bytes + FORM_OVERHEAD)
-        data = form_file(body, request.headers.get("content-type", ""))
+        fields = form_fields(body, request.headers.get("content-type", ""))
+        data = fields["file"]
         if len(data) > max_upload_bytes:
             raise TooLargeError(f"file of {len(data):,} bytes exceeds the limit of {max_upload_bytes:,}")
-        return await run_in_threadpool(decode_upload, data, max_pixels)
+        if CORNERS_FIELD in fields and query_corners is not None:
+            raise InvalidCornersError(
+                f"{CORNERS_FIELD}: sent both as a form field and as a query parameter; send it once"
+            )
+        text = query_corners
+        if CORNERS_FIELD in fields:
+            try:
+                text = fields[CORNERS_FIELD].decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidCornersError(f"{CORNERS_FIELD}: expected UTF-8 text of 8 numbers") from None
+        image = await run_in_threadpool(decode_upload, data, max_pixels)
+        if text is None:
+            return image, None
+        try:
+            return image, parse_corners(text, image.shape[1], image.shape[0])
+        except CornersError as err:
+            raise InvalidCornersError(str(err)) from None
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> HTMLResponse:
@@ -381,30 +443,43 @@ def create_app(
         }
 
     @app.post("/api/predict", openapi_extra={"requestBody": _UPLOAD_BODY})
-    async def predict(request: Request, score_anyway: bool = False, preview: bool = False) -> dict[str, Any]:
+    async def predict(
+        request: Request, score_anyway: bool = False, preview: bool = False, corners: str | None = None
+    ) -> dict[str, Any]:
         """Probabilities and decisions for one image (multipart field `file`).
 
         A flagged image (OOD, unsure router, poor photo) has its findings withheld
         (`withheld: true`, `withheld_reason`, the probabilities under `withheld_pathologies`)
         unless `score_anyway` is true. `preview`: add "preview_png", the decoded image as a base64
         PNG of at most 512 px a side, for what a browser cannot draw itself (DICOM, HEIC).
+        A photo's answer has `quad`, the radiograph's outline found in it. `corners` (form field or
+        query parameter: 8 numbers, x, y of TL, TR, BR, BL in the image's pixels) scores that
+        quadrilateral warped flat instead (`quad.method` "user", `rectified` true); 422
+        invalid-corners when they are not a convex quadrilateral inside the image.
         """
-        image = await upload(request)
-        result = await run_in_threadpool(
-            lambda: predictor.predict_images([image], ["upload"], score_anyway=score_anyway)
+        image, given = await upload(request, corners)
+        result, _ = await run_in_threadpool(
+            lambda: score_upload(
+                predictor, image, given, corner_model=corner_model, score_anyway=score_anyway
+            )
         )
         if preview:
-            result[0]["preview_png"] = await run_in_threadpool(preview_png, image)
-        return result[0]
+            result["preview_png"] = await run_in_threadpool(preview_png, image)
+        return result
 
     @app.post("/api/explain", openapi_extra={"requestBody": _UPLOAD_BODY})
     async def explain(
-        request: Request, method: str = explain_method, score_anyway: bool = False
+        request: Request, method: str = explain_method, score_anyway: bool = False, corners: str | None = None
     ) -> dict[str, Any]:
-        """The prediction plus a base64 PNG saliency overlay per pathology (`method`: gradcam | gradient)."""
+        """The prediction plus a base64 PNG saliency overlay per pathology (`method`: gradcam | gradient);
+        `corners` as for /api/predict (the maps are then those of the flattened radiograph)."""
         if method not in METHODS:
             raise InvalidRequestError(f"method {method!r} is not one of {list(METHODS)}")
-        image = await upload(request)
-        return await run_in_threadpool(explain_result, predictor, image, method, score_anyway)
+        image, given = await upload(request, corners)
+        return await run_in_threadpool(
+            lambda: explain_result(
+                predictor, image, method, score_anyway, corners=given, corner_model=corner_model
+            )
+        )
 
     return app

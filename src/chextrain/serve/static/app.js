@@ -4,13 +4,22 @@
 // (createImageBitmap, imageOrientation "from-image"), drawn on a canvas at most MAX_SIDE px on its
 // long side and sent as JPEG. What the browser cannot decode (DICOM, HEIC) goes as it is, and the
 // server renders its preview. The upload size is checked against the server's limit first.
+//
+// A photo's answer carries the radiograph's outline (`quad`: corners TL, TR, BR, BL in the uploaded
+// image's pixels). It is drawn over the preview (an SVG whose viewBox is the image's pixels) with a
+// handle on each corner, dragged with pointer events (mouse, touch, pen); "Score again with this
+// outline" sends the same prepared file with the corners, and the server scores the radiograph
+// inside them, flattened.
 "use strict";
 
 const MAX_SIDE = 2048;  // px on the long side sent to the server
 const $ = (id) => document.getElementById(id);
 let maxUploadBytes = null;  // from /api/health
+const CORNER_NAMES = ["top-left", "top-right", "bottom-right", "bottom-left"];
+// What was sent and the outline shown: {blob, corners: [[x, y] x 4], width, height, method}.
+const current = { blob: null, corners: null, width: 0, height: 0, method: null };
 
-function show(id, on) { $(id).hidden = !on; }
+function show(id, on) { $(id).toggleAttribute("hidden", !on); }  // HTML and SVG elements alike
 
 function setStatus(text) { $("status").textContent = text; }
 
@@ -21,9 +30,10 @@ function showError(text) {
 
 function mb(bytes) { return (bytes / (1024 * 1024)).toFixed(1) + " MB"; }
 
-async function post(path, file) {
+async function post(path, file, corners) {
   const form = new FormData();
   form.append("file", file, file.name || "image");
+  if (corners) form.append("corners", corners.map((c) => c[0].toFixed(1) + "," + c[1].toFixed(1)).join(","));
   const response = await fetch(path, { method: "POST", body: form });
   let body;
   try { body = await response.json(); } catch (e) { body = { detail: response.statusText }; }
@@ -183,6 +193,145 @@ function renderHeatmaps(r) {
   }
 }
 
+// The preview fits the page: at most 24rem wide and 60% of the screen high (small images grow, so
+// that the corners can be dragged with a finger).
+function fitPreview() {
+  const img = $("preview");
+  if (!img.naturalWidth) return;
+  const room = Math.min($("frame").parentElement.clientWidth, 384);
+  if (!room) return;  // not shown yet: fitted again when the result appears
+  const width = Math.min(room, 0.6 * window.innerHeight * img.naturalWidth / img.naturalHeight);
+  $("frame").style.width = Math.round(width) + "px";
+}
+
+function drawOutline() {
+  const shape = $("outline-shape");
+  shape.setAttribute("points", current.corners.map((c) => c[0] + "," + c[1]).join(" "));
+  for (const handle of document.querySelectorAll("#frame .handle")) {
+    const [x, y] = current.corners[Number(handle.dataset.index)];
+    handle.style.left = (100 * x / current.width) + "%";
+    handle.style.top = (100 * y / current.height) + "%";
+  }
+}
+
+function outlineNote(method, confidence) {
+  if (method === "none") {
+    return "No radiograph edge was found, so the whole photo was used. If the radiograph is there, " +
+      "drag the corners onto its corners and score again.";
+  }
+  if (method === "user") {
+    return "Scored on the radiograph inside your outline, flattened. Drag the corners and score " +
+      "again to change it.";
+  }
+  const sure = confidence === null ? "" : " (confidence " + Math.round(100 * confidence) + "%)";
+  return "The outline is the radiograph we found" + sure + ". If it is wrong, drag the corners " +
+    "onto the radiograph's corners and score again.";
+}
+
+// Drag a corner: the handle keeps the pointer (setPointerCapture) until it is released.
+function startDrag(event) {
+  const handle = event.currentTarget;
+  const index = Number(handle.dataset.index);
+  event.preventDefault();
+  handle.setPointerCapture(event.pointerId);
+  const move = (e) => {
+    const box = $("frame").getBoundingClientRect();
+    const fx = Math.min(1, Math.max(0, (e.clientX - box.left) / box.width));
+    const fy = Math.min(1, Math.max(0, (e.clientY - box.top) / box.height));
+    current.corners[index] = [fx * current.width, fy * current.height];
+    drawOutline();
+  };
+  const end = () => {
+    handle.removeEventListener("pointermove", move);
+    handle.removeEventListener("pointerup", end);
+    handle.removeEventListener("pointercancel", end);
+    $("rescore").disabled = false;
+  };
+  handle.addEventListener("pointermove", move);
+  handle.addEventListener("pointerup", end);
+  handle.addEventListener("pointercancel", end);
+}
+
+// Arrow keys move a focused corner by 1% of the image's side (5% with Shift).
+const ARROWS = { ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1] };
+function nudge(event) {
+  const step = ARROWS[event.key];
+  if (!step) return;
+  event.preventDefault();
+  const index = Number(event.currentTarget.dataset.index);
+  const k = event.shiftKey ? 0.05 : 0.01;
+  const [x, y] = current.corners[index];
+  current.corners[index] = [Math.min(current.width, Math.max(0, x + step[0] * k * current.width)),
+    Math.min(current.height, Math.max(0, y + step[1] * k * current.height))];
+  drawOutline();
+}
+
+function clearOutline() {
+  for (const handle of document.querySelectorAll("#frame .handle")) handle.remove();
+  show("outline", false);
+  show("outline-note", false);
+  show("rescore", false);
+  current.corners = null;
+}
+
+// The outline of a photo's answer (r.quad), or nothing for a digital x-ray.
+function renderOutline(r) {
+  clearOutline();
+  const q = r.quad;
+  if (!q) return;
+  Object.assign(current, { corners: q.corners.map((c) => c.slice()), width: q.width, height: q.height,
+    method: q.method });
+  $("outline").setAttribute("viewBox", "0 0 " + q.width + " " + q.height);
+  CORNER_NAMES.forEach((name, i) => {
+    const handle = document.createElement("div");
+    handle.className = "handle";
+    handle.dataset.index = String(i);
+    handle.dataset.corner = name;
+    handle.title = "drag the " + name + " corner";
+    handle.tabIndex = 0;
+    handle.setAttribute("role", "button");
+    handle.setAttribute("aria-label", name + " corner of the radiograph: drag it, or move it with the arrow keys");
+    handle.addEventListener("pointerdown", startDrag);
+    handle.addEventListener("keydown", nudge);
+    $("frame").appendChild(handle);
+  });
+  drawOutline();
+  $("outline-note").textContent = outlineNote(q.method, q.confidence);
+  show("outline", true);
+  show("outline-note", true);
+  show("rescore", true);
+  $("rescore").disabled = false;
+}
+
+function renderPrediction(r) {
+  renderRoute(r);
+  renderWarnings(r);
+  renderQuality(r);
+  renderBars(r);
+  renderOutline(r);
+}
+
+async function rescore() {
+  if (!current.blob || !current.corners) return;
+  showError("");
+  $("rescore").disabled = true;
+  setStatus("Scoring the radiograph inside the outline...");
+  try {
+    const r = await post("/api/predict", current.blob, current.corners);
+    renderPrediction(r);
+    setStatus("Computing heatmaps...");
+    $("heatmaps").textContent = "";
+    const e = await post("/api/explain?method=gradcam", current.blob, current.corners);
+    renderHeatmaps(e);
+    setStatus("Done: scored with your outline.");
+  } catch (err) {
+    setStatus("");
+    showError("Could not score with this outline: " + err.message);
+  } finally {
+    $("rescore").disabled = false;
+  }
+}
+
 async function analyse(file) {
   if (!file) return;
   showError("");
@@ -191,6 +340,8 @@ async function analyse(file) {
   const preview = $("preview");
   if (preview.src.startsWith("blob:")) URL.revokeObjectURL(preview.src);
   preview.removeAttribute("src");
+  clearOutline();
+  current.blob = null;
   setStatus("Preparing the image...");
   try {
     const ready = await prepare(file);
@@ -199,11 +350,10 @@ async function analyse(file) {
     setStatus("Analysing..." + (ready.note ? " " + ready.note : ""));
     const r = await post("/api/predict" + (ready.drawable ? "" : "?preview=true"), ready.blob);
     if (!ready.drawable) preview.src = "data:image/png;base64," + r.preview_png;
-    renderRoute(r);
-    renderWarnings(r);
-    renderQuality(r);
-    renderBars(r);
+    current.blob = ready.blob;
+    renderPrediction(r);
     show("result", true);
+    fitPreview();
     setStatus("Computing heatmaps...");
     const e = await post("/api/explain?method=gradcam", ready.blob);
     renderHeatmaps(e);
@@ -224,6 +374,9 @@ async function loadLimits() {
 }
 
 loadLimits();
+$("preview").addEventListener("load", fitPreview);
+window.addEventListener("resize", fitPreview);
+$("rescore").addEventListener("click", rescore);
 for (const id of ["camera", "file"]) {
   $(id).addEventListener("change", (event) => {
     analyse(event.target.files[0]);

@@ -160,13 +160,31 @@ def test_best_threshold_separates_and_stays_lenient() -> None:
     assert best_threshold(good, [1.0, 3.0, 4.0], fail_below=True, max_false_fail=0.05) == pytest.approx(7.0)
 
 
+def test_phone_photos_at_the_release_level_pass_size_and_tilt_with_their_true_outline() -> None:
+    """The geometry thresholds come from the phone recipe's own photos (their true corners): the
+    monitor in a room fills 52-84% of a level-1 photo, so a found outline must not fail it as "too
+    far" (a threshold taken from anything else withheld every demo photo once outlines were found).
+    Tilt at level 1 has a long tail: about 7% of these photos exceed the calibrated 5.8 degrees."""
+    from chextrain.data.phone_grey import phone_grey_with_corners
+
+    rng = np.random.default_rng(5)
+    shots = [phone_grey_with_corners(im, rng, 1) for im in calibration_images(40, 7)]
+    sizes = np.array([frame_share(c, out.shape[:2]) for out, c in shots])
+    tilts = np.array([tilt(c) for _, c in shots])
+    assert sizes.max() < 0.9  # the radiograph never fills the photo: a real test of the threshold
+    assert np.mean(sizes >= DEFAULT_THRESHOLDS.size_min) >= 0.95
+    assert np.mean(tilts <= DEFAULT_THRESHOLDS.tilt_max) >= 0.9
+    far = [phone_grey_with_corners(im, rng, 4) for im in calibration_images(40, 7)]
+    assert np.mean([frame_share(c, out.shape[:2]) < DEFAULT_THRESHOLDS.size_min for out, c in far]) >= 0.7
+
+
 def test_calibration_fails_the_severe_levels_and_gives_the_defaults() -> None:
     cal = calibrate(calibration_images(24, 0), 0)
     got, want = cal.thresholds.to_dict(), DEFAULT_THRESHOLDS.to_dict()
     assert got == pytest.approx(want, rel=0.02, abs=1e-4)  # DEFAULT_THRESHOLDS are this, rounded
     failing = {(check, level): share for check, level, _, share in cal.table}
     for check in ("blur", "exposure (dark)", "size", "tilt"):
-        assert failing[(check, 0)] == 0.0 and failing[(check, 1)] <= 0.1, check
+        assert failing.get((check, 0), 0.0) == 0.0 and failing[(check, 1)] <= 0.1, check
         assert failing[(check, 4)] >= 0.85, check
     assert failing[("glare", 4)] >= 0.8
     medians = {(check, level): m for check, level, m, _ in cal.table}

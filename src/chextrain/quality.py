@@ -102,7 +102,7 @@ class Thresholds:
 
 # `chextrain quality calibrate` (seed 0, 24 phantoms of 390 x 320) chose these (rounded)
 DEFAULT_THRESHOLDS = Thresholds(
-    blur_min=107.0, glare_max=0.0048, exposure_min=0.39, exposure_max=0.33, size_min=0.77, tilt_max=7.0
+    blur_min=107.0, glare_max=0.0048, exposure_min=0.39, exposure_max=0.33, size_min=0.52, tilt_max=5.8
 )
 
 
@@ -316,13 +316,10 @@ def best_threshold(
     return max(optimum, float(np.quantile(g, 1.0 - max_false_fail, method="higher")))
 
 
-def _tilt_of(corners: np.ndarray | None, shape: tuple[int, int]) -> float:
-    return tilt(corners)
-
-
 def _severity_values(images: Sequence[np.ndarray], seed: int) -> dict[str, dict[int, list[float]]]:
     """Each check's values on the calibration images at levels 0 (clean) to 4."""
-    from chextrain.data.phone import _random_quad, defocus_blur, motion_blur
+    from chextrain.data.phone import defocus_blur, motion_blur
+    from chextrain.data.phone_grey import phone_grey_with_corners
     from chextrain.data.photo import brightness, glare_matte
     from chextrain.data.pixels import LEVELS
 
@@ -341,25 +338,30 @@ def _severity_values(images: Sequence[np.ndarray], seed: int) -> dict[str, dict[
 
         return effect
 
-    def geometry(check: Callable[[np.ndarray, tuple[int, int]], float], warp: bool) -> dict:
-        h, w = images[0].shape[:2]
-        out: dict[int, list[float]] = {0: [check(None, (h, w)) for _ in images]}
+    def geometry() -> tuple[dict[int, list[float]], dict[int, list[float]]]:
+        """Size and tilt of the radiograph in the phone recipe's own photos (data/phone_grey.py
+        knows the corners it drew): the geometry the demo's and CheXphoto's natural photos have.
+        No level 0: an x-ray that is not a photo has no geometry to judge, and counting it as a
+        passing photo would let the threshold fail more of the real level-1 photos."""
+        size: dict[int, list[float]] = {}
+        slant: dict[int, list[float]] = {}
         for level in LEVELS:
-            rng = np.random.default_rng([seed, 10 + level])
-            lo, hi = (1 - 0.06 * level, 1 + 0.02 * level) if warp else (1 - 0.12 * level, 1 - 0.04 * level)
-            out[level] = [check(_random_quad(rng, w, h, level, rng.uniform(lo, hi)), (h, w)) for _ in images]
-        return out
+            rng = np.random.default_rng([seed, 20 + level])
+            shots = [phone_grey_with_corners(im, rng, level) for im in images]
+            size[level] = [frame_share(c, out.shape[:2]) for out, c in shots]
+            slant[level] = [tilt(c) for _, c in shots]
+        return size, slant
 
     defocus, motion = pixels(defocus_blur, blur), pixels(motion_blur, blur)
     blurred = {k: defocus[k] + motion[k] for k in defocus}
-    tilted = geometry(_tilt_of, warp=True)  # the projective warp: the camera at an angle
+    size, slant = geometry()
     return {
         "blur": blurred,
         "glare": pixels(glare_matte, glare),
         "exposure (dark)": pixels(factor(up=False), lambda g, m: exposure(g, m)[1]),
         "exposure (bright)": pixels(factor(up=True), lambda g, m: exposure(g, m)[0]),
-        "size": geometry(frame_share, warp=False),  # the room scene: the film smaller in the frame
-        "tilt": {k: a + tilted[k] for k, a in geometry(_tilt_of, warp=False).items()},
+        "size": size,  # the phone recipe: a monitor in a room, smaller in the frame as the level rises
+        "tilt": slant,  # its projective warp: the camera at an angle
     }
 
 
@@ -399,8 +401,8 @@ def calibrate(images: Sequence[np.ndarray], seed: int = 0) -> Calibration:
     values = _severity_values(images, seed)
     chosen = {}
     for check, (name, fail_below) in _CALIBRATED.items():
-        good = [v for level in PASS_LEVELS for v in values[check][level]]
-        bad = [v for level in FAIL_LEVELS for v in values[check][level]]
+        good = [v for level in PASS_LEVELS for v in values[check].get(level, [])]
+        bad = [v for level in FAIL_LEVELS for v in values[check].get(level, [])]
         chosen[name] = best_threshold(good, bad, fail_below)
     thresholds = Thresholds(**chosen)
     table = []

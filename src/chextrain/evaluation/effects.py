@@ -164,7 +164,10 @@ def section(
     notes: list[str] = []
     for ours, twin in pairs:
         if twin is None:
-            notes.append(f"{ours.strategy}: no stage trains the same way without rectification.")
+            notes.append(
+                f"{ours.strategy}: no stage (with its config.yaml written) trains the same way "
+                "without rectification yet."
+            )
             continue
         a, b = (predictions.get(s.name, {}).get(split) for s in (ours, twin))
         if a is None or b is None:

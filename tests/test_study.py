@@ -184,6 +184,16 @@ def test_shipped_studies_parse():
     demo = load_study(root / "chextraining.yaml", profile="demo")
     assert demo.stages["baseline"].image_size == 64
     assert demo.fallbacks == {"imagenet": "random", "xrv": "random"}
+    # "Mixed + Rectified Photos": mixed training with photos flattened, the rest as `mixed`
+    rectified, mixed = demo.stages["mixed_rectified"], demo.stages["mixed"]
+    assert rectified.label == "Mixed + Rectified Photos" and rectified.preprocessing.rectify is not None
+    assert rectified.data == mixed.data and rectified.epochs == mixed.epochs
+    assert (
+        rectified.model_copy(
+            update={"preprocessing": mixed.preprocessing, "name": "mixed", "label": mixed.label}
+        )
+        == mixed
+    )
     budget = load_study(root / "fixed_budget.yaml")
     assert [s.data.budget.digital for s in budget.stages.values()] == list(range(0, 10001, 1000))
     reduced = load_study(root / "fixed_budget.yaml", profile="demo")

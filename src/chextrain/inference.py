@@ -42,6 +42,7 @@ import torch
 from PIL import Image
 
 from chextrain.data.images import load_image
+from chextrain.data.rectified import DRAFT_FACTOR, MIN_DRAFT, RectifiedDecoding, make_decoding
 from chextrain.data.transforms import (
     as_preprocessing,
     input_uint8,
@@ -135,6 +136,8 @@ class Predictor:
         self.domain = domain
         self.size = int(meta["image_size"])
         self.preprocessing = as_preprocessing(meta.get("preprocessing", "imagenet"))
+        rectified = self.preprocessing.rectify is not None
+        self.rectifier = make_decoding(self.size, self.preprocessing) if rectified else None
         self.thresholds: dict[str, dict[str, float]] = meta["thresholds"]
         self.domain_heads: dict[str, str] = meta["domain_heads"]
         self.single_head = self.domain_heads["digital"] == self.domain_heads["photo"]
@@ -193,6 +196,8 @@ class Predictor:
         """Decode an image file as evaluation does for this bundle: a large JPEG at the smallest
         scale not below the bundle's image size (`draft`), grey. ImageLoadError naming the file."""
         draft = None if self.preprocessing.name == "xrv" else self.size  # XRV resizes the full decode
+        if self.rectifier is not None and draft is not None:  # a photo is flattened before the resize
+            draft = max(DRAFT_FACTOR * self.size, MIN_DRAFT)
         return load_image(path, truncated=truncated, draft=draft)
 
     def inputs(self, image: np.ndarray, tta: bool = False) -> torch.Tensor:
@@ -223,7 +228,8 @@ class Predictor:
 
         Photos get the quality gate (`gate_quality`; `quads`: the radiograph's quadrilateral per
         image, None: the whole image). Flagged images have their findings withheld (`withhold`)
-        unless `score_anyway`.
+        unless `score_anyway`. A bundle whose preprocessing says `rectify` scores each image taken
+        as a photo (forced, or routed so) flattened, as its training did (`rectify_photos`).
         """
         names = list(names) if names is not None else [f"image{i}" for i in range(len(images))]
         if len(names) != len(images):
@@ -233,6 +239,77 @@ class Predictor:
         domain = self.domain if domain is None else domain
         if domain not in ROUTE_CHOICES:
             raise PredictorError(f"domain {domain!r} is not one of {list(ROUTE_CHOICES)}")
+        quads = [None] * len(images) if quads is None else list(quads)
+        if len(quads) != len(images):
+            raise PredictorError(f"got {len(images)} images but {len(quads)} quadrilaterals")
+        if self.rectifier is not None and domain == "photo":
+            out, quads = self.rectify_photos([], images, names, quads, tta, batch_size, domain)
+        else:
+            out = self._score(images, names, tta, batch_size, domain)
+            if self.rectifier is not None:
+                out, quads = self.rectify_photos(out, images, names, quads, tta, batch_size, domain)
+        gated = [self.gate_quality(r, im, q) for r, im, q in zip(out, images, quads, strict=True)]
+        return [withhold(r, score_anyway=score_anyway) for r in gated]
+
+    def rectify_photos(
+        self,
+        first: list[dict[str, Any]],
+        images: Sequence[np.ndarray],
+        names: Sequence[str],
+        quads: list[Any],
+        tta: bool,
+        batch_size: int,
+        domain: str,
+    ) -> tuple[list[dict[str, Any]], list[Any]]:
+        """Score the photos flattened (the bundle's `rectify`): every image when `domain` is photo
+        (`first` empty), else those `first` routed as photos, whose routing (P(photo), the router's
+        warning) is kept. A given quad's corners are used as they are; else rectify.find_quad's.
+        Each result gets "rectify": applied, method, confidence, corners (TL, TR, BR, BL px); the
+        quads returned hold the found ones, for the quality gate's tilt."""
+        rectifier = self.rectifier
+        if not isinstance(rectifier, RectifiedDecoding):
+            raise PredictorError(f"bundle {self.name}: its preprocessing does not rectify photos")
+        which = [i for i in range(len(images)) if not first or first[i]["domain"] == "photo"]
+        flat, found = [], []
+        for i in which:
+            given = getattr(quads[i], "corners", None)
+            image, quad = rectifier.flatten(np.asarray(images[i]), given)
+            flat.append(image)
+            found.append(quad)
+        scored = self._score(flat, [names[i] for i in which], tta, batch_size, "photo")
+        out = list(first) if first else [None] * len(images)
+        quads = list(quads)
+        for k, i in enumerate(which):
+            result = scored[k]
+            if first:  # keep how the plain image was routed
+                before = first[i]
+                router = [w for w in before["warnings"] if w.startswith("the router")]
+                result.update(
+                    p_photo=before["p_photo"],
+                    domain_source=before["domain_source"],
+                    router_uncertain=before["router_uncertain"],
+                    warnings=router + result["warnings"],
+                )
+                result["flagged"] = bool(result["warnings"])
+            quad = found[k]
+            result["rectify"] = {
+                "applied": quad.method != "none",
+                "method": quad.method,
+                "confidence": float(quad.confidence),
+                "corners": np.asarray(quad.corners, np.float64).round(2).tolist(),
+            }
+            if quads[i] is None and quad.method != "none":
+                quads[i] = quad
+            out[i] = result
+        for result in out:
+            if result is not None and "rectify" not in result:
+                result["rectify"] = {"applied": False, "method": None, "confidence": None, "corners": None}
+        return out, quads
+
+    def _score(
+        self, images: Sequence[np.ndarray], names: Sequence[str], tta: bool, batch_size: int, domain: str
+    ) -> list[dict[str, Any]]:
+        """One result dict per image from the network (routing, OOD), before the quality gate."""
         out: list[dict[str, Any]] = []
         for i in range(0, len(images), batch_size):
             chunk = images[i : i + batch_size]
@@ -256,11 +333,7 @@ class Predictor:
                         tta,
                     )
                 )
-        quads = [None] * len(images) if quads is None else list(quads)
-        if len(quads) != len(images):
-            raise PredictorError(f"got {len(images)} images but {len(quads)} quadrilaterals")
-        gated = [self.gate_quality(r, im, q) for r, im, q in zip(out, images, quads, strict=True)]
-        return [withhold(r, score_anyway=score_anyway) for r in gated]
+        return out
 
     def gate_quality(
         self, result: dict[str, Any], image: np.ndarray, quad: HasCorners | None

@@ -25,6 +25,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from chextrain.data.images import ImageLoadError
 from chextrain.data.packed import PackedStrings
+from chextrain.data.rectified import RectifiedDecoding, make_decoding, photo_path
 from chextrain.data.transforms import Augment, Decoding, Preprocessing, as_preprocessing, augment, input_uint8
 from chextrain.errors import ChextrainError
 from chextrain.labels import Policy, apply_policy
@@ -75,10 +76,19 @@ class ImageSource(Protocol):
 
 
 def read_row(
-    decoding: Decoding, csv_rows: np.ndarray, index: int, path: str, out: np.ndarray | None = None
+    decoding: Decoding,
+    csv_rows: np.ndarray,
+    index: int,
+    path: str,
+    out: np.ndarray | None = None,
+    photo: bool | None = None,
 ) -> np.ndarray:
-    """`decoding.load(path, out)` for catalog row `index`; a DatasetError naming row, CSV line and file."""
+    """`decoding.load(path, out)` for catalog row `index`; a DatasetError naming row, CSV line and file.
+
+    photo: the row's domain is photo (a RectifiedDecoding flattens it first; ignored otherwise)."""
     try:
+        if isinstance(decoding, RectifiedDecoding):
+            return decoding.load(path, out, photo=photo)
         return decoding.load(path, out)
     except (OSError, ImageLoadError) as err:
         raise DatasetError(
@@ -97,6 +107,22 @@ def check_source(images: ImageSource | None, n: int, size: int) -> None:
         raise DatasetError(f"images are {tuple(shape[1:])} px; the dataset needs {size} x {size} px")
 
 
+def check_store_photos(rows: pd.DataFrame) -> None:
+    """Refuse rows whose domain the rectified store cannot tell from the path (data/rectified.py)."""
+    wrong = [
+        (i, p, d)
+        for i, (p, d) in enumerate(zip(rows["path"].astype(str), rows["domain"], strict=True))
+        if (d == "photo") != photo_path(p)
+    ]
+    if wrong:
+        i, path, domain = wrong[0]
+        raise DatasetError(
+            f"{len(wrong)} row(s) have a domain the rectified image store cannot tell from the path, "
+            f"e.g. row {i} ({domain}): {path}; the store rectifies the images of CheXphoto releases "
+            "only: drop `data.store` for this stage or lay the photos out as CheXphoto"
+        )
+
+
 class CatalogDataset(Dataset):
     """Catalog rows -> training/evaluation samples (see the module docstring).
 
@@ -112,6 +138,10 @@ class CatalogDataset(Dataset):
         images: optional row-aligned S x S uint8 images (the prepared store's reader, an array)
             read instead of decoding the files.
         draft: decode large JPEGs at the scale needed (transforms.Decoding); False: full size.
+
+    With `rectify` in the preprocessing, rows whose domain is photo are flattened before the resize
+    (data/rectified.py); a store's rows must then come from a rectified store, which tells photos by
+    their path (a CheXphoto release): a photo row elsewhere is refused with the store.
     """
 
     def __init__(
@@ -145,7 +175,9 @@ class CatalogDataset(Dataset):
         self.heads = torch.from_numpy(head_indices(rows["domain"].tolist(), head_names, domain_heads, head))
         self.image_size = image_size
         self.spec = as_preprocessing(preprocessing)
-        self.decoding = Decoding(image_size, self.spec.resize, draft)
+        self.decoding = make_decoding(image_size, self.spec, draft)
+        if images is not None and self.spec.rectify is not None:
+            check_store_photos(rows)
         self.augment = tuple(augment)
         self.seed = seed
         self.images = images
@@ -161,7 +193,11 @@ class CatalogDataset(Dataset):
         """Row `index`'s image, uint8 S x S: from `images` when given, else decoded from its file."""
         if self.images is not None:
             return np.asarray(self.images[index])
-        return read_row(self.decoding, self.csv_rows, index, self.paths[index])
+        return read_row(self.decoding, self.csv_rows, index, self.paths[index], photo=self.is_photo(index))
+
+    def is_photo(self, index: int) -> bool:
+        """Whether row `index`'s domain is photo."""
+        return bool(self.domains[index] == DOMAIN_INDEX["photo"])
 
     def hand_over(self, index: int, epoch: int = 0) -> np.ndarray:
         """What a worker hands over for row `index` in `epoch`: uint8 S x S, augmented (seeded by
@@ -211,7 +247,7 @@ class CatalogDataset(Dataset):
             read_into(index, out)
         elif plain and self.images is None:
             for j, i in enumerate(index):
-                read_row(self.decoding, self.csv_rows, i, self.paths[i], out[j])
+                read_row(self.decoding, self.csv_rows, i, self.paths[i], out[j], self.is_photo(i))
         else:
             for j, (i, epoch) in enumerate(pairs):
                 out[j] = self.hand_over(i, epoch)

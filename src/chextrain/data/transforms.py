@@ -25,7 +25,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from chextrain.data.images import centre_square, load_resized, resize_pil
 from chextrain.data.phone_grey import simulate_photo_grey
@@ -34,6 +34,41 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 NORMS: tuple[str, ...] = ("imagenet", "histeq", "meanstd", "xrv")  # the values of Preprocessing.name
 XRV_SCALE = 1024.0  # torchxrayvision's input: grey 0..255 scaled to [-XRV_SCALE, XRV_SCALE]
+
+
+class Rectify(BaseModel):
+    """Photos are flattened before the resize: the radiograph's quadrilateral found
+    (rectify.find_quad) and warped to an upright rectangle (rectify.warp). Digital rows untouched.
+
+    model: `classical` (OpenCV's finder) or the path of a `corners` bundle (the learned finder,
+        the classical one as its fallback). min_confidence: the finder's threshold (None: the
+        bundle's, or rectify.CLASSICAL_MIN_CONFIDENCE); below it the photo is used as it is.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(default="classical", min_length=1)
+    min_confidence: float | None = Field(default=None, ge=0.0, le=1.0)
+
+    @field_validator("model")
+    @classmethod
+    def _no_stage_ref(cls, value: str) -> str:
+        if value.startswith("stage:"):
+            raise ValueError(
+                f"{value!r}: a stage reference is not resolved here; give `classical` or the path "
+                "of a corners bundle (a finished corners stage's folder)"
+            )
+        return value
+
+    @property
+    def tag(self) -> str:
+        """A short name of these settings for the prepared store's folder, e.g. `rectify-classical`."""
+        if self.model == "classical" and self.min_confidence is None:
+            return "rectify-classical"
+        import hashlib
+
+        key = f"{self.model}|{self.min_confidence}"
+        return "rectify-" + hashlib.sha256(key.encode()).hexdigest()[:10]
 
 
 class Preprocessing(BaseModel):
@@ -46,6 +81,8 @@ class Preprocessing(BaseModel):
     mean, std: per channel; filled in for `imagenet`, none for `histeq` and `xrv`.
     resize: `stretch` to S x S (the paper's), `pad` (keep the aspect ratio, black borders) or
         `crop` (the centred square, torchxrayvision's; the default for `xrv`).
+    rectify: flatten photos first (`Rectify`; `true` = the classical finder). Absent (None) it is
+        left out of the dumped dict, so older configs, bundles and config hashes stay as they were.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -54,6 +91,21 @@ class Preprocessing(BaseModel):
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     resize: Literal["stretch", "pad", "crop"] = "stretch"
+    rectify: Rectify | None = None
+
+    @field_validator("rectify", mode="before")
+    @classmethod
+    def _rectify_flag(cls, value: Any) -> Any:
+        if value is True:
+            return {}
+        return None if value is False else value
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_rectify(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if self.rectify is None:
+            data.pop("rectify", None)
+        return data
 
     @model_validator(mode="before")
     @classmethod

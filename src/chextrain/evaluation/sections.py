@@ -1,8 +1,9 @@
-"""The report sections added after Tables 1-2, kinds, ROC and Figure 5: calibration and subgroups.
+"""The report sections added after Tables 1-2, kinds, ROC and Figure 5: calibration, subgroups and
+the effect of rectification.
 
-`add_sections` computes both (evaluation/calibration_report.py, evaluation/subgroups.py), writes
-their CSV tables next to the others, and places their blocks before the appendix, so report.py
-needs one call.
+`add_sections` computes them (evaluation/calibration_report.py, evaluation/subgroups.py,
+evaluation/effects.py: only for a study with a rectified stage), writes their CSV tables next to
+the others, and places their blocks before the appendix, so report.py needs one call.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from chextrain.evaluation import calibration_report, subgroups
+from chextrain.evaluation import calibration_report, effects, subgroups
 from chextrain.evaluation import render as R
 from chextrain.fileio import atomic_write_text
 
@@ -32,7 +33,8 @@ def add_sections(
     seed: int,
     pool_film: bool = False,
 ) -> list[R.Block]:
-    """`blocks` with the calibration and subgroup sections inserted; writes calibration.csv, subgroups.csv.
+    """`blocks` with the calibration, subgroup (and rectification) sections inserted; writes
+    calibration.csv, subgroups.csv (and rectify_effect.csv).
 
     main: the long rows the summary ranks (Table 2, or Table 1 without test predictions).
     """
@@ -41,6 +43,7 @@ def add_sections(
             predictions, stages, figures_dir, n_boot=n_boot, seed=seed, pool_film=pool_film
         ),
         subgroups.section(predictions, stages, main, n_boot=n_boot, seed=seed, pool_film=pool_film),
+        effects.section(predictions, stages, n_boot=n_boot, seed=seed, pool_film=pool_film),
     ]
     added: list[R.Block] = []
     for csv, part in parts:

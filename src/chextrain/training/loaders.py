@@ -14,9 +14,9 @@ from torch.utils.data import Dataset
 
 from chextrain.data.catalog import read_catalog, select_releases
 from chextrain.data.dataset import make_loader, worker_init
+from chextrain.data.rectified import make_decoding
 from chextrain.data.splits import assign_splits, sample_budget
 from chextrain.data.store import ImageStore
-from chextrain.data.transforms import Decoding
 from chextrain.training.stage import BaseStage, StageError
 
 
@@ -58,11 +58,12 @@ def seeded_worker_init(worker_id: int, rank: int) -> None:
 def stage_store(stage: BaseStage, progress: bool = True) -> ImageStore | None:
     """The prepared image store of the stage's `data.store` at its image size and resize mode (None
     without one). Every stage and DDP rank naming the same folder shares it: images are decoded
-    once per size and decoding; a build is serialised by a file lock."""
+    once per size and decoding (rectify included: data/rectified.py); a build is serialised by a
+    file lock."""
     if stage.data.store is None:
         return None
     return ImageStore(
-        stage.data.store, Decoding(stage.image_size, stage.preprocessing.resize), progress=progress
+        stage.data.store, make_decoding(stage.image_size, stage.preprocessing), progress=progress
     )
 
 

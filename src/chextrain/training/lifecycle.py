@@ -363,6 +363,7 @@ def train_stage(
         "config_hash": digest,
         "training": train_info,
     }
+    model = model.float().to(memory_format=torch.contiguous_format).cpu()  # every objective finishes here
     outcome = objective.finish(stage, model, plan, catalog, out_dir, meta)
     duration = time.time() - t0
     record = {

@@ -6,7 +6,8 @@ the Trainer, fits, and writes done.json. An objective supplies the rest, through
 - `plan(stage, model, catalog, train_rows, loader)` -> Plan: the LightningModule and its data;
 - `select_weights(stage, plan, out_dir)` -> "last" | "best": which weights go into the bundle;
 - `finish(stage, model, plan, catalog, out_dir, meta)` -> Outcome: evaluate (or not) and write
-  the bundle; `meta` holds what every bundle records (stage, config, hash, training facts).
+  the bundle; `model` comes float32 and contiguous on the CPU (the lifecycle moves it once);
+  `meta` holds what every bundle records (stage, config, hash, training facts).
 
 Adding an objective = a module here with an object that has these three calls and `load_heads`
 (whether an init's heads are loaded), one entry in OBJECTIVES, and its stage type in

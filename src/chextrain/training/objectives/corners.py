@@ -305,7 +305,7 @@ class Corners:
     ) -> Outcome:
         """Measure learned against classical (held-out simulated photos of the val x-rays; the
         labelled photos of val and test), then write the bundle."""
-        model = model.float().to(memory_format=torch.contiguous_format).cpu().eval()
+        model.eval()
         bundle_meta = {
             "objective": "corners",
             "image_size": meta["image_size"],

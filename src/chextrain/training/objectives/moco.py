@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
 from chextrain.models.bundle import save_bundle
 from chextrain.models.net import CXRNet
@@ -70,7 +69,6 @@ class Moco:
         meta: dict[str, Any],
     ) -> Outcome:
         """Write the encoder's bundle with the final MoCo loss and accuracy; no evaluation."""
-        model = model.float().to(memory_format=torch.contiguous_format).cpu()
         module = plan.module
         assert isinstance(module, MocoModule)
         moco = {

@@ -346,7 +346,6 @@ class Supervised:
         meta: dict[str, Any],
     ) -> Outcome:
         """Tune thresholds on val, evaluate, calibrate OOD, write the bundle; metrics at 0.5."""
-        model = model.float().to(memory_format=torch.contiguous_format).cpu()
         kwargs = {
             "domain_heads": stage.domain_heads,
             "image_size": stage.image_size,

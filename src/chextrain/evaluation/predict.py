@@ -74,6 +74,21 @@ def default_workers() -> int:
     return max(0, min(4, cpus - 1))
 
 
+def eval_loader(
+    dataset: CatalogDataset, batch_size: int, num_workers: int | None, device: torch.device
+) -> DataLoader:
+    """The in-order loader every evaluation pass uses (uint8 batches; default_workers() when None)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=default_workers() if num_workers is None else num_workers,
+        shuffle=False,
+        pin_memory=device.type == "cuda",
+        collate_fn=collate,
+        worker_init_fn=worker_init,
+    )
+
+
 def predict_rows(
     model: CXRNet,
     rows: pd.DataFrame,
@@ -114,17 +129,7 @@ def predict_rows(
         images=None if store is None else store.prepare(rows["path"].astype(str).tolist()),
     )
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    workers = default_workers() if num_workers is None else num_workers
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=workers,
-        shuffle=False,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-        collate_fn=collate,
-        worker_init_fn=worker_init,
-    )
+    loader = eval_loader(dataset, batch_size, num_workers, device)
     if head == ROUTED:
         names = list(model.head_names)
         by_domain = np.array([names.index(domain_heads["digital"]), names.index(domain_heads["photo"])])

@@ -25,15 +25,14 @@ from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from torch.utils.data import DataLoader
 
 from chextrain.data.catalog import pair_keys, read_catalog
-from chextrain.data.dataset import CatalogDataset, collate, worker_init
+from chextrain.data.dataset import CatalogDataset
 from chextrain.data.splits import assign_splits
 from chextrain.data.store import ImageStore
 from chextrain.data.transforms import Preprocessing
 from chextrain.errors import ChextrainError
-from chextrain.evaluation.predict import GROUPS, bundle_store, default_workers
+from chextrain.evaluation.predict import GROUPS, bundle_store, eval_loader
 from chextrain.fileio import write_json
 from chextrain.labels import SLUGS, Policy, apply_policy
 from chextrain.models.bundle import load_bundle
@@ -74,16 +73,7 @@ def encode(
         images=None if store is None else store.prepare(rows["path"].astype(str).tolist()),
     )
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    workers = default_workers() if num_workers is None else num_workers
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=workers,
-        shuffle=False,
-        pin_memory=device.type == "cuda",
-        collate_fn=collate,
-        worker_init_fn=worker_init,
-    )
+    loader = eval_loader(dataset, batch_size, num_workers, device)
     was_training = model.training
     model.eval().to(device)
     try:

@@ -145,6 +145,52 @@ def test_slurm_path_through_submitits_local_processes(tmp_path: Path, demo_root:
     )  # nothing left to submit
 
 
+class LingeringExecutor:
+    """Jobs that write their `done` record at once but whose process lingers for a few polls (as a
+    stage process does while it exits): the scheduler must wait for the process, not the record."""
+
+    def __init__(self, folder: Path) -> None:
+        self.params: dict = {}
+
+    def update_parameters(self, **params: object) -> None:
+        self.params = params
+
+    def submit(self, job: object) -> object:
+        from chextrain.training.study_run import StudyState
+
+        StudyState(job.study, job.out_dir).update(job.name, state="done", finished=time.time())
+
+        class Lingering:
+            job_id, polls = job.name, 3 if job.name == "a" else 0  # b's process ends first
+
+            def done(self) -> bool:
+                self.polls -= 1
+                return self.polls < 0
+
+            def result(self) -> str:
+                return "done"
+
+        return Lingering()
+
+
+def test_a_dependant_waits_for_its_dependencys_process_not_only_its_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import chextrain.training.executors as executors
+
+    monkeypatch.setattr(executors, "POLL_S", 0.0)
+    lines: list[str] = []
+    run_local(
+        parse_study(STUDY),
+        tmp_path / "data",
+        tmp_path / "out",
+        slots=2,
+        log=lines.append,
+        make_executor=LingeringExecutor,
+    )
+    assert lines.index("a: done") < lines.index("c (c) started in its own process (job c)")
+
+
 def fake_slurm(tmp_path: Path) -> Path:
     """`sbatch` that records each script and answers with job ids 101, 102, ...; `sacct` knows none."""
     bin_dir = tmp_path / "bin"

@@ -138,7 +138,9 @@ def run_local(
                 state.update(name, state="blocked", reason=reason, metrics={})
                 log(f"{name}: blocked: {reason}")
                 pending.remove(name)
-            elif free and all(records[d]["state"] == "done" for d in study.deps[name]):
+            elif free and all(records[d]["state"] == "done" and d not in running for d in study.deps[name]):
+                # A dependency counts once its process has ended, not when its record says done: the
+                # record is written just before the process exits, and its GPUs are free only after.
                 gpus = free.pop(0)
                 executor = (make_executor or local_executor)(folder)
                 stage = study.stages[name]

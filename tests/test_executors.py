@@ -17,6 +17,7 @@ import pytest
 from chextrain.evaluation.report import write_report
 from chextrain.training.executors import (
     ExecutorError,
+    WarmSlot,
     gpu_slots,
     local_executor,
     run_local,
@@ -69,7 +70,7 @@ def test_two_slots_overlap_independent_stages_and_keep_the_dag(tmp_path: Path, d
     # Both independent stages are handed to their own processes before either has ended (the
     # scheduler's order, not wall-clock stamps: on a loaded machine one tiny stage may well end
     # before the other process has imported torch).
-    started = [i for i, line in enumerate(lines) if "started in its own process" in line]
+    started = [i for i, line in enumerate(lines) if " started in slot " in line]
     ended = [i for i, line in enumerate(lines) if line.startswith(("a: ", "b: "))]
     assert len(started) == 3 and lines[started[0]].startswith("a (") and lines[started[1]].startswith("b (")
     assert started[1] < min(ended)
@@ -188,7 +189,44 @@ def test_a_dependant_waits_for_its_dependencys_process_not_only_its_record(
         log=lines.append,
         make_executor=LingeringExecutor,
     )
-    assert lines.index("a: done") < lines.index("c (c) started in its own process (job c)")
+    assert lines.index("a: done") < lines.index("c (c) started in slot 2 (process c)")
+
+
+class Dies:
+    """A job whose process dies under it (as when the kernel kills it for memory)."""
+
+    name = "dies"
+
+    def __call__(self) -> str:
+        os._exit(3)
+
+
+class Says:
+    """A job that prints a line (into its log) and ends."""
+
+    name = "says"
+
+    def __call__(self) -> str:
+        print("hello from the slot", flush=True)
+        return f"done in {os.getpid()}"
+
+
+def test_a_warm_slot_survives_a_dead_process_and_logs_each_stage(tmp_path: Path) -> None:
+    slot = WarmSlot(tmp_path / "jobs")
+    try:
+        slot.update_parameters(visible_gpus=())
+        first = slot.process.pid
+        job = slot.submit(Dies())
+        with pytest.raises(ExecutorError, match="ended without a result \\(exit code 3\\)"):
+            job.result()
+        slot.update_parameters(visible_gpus=())  # a fresh process for the next stage
+        assert slot.process.pid != first
+        assert slot.submit(Says()).result() == f"done in {slot.process.pid}"
+        assert slot.submit(Says()).result() == f"done in {slot.process.pid}"  # the same process again
+        assert (tmp_path / "jobs" / "says.log").read_text().count("hello from the slot") == 2
+    finally:
+        slot.close()
+    assert slot.process is None
 
 
 def fake_slurm(tmp_path: Path) -> Path:

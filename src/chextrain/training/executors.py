@@ -1,9 +1,9 @@
 """Where a study's stages run: inline (one after another here), local slots, or SLURM via submitit.
 
 - `inline` is study_run.run_study: this process, in dependency order.
-- `local` (run_local) keeps up to N stages running at once on this machine, each a process of its
-  own started by submitit's LocalExecutor; on a GPU box each slot gets its own GPUs
-  (CUDA_VISIBLE_DEVICES), K per stage.
+- `local` (run_local) keeps up to N stages running at once on this machine, each slot a process of
+  its own (WarmSlot) that runs its stages one after another; on a GPU box each slot gets its own
+  GPUs (CUDA_VISIBLE_DEVICES), K per stage.
 - `slurm` (submit_slurm) submits each stage as a SLURM job through submitit, with `afterok`
   dependencies along the DAG, and returns: study.json records the job ids, `study status` asks the
   scheduler. A job that SLURM preempts or that runs out of time is requeued by submitit
@@ -16,7 +16,9 @@ for testing the SLURM path) wait for their dependencies' done.json instead.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,7 +42,7 @@ from chextrain.training.study_run import (
 
 EXECUTORS: tuple[str, ...] = ("inline", "local", "slurm")
 JOBS_DIR = "jobs"  # submitit's folder (pickled jobs, logs) inside the study folder
-POLL_S = 1.0
+POLL_S = 0.25
 
 
 class ExecutorError(ChextrainError):
@@ -83,6 +85,124 @@ class StageJob(submitit.helpers.Checkpointable):
         return run_one(self.study, self.name, self.data_root, self.out_dir, progress=False)
 
 
+class SlotJob:
+    """A stage handed to a WarmSlot: done() / result() / job_id, as a submitit job has."""
+
+    def __init__(self, slot: WarmSlot, name: str) -> None:
+        self.slot, self.name = slot, name
+        self.job_id = str(slot.process.pid)
+        self._outcome: tuple[bool, str] | None = None
+
+    def done(self) -> bool:
+        if self._outcome is None and (self.slot.conn.poll() or not self.slot.process.is_alive()):
+            self._outcome = self.slot.receive()
+        return self._outcome is not None
+
+    def result(self) -> str:
+        while not self.done():
+            time.sleep(POLL_S)
+        assert self._outcome is not None
+        ok, text = self._outcome
+        if not ok:
+            raise ExecutorError(text)
+        return text
+
+
+class WarmSlot:
+    """One local slot: a process started once, which imports torch and Lightning while it waits,
+    then runs the slot's stages one after another (as inline runs all of them in one process).
+
+    A process per stage would pay those imports (about 6 s on one core) and two Python starts
+    (submitit's controller and its job) every time. The process sees only the slot's GPUs
+    (CUDA_VISIBLE_DEVICES, set before torch starts); a stage that asks for other GPUs gets a fresh
+    process. Each stage's output goes to `jobs/<stage>.log`. A process that dies (killed, out of
+    memory) ends its stage without a result, and the slot starts a fresh one for the next stage.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.gpus: tuple[int, ...] | None = None
+        self.process: Any = None
+        self.conn: Any = None
+
+    def update_parameters(self, *, visible_gpus: Sequence[int] = (), **_: Any) -> None:
+        gpus = tuple(int(g) for g in visible_gpus)
+        if self.process is None or gpus != self.gpus or not self.process.is_alive():
+            self.close()
+            self.gpus = gpus
+            ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA
+            self.conn, child = ctx.Pipe()
+            self.process = ctx.Process(target=_slot_main, args=(child, gpus), name="chextrain-slot")
+            self.process.start()
+            child.close()
+
+    def submit(self, job: StageJob) -> SlotJob:
+        if self.process is None:
+            self.update_parameters()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.conn.send((job, str(self.folder / f"{job.name}.log")))
+        return SlotJob(self, job.name)
+
+    def receive(self) -> tuple[bool, str]:
+        try:
+            return self.conn.recv()
+        except (EOFError, OSError):
+            self.process.join(timeout=5)
+            code = self.process.exitcode
+            self.close()
+            return False, f"the slot's process ended without a result (exit code {code})"
+
+    def close(self) -> None:
+        if self.process is None:
+            return
+        if self.process.is_alive():
+            try:
+                self.conn.send(None)  # finish: the process exits after the stage it runs, if any
+            except OSError:
+                pass
+            self.process.join(timeout=30)
+            if self.process.is_alive():
+                self.process.terminate()
+                self.process.join()
+        self.conn.close()
+        self.process = self.conn = None
+
+
+def _slot_main(conn: Any, gpus: tuple[int, ...]) -> None:
+    """A slot process: take (StageJob, log path) from the pipe, run it, answer (ok, text); None ends."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+    import lightning.pytorch  # noqa: F401  (the imports a stage needs, paid once while waiting)
+
+    import chextrain.training.lifecycle  # noqa: F401
+
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):  # the scheduler went away
+            return
+        if message is None:
+            return
+        job, log_path = message
+        with open(log_path, "ab", buffering=0) as log_file:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            saved = os.dup(1), os.dup(2)
+            os.dup2(log_file.fileno(), 1)
+            os.dup2(log_file.fileno(), 2)
+            try:
+                answer = (True, str(job()))
+            except Exception as exc:  # answered to the scheduler, which logs it
+                answer = (False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+                os.close(saved[0])
+                os.close(saved[1])
+        conn.send(answer)
+
+
 def gpu_slots(slots: int, gpus_per_stage: int, visible: Sequence[int]) -> list[tuple[int, ...]]:
     """The GPUs of each slot: consecutive groups of `gpus_per_stage` from `visible` (none on CPU)."""
     if slots < 1:
@@ -109,61 +229,75 @@ def run_local(
     log: Log = print,
     make_executor: Callable[[Path], Any] | None = None,
 ) -> dict[str, Any]:
-    """Run the study with up to `slots` stages at once, each in its own process; returns study.json.
+    """Run the study with up to `slots` stages at once, each slot a process; returns study.json.
 
     A stage starts when its dependencies are done; a failure blocks its dependants only. A stage's
     GPUs: `gpus_per_stage`, else its own `devices` when a whole number, else 1 (on a GPU box).
+    make_executor(folder) makes a slot's executor (default WarmSlot; submitit's LocalExecutor
+    fits too, a fresh process per stage).
     """
     todo = wanted_stages(study, only)
     state = StudyState.start(study, data_root, out_dir)
     per_stage = gpus_per_stage if gpus_per_stage is not None else 1
-    free = gpu_slots(slots, per_stage if visible_gpus else 0, visible_gpus)
     folder = Path(out_dir) / JOBS_DIR
-    running: dict[str, tuple[Any, tuple[int, ...]]] = {}
+    slot_gpus = gpu_slots(slots, per_stage if visible_gpus else 0, visible_gpus)
+    executors = [(make_executor or WarmSlot)(folder) for _ in slot_gpus]
+    free = list(range(len(slot_gpus)))
+    running: dict[str, tuple[Any, int]] = {}
     pending = [n for n in todo if not _done(state.records()[n], out_dir)]
     for name in todo:
         if name not in pending:
             log(f"{name}: done (cached)")
-    while pending or running:
-        for name, (job, gpus) in list(running.items()):
-            if job.done():
-                outcome = _job_result(job)
-                log(f"{name}: {outcome}")
-                free.append(gpus)
-                del running[name]
-        records = state.records()
-        for name in list(pending):
-            reason = blocked_reason(study, name, records)
-            if reason:
-                state.update(name, state="blocked", reason=reason, metrics={})
-                log(f"{name}: blocked: {reason}")
-                pending.remove(name)
-            elif free and all(records[d]["state"] == "done" and d not in running for d in study.deps[name]):
-                # A dependency counts once its process has ended, not when its record says done: the
-                # record is written just before the process exits, and its GPUs are free only after.
-                gpus = free.pop(0)
-                executor = (make_executor or local_executor)(folder)
-                stage = study.stages[name]
-                n_gpus = (
-                    len(gpus)
-                    if gpus_per_stage is not None or not isinstance(stage.devices, int)
-                    else min(len(gpus), stage.devices)
-                )
-                executor.update_parameters(
-                    name=f"chextrain-{name}",
-                    timeout_min=7 * 24 * 60,
-                    gpus_per_node=n_gpus,
-                    visible_gpus=gpus[:n_gpus],
-                )
-                job = StageJob(study, name, data_root, out_dir, threads=max(1, _cpus() // slots))
-                running[name] = (executor.submit(job), gpus)
-                state.update(name, executor="local", job_id=str(running[name][0].job_id))
-                log(
-                    f"{name} ({stage.title}) started in its own process (job {running[name][0].job_id}"
-                    + (f", GPUs {list(gpus[:n_gpus])})" if gpus else ")")
-                )
-                pending.remove(name)
-        time.sleep(POLL_S if running else 0)
+    try:
+        while pending or running:
+            for name, (job, slot) in list(running.items()):
+                if job.done():
+                    outcome, reason = _job_result(job), state.records()[name].get("reason")
+                    log(
+                        f"{name}: {outcome}"
+                        + (f" ({reason}; log: {folder / name}.log)" if outcome != "done" and reason else "")
+                    )
+                    free.append(slot)
+                    del running[name]
+            records = state.records()
+            for name in list(pending):
+                reason = blocked_reason(study, name, records)
+                if reason:
+                    state.update(name, state="blocked", reason=reason, metrics={})
+                    log(f"{name}: blocked: {reason}")
+                    pending.remove(name)
+                elif free and all(
+                    records[d]["state"] == "done" and d not in running for d in study.deps[name]
+                ):
+                    # A dependency counts once its process has ended its stage, not when its record
+                    # says done: the record is written just before, and its GPUs are free only after.
+                    slot = free.pop(0)
+                    gpus, stage = slot_gpus[slot], study.stages[name]
+                    n_gpus = (
+                        len(gpus)
+                        if gpus_per_stage is not None or not isinstance(stage.devices, int)
+                        else min(len(gpus), stage.devices)
+                    )
+                    executors[slot].update_parameters(
+                        name=f"chextrain-{name}",
+                        timeout_min=7 * 24 * 60,
+                        gpus_per_node=n_gpus,
+                        visible_gpus=gpus[:n_gpus],
+                    )
+                    job = StageJob(study, name, data_root, out_dir, threads=max(1, _cpus() // slots))
+                    running[name] = (executors[slot].submit(job), slot)
+                    job_id = str(running[name][0].job_id)
+                    state.update(name, executor="local", job_id=job_id)
+                    log(
+                        f"{name} ({stage.title}) started in slot {slot + 1} (process {job_id}"
+                        + (f", GPUs {list(gpus[:n_gpus])})" if gpus else ")")
+                    )
+                    pending.remove(name)
+            time.sleep(POLL_S if running else 0)
+    finally:
+        for executor in executors:
+            if hasattr(executor, "close"):
+                executor.close()
     return finish_notes(study, state)
 
 

@@ -15,6 +15,7 @@ Validation predictions are always saved, evaluated or not.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from chextrain.data.dataset import CatalogDataset
 from chextrain.data.transforms import Preprocessing, as_preprocessing, to_network_input
 from chextrain.evaluation.calibration import head_temperatures
-from chextrain.evaluation.metrics import pathology_metrics
+from chextrain.evaluation.metrics import UndefinedAUCWarning, pathology_metrics
 from chextrain.evaluation.predict import (
     ORACLE,
     Predictions,
@@ -232,12 +233,18 @@ def check_finite_predictions(table: pd.DataFrame, stage: str, split: str, step: 
 
 
 def validation_metrics(targets: np.ndarray, probs: np.ndarray, mask: np.ndarray) -> dict[str, float]:
-    """val/loss, val/auc_<slug> and val/auc_mean (NaN-aware) from N x 5 arrays."""
+    """val/loss, val/auc_<slug> and val/auc_mean (NaN-aware) from N x 5 arrays.
+
+    A pathology with one class in validation logs a NaN AUC without a warning: this runs at every
+    validation, and the stage's evaluation after training warns once about the same labels.
+    """
     eps = 1e-7
     p = np.clip(probs, eps, 1 - eps)
     bce = -(targets * np.log(p) + (1 - targets) * np.log(1 - p))
     logs = {"val/loss": float((bce * mask).sum() / max(mask.sum(), 1.0))}
-    per = pathology_metrics(targets, probs, mask, dict.fromkeys(SLUGS, 0.5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedAUCWarning)
+        per = pathology_metrics(targets, probs, mask, dict.fromkeys(SLUGS, 0.5))
     aucs = [float(per[s]["auc"]) for s in SLUGS]
     for slug, auc in zip(SLUGS, aucs, strict=True):
         logs[f"val/auc_{slug}"] = auc

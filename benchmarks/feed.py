@@ -32,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -234,7 +235,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=223_414, help="rows of the memory epoch")
     parser.add_argument("--skip-memory", action="store_true")
     args = parser.parse_args()
-    torch.set_num_threads(1)  # per-core figures
+    torch.set_num_threads(1)  # per-core figures (OpenCV too, as in a loader worker)
+    cv2.setNumThreads(1)
     with tempfile.TemporaryDirectory() as tmp:
         sources(args, Path(tmp))
         if not args.skip_memory:

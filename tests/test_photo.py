@@ -377,3 +377,23 @@ def test_tilt_and_digital_corners() -> None:
     assert not np.allclose(tilted, [[0, 0], [40, 0], [40, 50], [0, 50]], atol=0.5)
     with pytest.raises(ValueError, match="region"):
         simulate_photo_with_corners(image, "digital", 1, np.random.default_rng(0), region=(0, 0, 41, 10))
+
+
+def test_phone_grey_noise_is_cut_from_the_bank_with_its_sigma_and_falls_back_when_larger() -> None:
+    from chextrain.data.phone_grey import NOISE_BANK, _noise, phone_grey
+
+    zeros = np.zeros((320, 320), np.float32)
+    draws = []
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        sigma = float(np.random.default_rng(seed).uniform(0.25, 1.0) * 0.025 * 255.0)  # the recipe's draw
+        noise = _noise(zeros, rng, 1)
+        assert noise.dtype == np.float32 and noise.shape == zeros.shape
+        assert abs(float(noise.std()) / sigma - 1) < 0.02 and abs(float(noise.mean())) < 0.05 * sigma
+        # neighbouring pixels are independent (a window of the bank, not a smoothed field)
+        assert abs(np.corrcoef(noise[:, :-1].ravel(), noise[:, 1:].ravel())[0, 1]) < 0.02
+        draws.append(noise / sigma)
+    assert all(not np.allclose(a, b) for i, a in enumerate(draws) for b in draws[i + 1 :])  # other windows
+    tall = (np.random.default_rng(0).random((NOISE_BANK + 6, 40)) * 255).astype(np.uint8)
+    out = phone_grey(tall, np.random.default_rng(1))  # larger than the bank: its own noise
+    assert out.shape == tall.shape and np.array_equal(out, phone_grey(tall, np.random.default_rng(1)))

@@ -172,6 +172,7 @@ class CatalogDataset(Dataset):
         self.targets = torch.from_numpy(targets)
         self.mask = torch.from_numpy(mask)
         self.domains = torch.from_numpy(rows["domain"].map(DOMAIN_INDEX).to_numpy(dtype=np.int64).copy())
+        self.photo = self.domains.numpy() == DOMAIN_INDEX["photo"]  # numpy: read per item, cheaply
         self.heads = torch.from_numpy(head_indices(rows["domain"].tolist(), head_names, domain_heads, head))
         self.image_size = image_size
         self.spec = as_preprocessing(preprocessing)
@@ -197,7 +198,7 @@ class CatalogDataset(Dataset):
 
     def is_photo(self, index: int) -> bool:
         """Whether row `index`'s domain is photo."""
-        return bool(self.domains[index] == DOMAIN_INDEX["photo"])
+        return bool(self.photo[index])
 
     def hand_over(self, index: int, epoch: int = 0) -> np.ndarray:
         """What a worker hands over for row `index` in `epoch`: uint8 S x S, augmented (seeded by
@@ -286,6 +287,9 @@ def worker_init(worker_id: int) -> None:
     they are never traversed. Objects the worker makes itself are collected as usual.
     """
     gc.freeze()
+    import cv2  # photo simulation and rectification: one thread per worker, as torch has
+
+    cv2.setNumThreads(1)
 
 
 def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -287,6 +287,14 @@ def _random_quad(rng: np.random.Generator, w: int, h: int, level: int, scale: fl
 
 def _lighting(h: int, w: int, rng: np.random.Generator, level: int) -> tuple[np.ndarray, np.ndarray]:
     """H x W gain (a linear gradient, up to 0.15 L end to end) and additive glow (up to 0.05 L)."""
+    slope, xn, yn, amp, gx, gy = lighting_factors(h, w, rng, level)
+    return 1.0 + slope * (xn[None, :] + yn[:, None]), amp * np.outer(gy, gx)
+
+
+def lighting_factors(
+    h: int, w: int, rng: np.random.Generator, level: int
+) -> tuple[float, np.ndarray, np.ndarray, float, np.ndarray, np.ndarray]:
+    """_lighting's draws as separable factors: gain 1 + slope (xn + yn), glow amp * gy gx^T."""
     slope, direction = rng.uniform(0, 0.15) * level, rng.uniform(0, 2 * math.pi)
     glow, cx, cy = rng.uniform(0, 0.05) * level, rng.uniform(0, w), rng.uniform(0, h)
     sigma = rng.uniform(0.2, 0.5) * max(h, w)
@@ -294,16 +302,24 @@ def _lighting(h: int, w: int, rng: np.random.Generator, level: int) -> tuple[np.
     yn = (np.arange(h, dtype=np.float32) / h - 0.5) * math.sin(direction)
     gx = np.exp(-0.5 * ((np.arange(w, dtype=np.float32) - cx) / sigma) ** 2)
     gy = np.exp(-0.5 * ((np.arange(h, dtype=np.float32) - cy) / sigma) ** 2)
-    return 1.0 + slope * (xn[None, :] + yn[:, None]), (255.0 * glow) * np.outer(gy, gx)
+    return slope, xn, yn, 255.0 * glow, gx, gy
 
 
 def _vignette_gain(h: int, w: int, rng: np.random.Generator, level: int) -> np.ndarray:
     """H x W gain 1 - k r^2 (r = 1 at the mid-edges), k U(0.5, 1) * 0.1 L, centre jittered."""
+    k, rx, ry = vignette_factors(h, w, rng, level)
+    return np.maximum(1.0 - k * (rx[None, :] + ry[:, None]), 0.0).astype(np.float32)
+
+
+def vignette_factors(
+    h: int, w: int, rng: np.random.Generator, level: int
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """_vignette_gain's draws as separable factors: gain max(1 - k (rx + ry), 0)."""
     k = rng.uniform(0.5, 1.0) * 0.1 * level
     cx, cy = w * rng.uniform(0.4, 0.6), h * rng.uniform(0.4, 0.6)
     rx = ((np.arange(w, dtype=np.float32) + 0.5 - cx) / (w / 2)) ** 2
     ry = ((np.arange(h, dtype=np.float32) + 0.5 - cy) / (h / 2)) ** 2
-    return np.maximum(1.0 - k * (rx[None, :] + ry[:, None]), 0.0).astype(np.float32)
+    return k, rx, ry
 
 
 def _room_background(h: int, w: int, rng: np.random.Generator, level: int) -> Image.Image:

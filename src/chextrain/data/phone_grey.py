@@ -9,9 +9,14 @@ JPEG re-compression), computed on the luma alone and with fewer passes:
   recipe resizes the x-ray into the screen, then warps the whole monitor face);
 - colours (wall, desk, clutter, stand) are drawn as their luma, and the colour cast becomes the
   gain it gives a grey pixel;
-- blurs at training sizes are a few pixels wide: direct sums over the kernel's taps;
-- noise comes from a torch generator seeded by `rng` (luma noise only: chroma noise averages out
-  in the luma).
+- the warp, the blurs and the JPEG round trip run in OpenCV (warpPerspective onto the drawn room,
+  its separable and 2-D filters; libjpeg gives the same bytes as Pillow's encoder);
+- lighting and vignette are applied from their separable factors in a few passes;
+- luma noise only (chroma noise averages out in the luma), cut from a bank of N(0, 1) pixels made
+  once per process: a window, flips and a transposition picked by the draw that seeds the RGB
+  recipe's noise (drawing 100k normals afresh cost more than the rest of the noise). Within a
+  photo the pixels are independent; across photos the windows overlap, which a network cannot
+  use (the noise says nothing about the labels).
 
 The random draws are those of `phone` up to the sensor noise, so a seed gives the same screen,
 room and warp in both recipes; later draws differ (the RGB recipe also draws chroma noise).
@@ -21,15 +26,21 @@ photos keep the RGB one. Takes uint8 H x W (RGB is made grey first), returns uin
 
 from __future__ import annotations
 
-import io
+import functools
 import math
 
+import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from chextrain.data.phone import _lighting, _random_quad, _vignette_gain, face_to_photo, region_corners
+from chextrain.data.phone import (
+    _random_quad,
+    face_to_photo,
+    lighting_factors,
+    region_corners,
+    vignette_factors,
+)
 from chextrain.data.photo import simulate_photo_with_corners
 from chextrain.data.pixels import (
     check_image,
@@ -50,6 +61,8 @@ def luma(colour: np.ndarray | tuple[float, ...]) -> int:
 def simulate_photo_grey(image: np.ndarray, recipe: str, level: int, rng: np.random.Generator) -> np.ndarray:
     """A simulated photo of `image`, grey uint8 H x W: `phone_grey` for the phone recipe, else
     data/photo.py's `simulate_photo` made grey (its digital and photographic recipes are grey inside)."""
+    if recipe == "phone":
+        return phone_grey(image, rng, level)  # no corners to compute
     return simulate_photo_grey_with_corners(image, recipe, level, rng)[0]
 
 
@@ -71,7 +84,7 @@ def simulate_photo_grey_with_corners(
 
 def phone_grey(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.ndarray:
     """A phone photo of the x-ray on a monitor in a room, grey: uint8 H x W (see the module docstring)."""
-    return phone_grey_with_corners(image, rng, level)[0]
+    return _phone_grey(image, rng, level, None, with_corners=False)[0]
 
 
 def phone_grey_with_corners(
@@ -82,17 +95,26 @@ def phone_grey_with_corners(
 ) -> tuple[np.ndarray, np.ndarray]:
     """`phone_grey`, and the corners of `region` (default the whole input) in the photo, as
     phone.phone_with_corners: (uint8 H x W, TL, TR, BR, BL 4 x 2 float32 output pixels)."""
+    out, corners = _phone_grey(image, rng, level, region, with_corners=True)
+    assert corners is not None
+    return out, corners
+
+
+def _phone_grey(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    level: int,
+    region: tuple[float, float, float, float] | None,
+    with_corners: bool,
+) -> tuple[np.ndarray, np.ndarray | None]:
     image, level = check_image(image), check_level(level)
     if image.ndim == 3:
         image = np.asarray(Image.fromarray(image).convert("L"))
     h, w = image.shape
     face = _screen(h, w, rng, level)
     x, quad = _room(image, face, rng, level)  # float32 H x W
-    corners = face_to_photo(region_corners(region, w, h), face.xray, w, h, quad)
-    gain, add = _lighting(h, w, rng, level)
-    x *= gain * _vignette_gain(h, w, rng, level)
-    x += add
-    np.clip(x, 0.0, 255.0, out=x)
+    corners = face_to_photo(region_corners(region, w, h), face.xray, w, h, quad) if with_corners else None
+    _light(x, rng, level)
     x = _defocus(x, rng, level) if rng.random() < 0.5 else _motion(x, rng, level)
     x = _noise(x, rng, level)
     cast = _cast_gain(rng, level)
@@ -147,22 +169,23 @@ def _room(
     )
     draw.ellipse([x0 - 2.5 * neck, base_y - neck / 3, x0 + 2.5 * neck, base_y + neck / 3], fill=grey)
     canvas, (gx0, gy0, step_x, step_y) = _face_canvas(image, face, h, w)
-    # output pixel centre -> monitor-face coordinates (frame -> quad inverted) -> canvas coordinates
+    # output pixel -> monitor-face coordinates (frame -> quad inverted) -> canvas pixel, in OpenCV's
+    # convention (pixel centres at whole numbers), sampled bilinearly over the drawn room; output
+    # pixels whose source falls outside the canvas keep the room.
     m = _homography(quad, [(0, 0), (w, 0), (w, h), (0, h)])
     to_canvas = np.array([[1 / step_x, 0, -gx0 / step_x], [0, 1 / step_y, -gy0 / step_y], [0, 0, 1]]) @ m
-    t = to_canvas.astype(np.float32)
-    xs = np.arange(w, dtype=np.float32) + 0.5
-    ys = np.arange(h, dtype=np.float32)[:, None] + 0.5
-    ch, cw = canvas.shape
-    # canvas pixel coordinates, normalised to [-1, 1] for grid_sample (align_corners=False)
-    den = t[2, 0] * xs + (t[2, 1] * ys + t[2, 2])  # H x W
-    gx = (t[0, 0] * xs + (t[0, 1] * ys + t[0, 2])) / den * np.float32(2.0 / cw) - np.float32(1.0)
-    gy = (t[1, 0] * xs + (t[1, 1] * ys + t[1, 2])) / den * np.float32(2.0 / ch) - np.float32(1.0)
-    inside = (np.abs(gx) <= 1.0) & (np.abs(gy) <= 1.0)  # the monitor face covers this output pixel
-    grid = torch.from_numpy(np.stack([gx, gy], axis=-1))[None]  # 1 x H x W x 2
-    src = torch.from_numpy(canvas)[None, None]  # 1 x 1 x ch x cw
-    sampled = F.grid_sample(src, grid, mode="bilinear", align_corners=False)[0, 0].numpy()
-    return np.where(inside, sampled, np.asarray(scene, dtype=np.float32)), quad
+    centre = np.array([[1, 0, 0.5], [0, 1, 0.5], [0, 0, 1]])
+    to_canvas = np.linalg.inv(centre) @ to_canvas @ centre
+    out = np.array(scene, dtype=np.float32)  # writable: the warp draws over it
+    cv2.warpPerspective(
+        canvas,
+        to_canvas,
+        (w, h),
+        dst=out,
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_TRANSPARENT,
+    )
+    return out, quad
 
 
 def _homography(src: np.ndarray, dst: list[tuple[float, float]]) -> np.ndarray:
@@ -232,16 +255,25 @@ def _background(h: int, w: int, rng: np.random.Generator, level: int) -> Image.I
 # --- camera effects -----------------------------------------------------------------------
 
 
-def _taps(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    """Correlate float32 H x W with a small 2-D kernel (odd sides), edges repeated; zero taps skipped."""
-    ky, kx = kernel.shape[0] // 2, kernel.shape[1] // 2
-    padded = np.pad(x, ((ky, ky), (kx, kx)), mode="edge")
+def _light(x: np.ndarray, rng: np.random.Generator, level: int) -> None:
+    """phone's uneven lighting and vignette (their draws, in order) on float32 H x W in place, built
+    from their separable factors: a few passes over the image instead of one per factor."""
     h, w = x.shape
-    out = np.zeros_like(x)
-    for (i, j), weight in np.ndenumerate(kernel):
-        if weight != 0.0:
-            out += np.float32(weight) * padded[i : i + h, j : j + w]
-    return out
+    slope, xn, yn, amp, gx, gy = lighting_factors(h, w, rng, level)
+    k, rx, ry = vignette_factors(h, w, rng, level)
+    f32 = np.float32
+    gain = np.add.outer((1.0 + slope * yn).astype(f32), (slope * xn).astype(f32))
+    vignette = np.add.outer((1.0 - k * ry).astype(f32), (-k * rx).astype(f32))
+    np.maximum(vignette, f32(0.0), out=vignette)
+    gain *= vignette
+    x *= gain
+    x += np.outer((amp * gy).astype(f32), gx)
+    np.clip(x, f32(0.0), f32(255.0), out=x)
+
+
+def _taps(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """Correlate float32 H x W with a small 2-D kernel (odd sides), edges repeated."""
+    return cv2.filter2D(x, -1, kernel.astype(np.float32), borderType=cv2.BORDER_REPLICATE)
 
 
 def _defocus(x: np.ndarray, rng: np.random.Generator, level: int) -> np.ndarray:
@@ -254,7 +286,7 @@ def _defocus(x: np.ndarray, rng: np.random.Generator, level: int) -> np.ndarray:
     if len(g) == 1:
         return x
     g = (g / g.sum()).astype(np.float32)
-    return _taps(_taps(x, g[None, :]), g[:, None])
+    return cv2.sepFilter2D(x, -1, g, g, borderType=cv2.BORDER_REPLICATE)
 
 
 def _motion(x: np.ndarray, rng: np.random.Generator, level: int) -> np.ndarray:
@@ -273,12 +305,38 @@ def _motion(x: np.ndarray, rng: np.random.Generator, level: int) -> np.ndarray:
     return _taps(x, kernel / kernel.sum())
 
 
+NOISE_BANK = 1024  # side of the bank of N(0, 1) pixels that sensor noise is cut from
+
+
+@functools.cache
+def _noise_bank() -> np.ndarray:
+    """NOISE_BANK x NOISE_BANK float32 N(0, 1) pixels, the same in every process (seed 0), made once."""
+    return torch.randn((NOISE_BANK, NOISE_BANK), generator=torch.Generator().manual_seed(0)).numpy()
+
+
 def _noise(x: np.ndarray, rng: np.random.Generator, level: int) -> np.ndarray:
-    """phone.sensor_noise's sigma draw; luma noise from a torch generator seeded by `rng`."""
+    """phone.sensor_noise's sigma draw; luma noise cut from the bank.
+
+    The draw that seeds the RGB recipe's noise picks a window of the bank, a flip of each axis and,
+    for a square image, a transposition: independent N(0, 1) pixels within a photo at the cost of a
+    copy (drawing them afresh costs more than the rest of the noise). An image larger than the bank
+    draws its own from a generator seeded by the same draw.
+    """
     sigma = float(rng.uniform(0.25, 1.0) * 0.025 * level * 255.0)
-    g = torch.Generator().manual_seed(int(rng.integers(2**62)))
-    noise = torch.randn(x.shape, generator=g, dtype=torch.float32).numpy()
-    noise *= np.float32(sigma)
+    seed = int(rng.integers(2**62))
+    h, w = x.shape
+    if h > NOISE_BANK or w > NOISE_BANK:
+        g = torch.Generator().manual_seed(seed)
+        window = torch.randn(x.shape, generator=g, dtype=torch.float32).numpy()
+    else:
+        rows, cols = NOISE_BANK - h + 1, NOISE_BANK - w + 1
+        top, left, turn = seed % rows, (seed // rows) % cols, (seed >> 48) & 7
+        if turn & 4 and h == w:
+            window = _noise_bank()[left : left + w, top : top + h].T
+        else:
+            window = _noise_bank()[top : top + h, left : left + w]
+        window = window[:: -1 if turn & 1 else 1, :: -1 if turn & 2 else 1]
+    noise = np.multiply(window, np.float32(sigma), dtype=np.float32)
     noise += x
     return noise
 
@@ -297,9 +355,8 @@ def _cast_gain(rng: np.random.Generator, level: int) -> float:
 
 
 def _jpeg(image: np.ndarray, quality: int) -> np.ndarray:
-    """JPEG re-compression of a grey image in memory."""
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, "JPEG", quality=quality)
-    buf.seek(0)
-    with Image.open(buf) as im:
-        return np.array(im)
+    """JPEG re-compression of a grey image in memory (libjpeg through OpenCV, as Pillow's encoder)."""
+    ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:  # pragma: no cover - OpenCV encodes any uint8 grey image
+        raise RuntimeError("JPEG re-compression failed")
+    return cv2.imdecode(data, cv2.IMREAD_UNCHANGED)

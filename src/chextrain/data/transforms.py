@@ -28,7 +28,6 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from chextrain.data.images import centre_square, load_resized, resize_pil
-from chextrain.data.phone_grey import simulate_photo_grey
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -353,6 +352,8 @@ class PhotoSim:
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         if rng.random() >= self.p:
             return image
+        from chextrain.data.phone_grey import simulate_photo_grey  # OpenCV, for training only
+
         return simulate_photo_grey(image, self.recipe, self.level, rng)
 
 

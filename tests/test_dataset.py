@@ -187,3 +187,29 @@ def test_loader_iterator_is_created_lazily_after_set_epoch(catalog: pd.DataFrame
     it = iter(loader)
     loader.epoch_sampler.set_epoch(5)
     assert next(it)["index"].tolist() == expected
+
+
+def test_loader_workers_with_photo_simulation_start_after_opencvs_pool(
+    demo_root: Path, tmp_path: Path
+) -> None:
+    """A process that has run OpenCV on several threads forks loader workers that run the phone
+    recipe (OpenCV): they must not hang (a forked worker that changes OpenCV's thread count does)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import cv2, numpy as np
+from chextrain.data.catalog import read_catalog
+from chextrain.data.dataset import CatalogDataset, make_loader
+from chextrain.data.transforms import PhotoSim
+cv2.setNumThreads(2)
+x = np.random.rand(1500, 1500).astype(np.float32)
+cv2.warpPerspective(x, np.eye(3), (1500, 1500))  # this process's OpenCV pool is running
+rows = read_catalog({str(demo_root)!r}).head(8)
+ds = CatalogDataset(rows, image_size=48, augment=[PhotoSim(p=1.0, recipe="phone")])
+loader = make_loader(ds, batch_size=4, shuffle=True, num_workers=2)
+print(sum(len(b["image"]) for b in loader), cv2.getNumThreads())
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["8", "1"]  # every image, and OpenCV on one thread for the workers

@@ -287,9 +287,6 @@ def worker_init(worker_id: int) -> None:
     they are never traversed. Objects the worker makes itself are collected as usual.
     """
     gc.freeze()
-    import cv2  # photo simulation and rectification: one thread per worker, as torch has
-
-    cv2.setNumThreads(1)
 
 
 def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -391,6 +388,13 @@ def make_loader(
     Batches come from `collate`; workers start with `worker_init_fn` (which should call
     `worker_init`)."""
     sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
+    if num_workers > 0:
+        # OpenCV (photo simulation) on one thread in each worker, as torch is there. Set here, before
+        # the workers fork: a forked worker that changes OpenCV's thread count hangs when this
+        # process had started OpenCV's thread pool.
+        import cv2
+
+        cv2.setNumThreads(1)
     return ResumableLoader(
         dataset,
         sampler=sampler,

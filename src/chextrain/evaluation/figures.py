@@ -78,13 +78,7 @@ def roc_grid(series: Sequence[RocSeries], title: str, columns: int = 3) -> Figur
             colour = colours[strategies.index(s.strategy)]
             (handles[s.strategy],) = ax.plot(fpr, tpr, color=colour, linewidth=1.2)
         ax.plot([0, 1], [0, 1], color="0.75", linewidth=0.8)
-        ax.set(xlim=(0, 1), ylim=(0, 1.01), title=panels[i])
-        ax.title.set_fontsize(9)
-        ax.tick_params(labelsize=7)
-        if i % columns == 0:
-            ax.set_ylabel("True positive rate", fontsize=8)
-        if i >= len(panels) - columns:
-            ax.set_xlabel("False positive rate", fontsize=8)
+        _style_panel(ax, panels[i], i, len(panels), columns, "False positive rate", "True positive rate")
     fig.suptitle(title, fontsize=10)
     shown = [k for k in strategies if k in handles]
     bottom = (0.25 * legend_rows + 0.3) / fig.get_figheight()
@@ -175,13 +169,9 @@ def reliability_grid(series: Sequence[ReliabilitySeries], title: str, columns: i
                 linewidth=1.2,
                 color=colours[sides.index(s.comparison)],
             )
-        ax.set(xlim=(0, 1), ylim=(0, 1.01), title=panels[i])
-        ax.title.set_fontsize(9)
-        ax.tick_params(labelsize=7)
-        if i % columns == 0:
-            ax.set_ylabel("Observed positive rate", fontsize=8)
-        if i >= len(panels) - columns:
-            ax.set_xlabel("Mean predicted probability", fontsize=8)
+        _style_panel(
+            ax, panels[i], i, len(panels), columns, "Mean predicted probability", "Observed positive rate"
+        )
     fig.suptitle(title, fontsize=10)
     if handles:
         fig.legend(
@@ -189,3 +179,15 @@ def reliability_grid(series: Sequence[ReliabilitySeries], title: str, columns: i
         )
     fig.tight_layout(rect=(0, 0.7 / fig.get_figheight(), 1, 0.97))
     return fig
+
+
+def _style_panel(ax: Any, title: str, i: int, n: int, columns: int, xlabel: str, ylabel: str) -> None:
+    """A unit-square panel of a grid: its title, small ticks, y label on the first column and x
+    label on the last row (the ROC and reliability figures share this look)."""
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), title=title)
+    ax.title.set_fontsize(9)
+    ax.tick_params(labelsize=7)
+    if i % columns == 0:
+        ax.set_ylabel(ylabel, fontsize=8)
+    if i >= n - columns:
+        ax.set_xlabel(xlabel, fontsize=8)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from chextrain.data.transforms import Preprocessing, as_preprocessing, to_network_input
+from chextrain.training.finite import not_finite_on_any_rank
 from chextrain.training.optim import cosine, make_optimizer
 from chextrain.training.specs import MocoSpec, OptimizerSpec
 from chextrain.training.stage_errors import NonFiniteError, non_finite_message
@@ -221,11 +222,7 @@ class MocoModule(L.LightningModule):
 
     def _stop_if_not_finite(self, loss: torch.Tensor) -> None:
         """Raise NonFiniteError when the loss is NaN / inf on any rank, before the weights see it."""
-        bad = not bool(torch.isfinite(loss.detach()).all())
-        trainer = self._trainer
-        if trainer is not None and trainer.world_size > 1:  # every rank stops together, none waits
-            bad = bool(trainer.strategy.reduce_boolean_decision(bad, all=False))
-        if not bad:
+        if not not_finite_on_any_rank(self, loss):
             return
         if not all(bool(torch.isfinite(w.detach()).all()) for w in self.encoder_q.parameters()):
             hint = (

@@ -44,6 +44,7 @@ from chextrain.labels import SLUGS
 from chextrain.models.bundle import save_bundle
 from chextrain.models.net import ROUTER, CXRNet, apply_freeze
 from chextrain.training.checkpoints import BEST_CKPT, CKPT_DIR
+from chextrain.training.finite import not_finite_on_any_rank
 from chextrain.training.loaders import TrainValData, stage_rows, stage_store
 from chextrain.training.objectives.plan import LoaderSettings, Outcome, Plan
 from chextrain.training.optim import make_optimizer
@@ -131,11 +132,7 @@ class SupervisedModule(L.LightningModule):
 
     def _stop_if_not_finite(self, loss: torch.Tensor, images: torch.Tensor, batch: dict[str, Any]) -> None:
         """Raise NonFiniteError when the loss is NaN / inf (on any DDP rank), before the weights see it."""
-        bad = not bool(torch.isfinite(loss.detach()).all())
-        trainer = self._trainer
-        if trainer is not None and trainer.world_size > 1:  # every rank stops together, none waits
-            bad = bool(trainer.strategy.reduce_boolean_decision(bad, all=False))
-        if not bad:
+        if not not_finite_on_any_rank(self, loss):
             return
         files = self._train_files(batch["index"]) if not bool(torch.isfinite(images).all()) else []
         hint = self.hint(files)

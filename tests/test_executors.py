@@ -18,6 +18,7 @@ from chextrain.evaluation.report import write_report
 from chextrain.training.executors import (
     ExecutorError,
     WarmSlot,
+    cuda_visible_devices,
     gpu_slots,
     local_executor,
     run_local,
@@ -336,3 +337,10 @@ def test_two_study_runs_on_one_folder_never_run_a_stage_twice(tmp_path: Path, de
         run_study(load_study(path), demo_root, out, progress=False, log=lambda s: None)["stages"][0]["state"]
         == "done"
     )
+
+
+def test_a_slots_gpus_are_numbered_within_the_schedulers_own_visible_devices() -> None:
+    assert cuda_visible_devices((0, 1), None) == "0,1" and cuda_visible_devices((), None) == ""
+    assert cuda_visible_devices((0,), "2,3") == "2" and cuda_visible_devices((1,), "2, 3") == "3"
+    assert cuda_visible_devices((0, 1), "GPU-aa,GPU-bb") == "GPU-aa,GPU-bb"  # UUIDs pass through
+    assert cuda_visible_devices((), "2,3") == ""  # a CPU slot sees no GPU

@@ -168,9 +168,19 @@ class WarmSlot:
         self.process = self.conn = None
 
 
+def cuda_visible_devices(gpus: Sequence[int], inherited: str | None) -> str:
+    """CUDA_VISIBLE_DEVICES for a slot whose GPUs are `gpus`, numbered as the scheduler's torch
+    numbers them: within the scheduler's own CUDA_VISIBLE_DEVICES when it has one (GPU 0 of a
+    scheduler started with `CUDA_VISIBLE_DEVICES=2,3` is device 2), else the machine's."""
+    given = [d.strip() for d in inherited.split(",") if d.strip()] if inherited else []
+    if not given:
+        return ",".join(str(g) for g in gpus)
+    return ",".join(given[g] for g in gpus if 0 <= g < len(given))
+
+
 def _slot_main(conn: Any, gpus: tuple[int, ...]) -> None:
     """A slot process: take (StageJob, log path) from the pipe, run it, answer (ok, text); None ends."""
-    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+    os.environ["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices(gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
     import lightning.pytorch  # noqa: F401  (the imports a stage needs, paid once while waiting)
 
     import chextrain.training.lifecycle  # noqa: F401

@@ -153,3 +153,21 @@ def test_the_stage_table_says_which_input_each_model_used(reported: Path) -> Non
     assert "| Input |" in md
     line = next(x for x in md.splitlines() if x.startswith("| mixed |"))
     assert "| 224 px, histeq |" in line
+
+
+def test_unfinished_stages_without_a_reason_say_where_they_are() -> None:
+    from types import SimpleNamespace
+
+    from chextrain.evaluation.document import stage_rows
+
+    stages = [
+        SimpleNamespace(name=n, strategy=n, state=st, reason="", seconds=None, kind="supervised")
+        for n, st in (("a", "running"), ("b", "queued"), ("c", "pending"), ("d", "failed"))
+    ]
+    why = {row[0]: row[-1] for row in stage_rows(stages, {})}
+    assert why == {
+        "a": "running (still running)",
+        "b": "queued (waiting in the scheduler's queue)",
+        "c": "pending (not started yet)",
+        "d": "failed (no reason recorded)",
+    }

@@ -155,7 +155,7 @@ def stage_rows(
     rows = []
     for s in stages:
         if s.state != "done":
-            what = s.reason or f"{s.state} (no reason recorded)"
+            what = s.reason or f"{s.state} ({_unfinished(s.state)})"
         elif s.kind == "moco":
             what = "pre-training stage (no classifier to score)"
         else:
@@ -196,7 +196,7 @@ def build_document(
     if not_run:
         warn.append(
             f"{len(not_run)} stage(s) did not finish and have no numbers: "
-            + "; ".join(f"{s.name} ({s.state}: {s.reason or 'no reason recorded'})" for s in not_run)
+            + "; ".join(f"{s.name} ({s.state}: {s.reason or _unfinished(s.state)})" for s in not_run)
         )
     ci = (
         f"95% percentile intervals of {n_boot} patient-level bootstrap resamples (seed {seed})"
@@ -334,3 +334,12 @@ def _budget(df: pd.DataFrame, images: Sequence[R.Image]) -> list[R.Block]:
             rows,
         ),
     ]
+
+
+def _unfinished(state: str) -> str:
+    """Why a stage without a recorded reason has no numbers yet, from its state."""
+    return {
+        "pending": "not started yet",
+        "queued": "waiting in the scheduler's queue",
+        "running": "still running",
+    }.get(state, "no reason recorded")

@@ -343,3 +343,24 @@ def test_flagged_images_are_not_scored_in_the_table_json_and_csv(routed_bundle: 
     row = next(line for line in out.splitlines() if line.strip().startswith("letter.png"))
     assert len(re.findall(r"\d\.\d\d[+ ]", row)) == 6 and "not scored" not in out
     assert "scored anyway" in " ".join(out.split()) or "--score-anyway" in out
+
+
+def test_quality_calibrate_prints_the_table_and_writes_the_bundles_thresholds(tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "model.json").write_text(json.dumps({"backbone": "tiny", "kept": True}))
+    (bundle / "model.safetensors").write_bytes(b"weights")  # only model.json is changed
+    code, out, _ = _run("quality", "calibrate", "--images", "2", "--seed", "1", "--bundle", bundle)
+    assert code == 0 and "levels 0, 1 must pass, 3, 4 must fail" in out and "tilt" in out
+    assert (bundle / "model.safetensors").read_bytes() == b"weights"
+    meta = json.loads((bundle / "model.json").read_text())
+    assert meta["kept"] is True and set(meta["quality"]["thresholds"]) >= {"blur_min", "tilt_max"}
+    assert meta["quality"]["calibration"] == {
+        "images": 2,
+        "seed": 1,
+        "pass_levels": [0, 1],
+        "fail_levels": [3, 4],
+        "max_false_fail": 0.02,
+    }
+    code, _, err = _run("quality", "calibrate", "--images", "2", "--bundle", tmp_path / "missing")
+    assert code == 2 and "missing" in err and "Traceback" not in err

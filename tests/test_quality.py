@@ -20,10 +20,7 @@ from chextrain.quality import (
     QualityError,
     Thresholds,
     assess,
-    best_threshold,
     blur,
-    calibrate,
-    calibration_images,
     exposure,
     frame_share,
     glare,
@@ -31,6 +28,7 @@ from chextrain.quality import (
     thresholds_from_meta,
     tilt,
 )
+from chextrain.quality_calibration import best_threshold, calibrate, calibration_images
 
 
 @dataclass

@@ -416,7 +416,12 @@ def quality_calibrate(
     with checks.reported():
         if bundle is not None:
             checks.bundle(bundle)
-    from chextrain.quality import calibrate, calibration_images, calibration_text, write_thresholds
+    from chextrain.quality_calibration import (
+        calibrate,
+        calibration_images,
+        calibration_text,
+        write_thresholds,
+    )
 
     cal = calibrate(calibration_images(images, seed), seed)
     typer.echo(calibration_text(cal), nl=False)

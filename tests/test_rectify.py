@@ -129,7 +129,7 @@ def test_corner_photos_read_labels_and_photograph_xrays(tmp_path: Path) -> None:
 
     from chextrain.data.corners import write_labelme
     from chextrain.training.objectives.corners import CornerPhotos
-    from chextrain.training.stage import CornersSpec
+    from chextrain.training.specs import CornersSpec
 
     xray, photo = tmp_path / "xray.png", tmp_path / "photo.png"
     Image.fromarray(_pattern(64, 48)).save(xray)

@@ -1,4 +1,4 @@
-"""The parts of a Stage spec: data, split, optimiser, augmentation, MoCo settings (pydantic).
+"""The parts of a Stage spec: data, split, optimiser, augmentation, MoCo and corners settings (pydantic).
 
 Every spec forbids unknown keys, so a typo in a stage file is an error naming the key.
 """
@@ -180,6 +180,32 @@ class MocoSpec(Spec):
         if isinstance(value, Mapping):
             return {k: ({} if v is True else None if v is False else v) for k, v in value.items()}
         return value
+
+
+class CornersSpec(Spec):
+    """How the `corners` objective makes its training photos (training/objectives/corners.py).
+
+    Each x-ray of the stage's rows becomes a fresh simulated photo every epoch, whose corners
+    the photo simulation knows: a recipe of `recipes` at a level of `levels`, padded first onto
+    a black 3:4 screen with probability `canvas` (as the demo's natural photos), left as it is
+    (corners = the frame) with probability `plain`, its screen blank (no radiograph: the
+    confidence must be 0) with probability `negatives`. Photos with CheXphoto v1.1 corner labels
+    among the rows train as they are when `labelled`. The confidence output learns whether the
+    corners are right within `tolerance` of the diagonal. `eval_photos` held-out simulated photos
+    (of the val x-rays) measure the model against the classical finder when it finishes, and
+    choose the bundle's `min_confidence` (below it rectify falls back to the classical finder)
+    as the one that gives find_quad the smallest error there, unless the stage sets it.
+    """
+
+    recipes: list[Literal["phone", "photographic", "digital"]] = Field(default=["phone"], min_length=1)
+    levels: list[Literal[1, 2, 3, 4]] = Field(default=[1, 2, 3], min_length=1)
+    canvas: float = Field(default=0.5, ge=0.0, le=1.0)
+    plain: float = Field(default=0.05, ge=0.0, le=1.0)
+    negatives: float = Field(default=0.05, ge=0.0, le=1.0)
+    labelled: bool = True
+    tolerance: float = Field(default=0.08, gt=0.0, lt=1.0)
+    min_confidence: float | None = Field(default=None, ge=0.0, le=1.0)
+    eval_photos: int = Field(default=64, ge=0)
 
 
 class ResourcesSpec(Spec):

@@ -37,6 +37,7 @@ from chextrain.labels import resolve_policy
 from chextrain.models.net import check_backbone
 from chextrain.training.specs import (
     AugmentSpec,
+    CornersSpec,
     DataSpec,
     LoggerSpec,
     MocoSpec,
@@ -228,32 +229,6 @@ class MocoStage(BaseStage):
 
     objective: Literal["moco"]
     moco: MocoSpec = MocoSpec()
-
-
-class CornersSpec(Spec):
-    """How the `corners` objective makes its training photos (training/objectives/corners.py).
-
-    Each x-ray of the stage's rows becomes a fresh simulated photo every epoch, whose corners
-    the photo simulation knows: a recipe of `recipes` at a level of `levels`, padded first onto
-    a black 3:4 screen with probability `canvas` (as the demo's natural photos), left as it is
-    (corners = the frame) with probability `plain`, its screen blank (no radiograph: the
-    confidence must be 0) with probability `negatives`. Photos with CheXphoto v1.1 corner labels
-    among the rows train as they are when `labelled`. The confidence output learns whether the
-    corners are right within `tolerance` of the diagonal. `eval_photos` held-out simulated photos
-    (of the val x-rays) measure the model against the classical finder when it finishes, and
-    choose the bundle's `min_confidence` (below it rectify falls back to the classical finder)
-    as the one that gives find_quad the smallest error there, unless the stage sets it.
-    """
-
-    recipes: list[Literal["phone", "photographic", "digital"]] = Field(default=["phone"], min_length=1)
-    levels: list[Literal[1, 2, 3, 4]] = Field(default=[1, 2, 3], min_length=1)
-    canvas: float = Field(default=0.5, ge=0.0, le=1.0)
-    plain: float = Field(default=0.05, ge=0.0, le=1.0)
-    negatives: float = Field(default=0.05, ge=0.0, le=1.0)
-    labelled: bool = True
-    tolerance: float = Field(default=0.08, gt=0.0, lt=1.0)
-    min_confidence: float | None = Field(default=None, ge=0.0, le=1.0)
-    eval_photos: int = Field(default=64, ge=0)
 
 
 class CornersStage(BaseStage):

@@ -56,8 +56,8 @@ from chextrain.rectify import (
 from chextrain.training.loaders import TrainData
 from chextrain.training.objectives.plan import LoaderSettings, Outcome, Plan
 from chextrain.training.optim import make_optimizer
-from chextrain.training.specs import OptimizerSpec
-from chextrain.training.stage import CornersSpec, CornersStage
+from chextrain.training.specs import CornersSpec, OptimizerSpec
+from chextrain.training.stage import CornersStage
 
 
 def photo_of(

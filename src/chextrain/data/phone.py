@@ -210,12 +210,9 @@ def defocus_blur(image: np.ndarray, rng: np.random.Generator, level: int = 1) ->
     return np.array(Image.fromarray(image).filter(ImageFilter.GaussianBlur(sigma)))
 
 
-def motion_blur(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.ndarray:
-    """Camera shake: average along a line of U(0.5, 1) * 6 L px (reference) at a random angle.
-
-    The line kernel is splatted bilinearly, so sub-pixel lengths still blur a little.
-    """
-    image, level = check_image(image), check_level(level)
+def motion_kernel(image: np.ndarray, rng: np.random.Generator, level: int) -> np.ndarray:
+    """motion_blur's draws and its line kernel for `image`: float32 2-D, summing to 1, its taps
+    below 1e-4 of the largest set to 0 (filters that skip zero taps cost ~ the line's length)."""
     length = rng.uniform(0.5, 1.0) * 6.0 * level * reference_scale(image)
     angle = rng.uniform(0, math.pi)
     t = np.linspace(-length / 2, length / 2, 2 * int(math.ceil(length)) + 3)
@@ -227,8 +224,18 @@ def motion_blur(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> 
     for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
         wgt = (fx if dx else 1 - fx) * (fy if dy else 1 - fy)
         np.add.at(kernel, (y0 + dy + p, x0 + dx + p), wgt)
-    kernel[kernel < 1e-4 * kernel.max()] = 0.0  # ndimage skips zero taps: cost ~ line length
+    kernel[kernel < 1e-4 * kernel.max()] = 0.0
     kernel /= kernel.sum()
+    return kernel
+
+
+def motion_blur(image: np.ndarray, rng: np.random.Generator, level: int = 1) -> np.ndarray:
+    """Camera shake: average along a line of U(0.5, 1) * 6 L px (reference) at a random angle.
+
+    The line kernel is splatted bilinearly, so sub-pixel lengths still blur a little.
+    """
+    image, level = check_image(image), check_level(level)
+    kernel = motion_kernel(image, rng, level)
     kernel = kernel[..., None] if image.ndim == 3 else kernel
     return round_to_uint8(ndimage.correlate(image, kernel, output=np.float32, mode="nearest"))
 

@@ -38,6 +38,7 @@ from chextrain.data.phone import (
     _random_quad,
     face_to_photo,
     lighting_factors,
+    motion_kernel,
     region_corners,
     vignette_factors,
 )
@@ -290,19 +291,8 @@ def _defocus(x: np.ndarray, rng: np.random.Generator, level: int) -> np.ndarray:
 
 
 def _motion(x: np.ndarray, rng: np.random.Generator, level: int) -> np.ndarray:
-    """phone.motion_blur's draws and line kernel (bilinearly splatted), applied by direct sums."""
-    length = rng.uniform(0.5, 1.0) * 6.0 * level * reference_scale(x)
-    angle = rng.uniform(0, math.pi)
-    t = np.linspace(-length / 2, length / 2, 2 * int(math.ceil(length)) + 3)
-    px, py = t * math.cos(angle), t * math.sin(angle)
-    p = int(math.ceil(length / 2)) + 1
-    kernel = np.zeros((2 * p + 1, 2 * p + 1), dtype=np.float32)
-    x0, y0 = np.floor(px).astype(int), np.floor(py).astype(int)
-    fx, fy = px - x0, py - y0
-    for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
-        np.add.at(kernel, (y0 + dy + p, x0 + dx + p), (fx if dx else 1 - fx) * (fy if dy else 1 - fy))
-    kernel[kernel < 1e-4 * kernel.max()] = 0.0
-    return _taps(x, kernel / kernel.sum())
+    """phone.motion_blur's draws and line kernel (bilinearly splatted), applied by OpenCV."""
+    return _taps(x, motion_kernel(x, rng, level))
 
 
 NOISE_BANK = 1024  # side of the bank of N(0, 1) pixels that sensor noise is cut from

@@ -210,6 +210,6 @@ ds = CatalogDataset(rows, image_size=48, augment=[PhotoSim(p=1.0, recipe="phone"
 loader = make_loader(ds, batch_size=4, shuffle=True, num_workers=2)
 print(sum(len(b["image"]) for b in loader), cv2.getNumThreads())
 """
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["8", "1"]  # every image, and OpenCV on one thread for the workers

@@ -17,14 +17,13 @@ import pytest
 from chextrain.evaluation.report import write_report
 from chextrain.training.executors import (
     ExecutorError,
-    WarmSlot,
-    cuda_visible_devices,
     gpu_slots,
     local_executor,
     run_local,
     sbatch_parameters,
     submit_slurm,
 )
+from chextrain.training.slots import WarmSlot, cuda_visible_devices
 from chextrain.training.specs import ResourcesSpec
 from chextrain.training.study import load_study, parse_study
 from chextrain.training.study_run import read_state, run_study

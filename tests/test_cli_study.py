@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -80,6 +81,23 @@ def test_tiny_study_runs_reports_and_caches(tmp_path: Path, demo_root: Path) -> 
     assert again.exit_code == 0 and again.output.count("done (cached)") == 2
 
 
+@pytest.mark.slow
+def test_tiny_study_runs_in_local_slots_through_the_cli(tmp_path: Path, demo_root: Path) -> None:
+    study, out = write_study(tmp_path), tmp_path / "out"
+    study.write_text(STUDY.replace("init: stage:base", "init: random"))  # two independent stages
+    cmd = [sys.executable, "-m", "chextrain.cli", "study", "run", str(study), "--data", str(demo_root)]
+    cmd += ["--out", str(out), "--no-report", "--executor", "local", "--slots", "2"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    records = {s["name"]: s for s in json.loads((out / "study.json").read_text())["stages"]}
+    assert {n: (r["state"], r["executor"]) for n, r in records.items()} == {
+        "base": ("done", "local"),
+        "tuned": ("done", "local"),
+    }
+    assert records["base"]["pid"] != records["tuned"]["pid"]  # one slot process each
+    assert {p.name for p in (out / "jobs").glob("*.log")} == {"base.log", "tuned.log"}
+
+
 def test_bad_study_file_is_a_clear_error(tmp_path: Path, demo_root: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(STUDY.replace("max_steps: 3", "max_steps: -1\n    freeze: half"))
@@ -88,6 +106,10 @@ def test_bad_study_file_is_a_clear_error(tmp_path: Path, demo_root: Path) -> Non
     )
     assert result.exit_code == 2
     assert "max_steps" in result.output and "freeze" in result.output
+    args = ["study", "run", str(bad), "--data", str(demo_root), "--out", str(tmp_path / "o")]
+    local = CliRunner().invoke(build_app(), args + ["--executor", "local", "--slots", "2"])
+    assert local.exit_code == 2 and "max_steps" in local.output
+    assert multiprocessing.active_children() == []  # the slots started before the study was read are gone
     missing = CliRunner().invoke(build_app(), ["study", "status", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "no study.json" in missing.output
 

@@ -23,7 +23,7 @@ from chextrain.training.executors import (
     sbatch_parameters,
     submit_slurm,
 )
-from chextrain.training.slots import WarmSlot, cuda_visible_devices
+from chextrain.training.slots import PRELOAD, WarmSlot, cuda_visible_devices, start_slots
 from chextrain.training.specs import ResourcesSpec
 from chextrain.training.study import load_study, parse_study
 from chextrain.training.study_run import read_state, run_study
@@ -224,9 +224,85 @@ def test_a_warm_slot_survives_a_dead_process_and_logs_each_stage(tmp_path: Path)
         assert slot.submit(Says()).result() == f"done in {slot.process.pid}"
         assert slot.submit(Says()).result() == f"done in {slot.process.pid}"  # the same process again
         assert (tmp_path / "jobs" / "says.log").read_text().count("hello from the slot") == 2
+        finishing = slot.process
+        slot.finish()  # no more stages: the process exits on its own, without the interpreter's teardown
+        slot.finish()  # asking twice is harmless
+        finishing.join(timeout=120)
+        assert finishing.exitcode == 0
+        slot.update_parameters(visible_gpus=())  # a finished slot given a stage starts a fresh process
+        assert slot.process is not finishing and slot.submit(Says()).result() == f"done in {slot.process.pid}"
     finally:
         slot.close()
     assert slot.process is None
+
+
+class Sees:
+    """A job that answers the GPUs its process sees and its process id."""
+
+    name = "sees"
+
+    def __call__(self) -> str:
+        return f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r} in {os.getpid()}"
+
+
+def test_a_started_slot_is_bound_to_its_gpus_at_its_first_stage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")  # the scheduler's own devices
+    slot, spare = start_slots(2, tmp_path / "jobs")
+    try:
+        started = slot.process.pid
+        slot.update_parameters(visible_gpus=(1,))  # binding a started slot keeps its process
+        assert slot.submit(Sees()).result() == f"'5' in {started}"
+        slot.update_parameters(visible_gpus=(1,))
+        assert slot.submit(Sees()).result() == f"'5' in {started}"
+        slot.update_parameters(visible_gpus=(0, 2))  # other GPUs: a fresh process, which CUDA never saw
+        assert slot.process.pid != started and slot.submit(Sees()).result() == f"'4,6' in {slot.process.pid}"
+        waiting = spare.process
+        spare.kill()  # a slot the scheduler never used ends at once
+        assert spare.process is None and not waiting.is_alive()
+    finally:
+        slot.close()
+        spare.close()
+
+
+PROBE_CUDA = """
+import importlib, sys, torch
+calls = []
+def record(name, f):
+    def wrapper(*args, **kwargs):
+        calls.append(name)
+        return f(*args, **kwargs)
+    return wrapper
+for name in ("device_count", "is_available", "init", "_lazy_init", "current_device", "get_device_properties"):
+    setattr(torch.cuda, name, record(name, getattr(torch.cuda, name)))
+torch._C._cuda_getDeviceCount = record("_cuda_getDeviceCount", torch._C._cuda_getDeviceCount)
+for module in sys.argv[1:]:
+    importlib.import_module(module)
+assert not calls and not torch.cuda.is_initialized(), f"CUDA asked while importing: {calls}"
+"""
+
+
+def test_what_a_slot_imports_while_it_waits_does_not_ask_cuda() -> None:
+    """A slot imports PRELOAD before it knows its GPUs and sets CUDA_VISIBLE_DEVICES at its first stage.
+    That is right only while those imports never ask CUDA anything (a device count starts the driver,
+    which then keeps the devices it saw), so each such call is recorded; a probe that asks must fail."""
+    run = subprocess.run(
+        [sys.executable, "-c", PROBE_CUDA, *PRELOAD], capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    asks = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            PROBE_CUDA.replace("for module", "torch.cuda.is_available()\nfor module"),
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert asks.returncode != 0 and "CUDA asked while importing: ['is_available'" in asks.stderr
 
 
 def fake_slurm(tmp_path: Path) -> Path:

@@ -1,3 +1,4 @@
 from chextrain.cli import main
 
-main()
+if __name__ == "__main__":  # not when a spawned process (a slot) imports it as its parent's main
+    main()

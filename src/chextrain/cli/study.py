@@ -82,17 +82,23 @@ def run(
             raise checks.ArgumentError(f"--gpus-per-stage {gpus_per_stage}: expected 0 or more")
         if dry_run and executor != "slurm":
             raise checks.ArgumentError("--dry-run goes with --executor slurm")
-    study = _checked_study(study_file, data, profile, overrides or [], only or None)
+    t0 = time.time()
+    warm = _start_slots(slots, out) if executor == "local" else []  # they import while the study is read
+    try:
+        study = _checked_study(study_file, data, profile, overrides or [], only or None)
+    except BaseException:
+        for slot in warm:
+            slot.kill()
+        raise
     from chextrain.training.study_run import run_study
 
     console = Console()
-    t0 = time.time()
     log = lambda line: console.print(line, markup=False, highlight=False)  # noqa: E731
     if executor == "slurm":
         _submit(study, data, out, only or None, dry_run, log, console)
         return
     if executor == "local":
-        state = _run_local(study, data, out, only or None, slots, gpus_per_stage, log)
+        state = _run_local(study, data, out, only or None, slots, gpus_per_stage, log, warm)
     else:
         state = run_study(study, data, out, only=only or None, progress=not no_progress, log=log)
     console.print(f"study {study.name!r} finished in {(time.time() - t0) / 60:.1f} min")
@@ -134,22 +140,36 @@ def _run_local(
     slots: int,
     gpus_per_stage: int | None,
     log: Any,
+    warm: list[Any],
 ) -> dict:
     import torch
 
     from chextrain.training.executors import run_local
+    from chextrain.training.slots import WarmSlot
 
     visible = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    return run_local(
-        study,
-        data,
-        out,
-        slots=slots,
-        only=only,
-        gpus_per_stage=gpus_per_stage,
-        visible_gpus=visible,
-        log=log,
-    )
+    try:
+        return run_local(
+            study,
+            data,
+            out,
+            slots=slots,
+            only=only,
+            gpus_per_stage=gpus_per_stage,
+            visible_gpus=visible,
+            log=log,
+            make_executor=lambda folder: warm.pop(0) if warm else WarmSlot(folder),
+        )
+    finally:
+        for slot in warm:  # not taken (refused before the slots were made)
+            slot.kill()
+
+
+def _start_slots(slots: int, out: Path) -> list[Any]:
+    """The local executor's slot processes, started before the study is read (training/slots.py)."""
+    from chextrain.training.slots import JOBS_DIR, start_slots
+
+    return start_slots(slots, out / JOBS_DIR)
 
 
 def _submit(

@@ -25,7 +25,7 @@ from typing import Any
 
 import submitit
 
-from chextrain.training.slots import ExecutorError, WarmSlot
+from chextrain.training.slots import JOBS_DIR, ExecutorError, WarmSlot
 from chextrain.training.specs import ResourcesSpec
 from chextrain.training.study import Study
 from chextrain.training.study_run import (
@@ -39,7 +39,6 @@ from chextrain.training.study_run import (
 )
 
 EXECUTORS: tuple[str, ...] = ("inline", "local", "slurm")
-JOBS_DIR = "jobs"  # submitit's folder (pickled jobs, logs) inside the study folder
 POLL_S = 0.25
 
 
@@ -169,8 +168,13 @@ def run_local(
                         + (f", GPUs {list(gpus[:n_gpus])})" if gpus else ")")
                     )
                     pending.remove(name)
+            if not pending:  # a free slot gets no more stages: let its process go now
+                for slot in free:
+                    getattr(executors[slot], "finish", lambda: None)()
             time.sleep(POLL_S if running else 0)
     finally:
+        for executor in executors:
+            getattr(executor, "finish", lambda: None)()
         for executor in executors:
             if hasattr(executor, "close"):
                 executor.close()

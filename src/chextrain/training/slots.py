@@ -8,6 +8,7 @@ the scheduler's own CUDA_VISIBLE_DEVICES.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import sys
@@ -19,6 +20,7 @@ from typing import Any
 from chextrain.errors import ChextrainError
 
 WAIT_S = 0.25  # how often SlotJob.result looks for the answer
+JOBS_DIR = "jobs"  # the slots' logs (and submitit's pickled jobs) inside the study folder
 
 
 class ExecutorError(ChextrainError):
@@ -48,39 +50,55 @@ class SlotJob:
         return text
 
 
+PRELOAD = ("lightning.pytorch", "chextrain.training.lifecycle")  # what a slot imports while it waits
+
+
 class WarmSlot:
     """One local slot: a process started once, which imports torch and Lightning while it waits,
     then runs the slot's stages one after another (as inline runs all of them in one process).
 
     A process per stage would pay those imports (about 6 s on one core) and two Python starts
-    (submitit's controller and its job) every time. The process sees only the slot's GPUs
-    (CUDA_VISIBLE_DEVICES, set before torch starts); a stage that asks for other GPUs gets a fresh
-    process. Each stage's output goes to `jobs/<stage>.log`. A process that dies (killed, out of
-    memory) ends its stage without a result, and the slot starts a fresh one for the next stage.
+    (submitit's controller and its job) every time. `start_slots` starts them before the scheduler
+    reads the study, so the two import at once. A slot's GPUs are bound at its first stage:
+    CUDA_VISIBLE_DEVICES is set in the process before the stage runs, which is before CUDA starts
+    (the imports above do not start it: tests/test_executors.py checks). A stage that asks for
+    other GPUs than the process was bound to gets a fresh process. Each stage's output goes to
+    `jobs/<stage>.log`. A process that dies (killed, out of memory) ends its stage without a
+    result, and the slot starts a fresh one for the next stage.
     """
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
-        self.gpus: tuple[int, ...] | None = None
+        self.gpus: tuple[int, ...] | None = None  # None: not bound yet (no stage run)
         self.process: Any = None
         self.conn: Any = None
+        self.finishing = False  # told to exit: takes no more stages
 
-    def update_parameters(self, *, visible_gpus: Sequence[int] = (), **_: Any) -> None:
-        gpus = tuple(int(g) for g in visible_gpus)
-        if self.process is None or gpus != self.gpus or not self.process.is_alive():
-            self.close()
-            self.gpus = gpus
+    def start(self) -> WarmSlot:
+        """Start the process, not bound to GPUs yet (if it is not running)."""
+        if self.process is None:
             ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA
             self.conn, child = ctx.Pipe()
-            self.process = ctx.Process(target=_slot_main, args=(child, gpus), name="chextrain-slot")
+            self.process = ctx.Process(target=_slot_main, args=(child,), name="chextrain-slot")
             self.process.start()
             child.close()
+        return self
+
+    def update_parameters(self, *, visible_gpus: Sequence[int] = (), **_: Any) -> None:
+        """Bind the slot to `visible_gpus` for its next stage (a fresh process if it was bound to others)."""
+        gpus = tuple(int(g) for g in visible_gpus)
+        alive = self.process is not None and not self.finishing and self.process.is_alive()
+        if not alive or self.gpus not in (None, gpus):
+            self.close()
+        self.start()
+        self.gpus = gpus
 
     def submit(self, job: Any) -> SlotJob:
-        if self.process is None:
+        if self.gpus is None:
             self.update_parameters()
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.conn.send((job, str(self.folder / f"{job.name}.log")))
+        visible = cuda_visible_devices(self.gpus or (), os.environ.get("CUDA_VISIBLE_DEVICES"))
+        self.conn.send((job, str(self.folder / f"{job.name}.log"), visible))
         return SlotJob(self, job.name)
 
     def receive(self) -> tuple[bool, str]:
@@ -92,20 +110,39 @@ class WarmSlot:
             self.close()
             return False, f"the slot's process ended without a result (exit code {code})"
 
-    def close(self) -> None:
-        if self.process is None:
-            return
-        if self.process.is_alive():
+    def finish(self) -> None:
+        """Ask the process to exit after the stage it runs, if any, without waiting (see close)."""
+        if self.process is not None and not self.finishing and self.process.is_alive():
+            self.finishing = True
             try:
-                self.conn.send(None)  # finish: the process exits after the stage it runs, if any
+                self.conn.send(None)
             except OSError:
                 pass
-            self.process.join(timeout=30)
-            if self.process.is_alive():
-                self.process.terminate()
-                self.process.join()
+
+    def close(self) -> None:
+        """Finish and wait for the process (30 s, then it is terminated). Finishing every slot
+        first, then closing each, lets their exits overlap."""
+        if self.process is None:
+            return
+        self.finish()
+        self.process.join(timeout=30)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join()
         self.conn.close()
-        self.process = self.conn = None
+        self.process = self.conn = self.gpus = None
+        self.finishing = False
+
+    def kill(self) -> None:
+        """End the process now (the scheduler stops before giving it a stage)."""
+        if self.process is not None and self.process.is_alive():
+            self.process.terminate()
+        self.close()
+
+
+def start_slots(n: int, folder: Path) -> list[WarmSlot]:
+    """N slots whose processes start importing now (for run_local's make_executor)."""
+    return [WarmSlot(folder).start() for _ in range(max(0, n))]
 
 
 def cuda_visible_devices(gpus: Sequence[int], inherited: str | None) -> str:
@@ -118,21 +155,25 @@ def cuda_visible_devices(gpus: Sequence[int], inherited: str | None) -> str:
     return ",".join(given[g] for g in gpus if 0 <= g < len(given))
 
 
-def _slot_main(conn: Any, gpus: tuple[int, ...]) -> None:
-    """A slot process: take (StageJob, log path) from the pipe, run it, answer (ok, text); None ends."""
-    os.environ["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices(gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
-    import lightning.pytorch  # noqa: F401  (the imports a stage needs, paid once while waiting)
+def _slot_main(conn: Any) -> None:
+    """A slot process: take (StageJob, log path, CUDA_VISIBLE_DEVICES) from the pipe, run the job
+    with those GPUs visible, answer (ok, text); None ends the process."""
+    import importlib
 
-    import chextrain.training.lifecycle  # noqa: F401
-
+    for module in PRELOAD:  # the imports a stage needs, paid once while waiting
+        importlib.import_module(module)
     while True:
         try:
             message = conn.recv()
         except (EOFError, OSError):  # the scheduler went away
             return
-        if message is None:
-            return
-        job, log_path = message
+        if message is None:  # every stage's files are written and closed: skip the interpreter's
+            logging.shutdown()  # teardown of torch and Lightning (seconds per slot)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+        job, log_path, visible = message
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible  # before the stage starts CUDA (same for every stage)
         with open(log_path, "ab", buffering=0) as log_file:
             sys.stdout.flush()
             sys.stderr.flush()

@@ -380,15 +380,15 @@ def test_tilt_and_digital_corners() -> None:
 
 
 def test_phone_grey_noise_is_cut_from_the_bank_with_its_sigma_and_falls_back_when_larger() -> None:
-    from chextrain.data.phone_grey import NOISE_BANK, _noise, phone_grey
+    from chextrain.data.phone_grey import NOISE_BANK, _noise_window, phone_grey
 
-    zeros = np.zeros((320, 320), np.float32)
     draws = []
     for seed in range(6):
         rng = np.random.default_rng(seed)
         sigma = float(np.random.default_rng(seed).uniform(0.25, 1.0) * 0.025 * 255.0)  # the recipe's draw
-        noise = _noise(zeros, rng, 1)
-        assert noise.dtype == np.float32 and noise.shape == zeros.shape
+        window, drawn = _noise_window((320, 320), rng, 1)
+        assert drawn == sigma and window.dtype == np.float32 and window.shape == (320, 320)
+        noise = window * np.float32(sigma)
         assert abs(float(noise.std()) / sigma - 1) < 0.02 and abs(float(noise.mean())) < 0.05 * sigma
         # neighbouring pixels are independent (a window of the bank, not a smoothed field)
         assert abs(np.corrcoef(noise[:, :-1].ravel(), noise[:, 1:].ravel())[0, 1]) < 0.02
@@ -397,3 +397,39 @@ def test_phone_grey_noise_is_cut_from_the_bank_with_its_sigma_and_falls_back_whe
     tall = (np.random.default_rng(0).random((NOISE_BANK + 6, 40)) * 255).astype(np.uint8)
     out = phone_grey(tall, np.random.default_rng(1))  # larger than the bank: its own noise
     assert out.shape == tall.shape and np.array_equal(out, phone_grey(tall, np.random.default_rng(1)))
+
+
+def test_phone_grey_cast_is_the_rgb_casts_gain_on_a_grey_pixel_with_the_same_draws() -> None:
+    """_cast_gain keeps only the warm and tint gains (hue and saturation leave grey alone); checked
+    against the RGB recipe's colour_cast on a flat grey image, and the draws it consumes."""
+    from chextrain.data.phone import colour_cast
+    from chextrain.data.phone_grey import _cast_gain
+
+    grey = np.full((4, 4), 100, np.uint8)  # no channel clips at 255
+    for level in (1, 2, 3):
+        for seed in range(20):
+            a, b = np.random.default_rng(seed), np.random.default_rng(seed)
+            luma = float(_luma(colour_cast(grey, a, level)).mean())
+            assert abs(luma - 100 * _cast_gain(b, level)) <= 1.0, (level, seed)
+            assert a.random() == b.random()  # the same draws consumed
+
+
+def test_phone_grey_light_from_one_product_is_the_lighting_times_the_vignette() -> None:
+    """_light builds its gain by one matrix product while the vignette stays positive: the same
+    gain as lighting x max(vignette, 0) from the factors, for each level."""
+    from chextrain.data.phone import lighting_factors, vignette_factors
+    from chextrain.data.phone_grey import _light
+
+    x = np.random.default_rng(0).uniform(0, 255, (40, 56)).astype(np.float32)
+    for level in (1, 2, 3):
+        for seed in range(10):
+            got = x.copy()
+            _light(got, np.random.default_rng(seed), level)
+            rng = np.random.default_rng(seed)
+            slope, xn, yn, amp, gx, gy = lighting_factors(40, 56, rng, level)
+            k, rx, ry = vignette_factors(40, 56, rng, level)
+            gain = (1 + slope * (yn[:, None] + xn[None, :])) * np.maximum(
+                1 - k * (ry[:, None] + rx[None, :]), 0
+            )
+            want = np.clip(x * gain + amp * gy[:, None] * gx[None, :], 0, 255)
+            assert np.allclose(got, want, atol=1e-3), (level, seed)

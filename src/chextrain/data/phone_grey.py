@@ -43,12 +43,7 @@ from chextrain.data.phone import (
     vignette_factors,
 )
 from chextrain.data.photo import simulate_photo_with_corners
-from chextrain.data.pixels import (
-    check_image,
-    check_level,
-    reference_scale,
-    round_to_uint8,
-)
+from chextrain.data.pixels import check_image, check_level, reference_scale
 
 LUMA: tuple[float, float, float] = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's "L"
 
@@ -117,13 +112,15 @@ def _phone_grey(
     corners = face_to_photo(region_corners(region, w, h), face.xray, w, h, quad) if with_corners else None
     _light(x, rng, level)
     x = _defocus(x, rng, level) if rng.random() < 0.5 else _motion(x, rng, level)
-    x = _noise(x, rng, level)
+    noise, sigma = _noise_window(x.shape, rng, level)
     cast = _cast_gain(rng, level)
     gain_bc, offset = 1 + rng.uniform(-0.075, 0.075) * level, rng.uniform(-10, 10) * level
-    x *= np.float32(cast * gain_bc)  # colour cast, then exposure, in one pass
-    x += np.float32(offset)
     quality = int(rng.integers(max(70, 100 - 8 * level), 100 - 3 * (level - 1)))
-    return _jpeg(round_to_uint8(x), quality), corners
+    # sensor noise, colour cast, exposure and the rounding to uint8 (saturated) in one pass:
+    # (x + sigma n) g + offset, g = cast x exposure gain
+    g = cast * gain_bc
+    out = cv2.addWeighted(x, g, noise, sigma * g, offset, dtype=cv2.CV_8U)
+    return _jpeg(out, quality), corners
 
 
 # --- the monitor in the room --------------------------------------------------------------
@@ -258,15 +255,20 @@ def _background(h: int, w: int, rng: np.random.Generator, level: int) -> Image.I
 
 def _light(x: np.ndarray, rng: np.random.Generator, level: int) -> None:
     """phone's uneven lighting and vignette (their draws, in order) on float32 H x W in place, built
-    from their separable factors: a few passes over the image instead of one per factor."""
+    from their separable factors: gain (1 + slope (yn + xn)) max(1 - k (ry + rx), 0), then the glow
+    amp gy gx^T added. While the vignette stays positive (always, up to level 3), the gain is a
+    sum of 4 outer products, made by one matrix product."""
     h, w = x.shape
     slope, xn, yn, amp, gx, gy = lighting_factors(h, w, rng, level)
     k, rx, ry = vignette_factors(h, w, rng, level)
     f32 = np.float32
-    gain = np.add.outer((1.0 + slope * yn).astype(f32), (slope * xn).astype(f32))
-    vignette = np.add.outer((1.0 - k * ry).astype(f32), (-k * rx).astype(f32))
-    np.maximum(vignette, f32(0.0), out=vignette)
-    gain *= vignette
+    a, b = (1.0 + slope * yn).astype(f32), (slope * xn).astype(f32)  # rows, columns of the lighting
+    c, d = (1.0 - k * ry).astype(f32), (-k * rx).astype(f32)  # of the vignette
+    if float(c.min()) + float(d.min()) >= 0.0:  # (a_i + b_j)(c_i + d_j), one product
+        gain = np.stack([a * c, a, c, np.ones_like(a)], axis=1) @ np.stack([np.ones_like(b), d, b, b * d])
+    else:
+        gain = np.add.outer(a, b)
+        gain *= np.maximum(np.add.outer(c, d), f32(0.0))
     x *= gain
     x += np.outer((amp * gy).astype(f32), gx)
     np.clip(x, f32(0.0), f32(255.0), out=x)
@@ -304,44 +306,42 @@ def _noise_bank() -> np.ndarray:
     return torch.randn((NOISE_BANK, NOISE_BANK), generator=torch.Generator().manual_seed(0)).numpy()
 
 
-def _noise(x: np.ndarray, rng: np.random.Generator, level: int) -> np.ndarray:
-    """phone.sensor_noise's sigma draw; luma noise cut from the bank.
+def _noise_window(shape: tuple[int, ...], rng: np.random.Generator, level: int) -> tuple[np.ndarray, float]:
+    """phone.sensor_noise's sigma draw, and N(0, 1) luma noise of `shape` cut from the bank.
 
     The draw that seeds the RGB recipe's noise picks a window of the bank, a flip of each axis and,
     for a square image, a transposition: independent N(0, 1) pixels within a photo at the cost of a
     copy (drawing them afresh costs more than the rest of the noise). An image larger than the bank
-    draws its own from a generator seeded by the same draw.
+    draws its own from a generator seeded by the same draw. Returns (float32 H x W, sigma); a
+    window that is neither flipped nor transposed is a view of the bank (rows a bank row apart).
     """
     sigma = float(rng.uniform(0.25, 1.0) * 0.025 * level * 255.0)
     seed = int(rng.integers(2**62))
-    h, w = x.shape
+    h, w = shape
     if h > NOISE_BANK or w > NOISE_BANK:
         g = torch.Generator().manual_seed(seed)
-        window = torch.randn(x.shape, generator=g, dtype=torch.float32).numpy()
+        return torch.randn((h, w), generator=g, dtype=torch.float32).numpy(), sigma
+    rows, cols = NOISE_BANK - h + 1, NOISE_BANK - w + 1
+    top, left, turn = seed % rows, (seed // rows) % cols, (seed >> 48) & 7
+    if turn & 4 and h == w:  # OpenCV's blocked transpose and flip: the view's rows are contiguous
+        window = cv2.transpose(_noise_bank()[left : left + w, top : top + h])
     else:
-        rows, cols = NOISE_BANK - h + 1, NOISE_BANK - w + 1
-        top, left, turn = seed % rows, (seed // rows) % cols, (seed >> 48) & 7
-        if turn & 4 and h == w:
-            window = _noise_bank()[left : left + w, top : top + h].T
-        else:
-            window = _noise_bank()[top : top + h, left : left + w]
-        window = window[:: -1 if turn & 1 else 1, :: -1 if turn & 2 else 1]
-    noise = np.multiply(window, np.float32(sigma), dtype=np.float32)
-    noise += x
-    return noise
+        window = _noise_bank()[top : top + h, left : left + w]
+    flip = {1: 0, 2: 1, 3: -1}.get(turn & 3)  # rows, columns, both
+    return (window if flip is None else cv2.flip(window, flip)), sigma
 
 
 def _cast_gain(rng: np.random.Generator, level: int) -> float:
-    """phone.colour_cast's draws, as the gain its colour matrix gives the luma of a grey pixel."""
+    """phone.colour_cast's draws, as the gain its colour matrix gives the luma of a grey pixel.
+
+    The matrix is gains @ hue @ saturation. On a grey pixel (r = g = b) the saturation step and
+    the hue rotation (about the grey axis) change nothing, so only the warm and tint gains remain:
+    luma(1 + warm, 1 + tint, 1 - warm). Their draws are still made, in the RGB recipe's order."""
     warm, tint = rng.normal(0, 0.05 * level), rng.normal(0, 0.02 * level)
-    gains = np.diag([1 + warm, 1 + tint, 1 - warm])
-    a = math.radians(rng.uniform(-6, 6) * level)
-    k = np.array([[0, -1, 1], [1, 0, -1], [-1, 1, 0]]) / math.sqrt(3)
-    hue = math.cos(a) * np.eye(3) + (1 - math.cos(a)) / 3 * np.ones((3, 3)) + math.sin(a) * k
-    sat = max(0.0, 1 + rng.uniform(-0.2, 0.2) * level)
-    weights = np.asarray(LUMA)
-    m = gains @ hue @ ((1 - sat) * np.tile(weights, (3, 1)) + sat * np.eye(3))
-    return float(weights @ m.sum(axis=1))
+    rng.uniform(-6, 6)  # hue angle
+    rng.uniform(-0.2, 0.2)  # saturation
+    r, g, b = LUMA
+    return r * (1 + warm) + g * (1 + tint) + b * (1 - warm)
 
 
 def _jpeg(image: np.ndarray, quality: int) -> np.ndarray:

@@ -40,6 +40,7 @@ bench: install
 	$(PY) benchmarks/serve_load.py
 	$(PY) benchmarks/cli_startup.py
 	$(PY) benchmarks/study_parallel.py
+	$(PY) benchmarks/photo_sim.py
 	$(PY) benchmarks/feed.py
 	$(PY) benchmarks/scale.py
 	$(PY) benchmarks/gpu.py

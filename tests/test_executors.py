@@ -224,6 +224,12 @@ def test_a_warm_slot_survives_a_dead_process_and_logs_each_stage(tmp_path: Path)
         assert slot.submit(Says()).result() == f"done in {slot.process.pid}"
         assert slot.submit(Says()).result() == f"done in {slot.process.pid}"  # the same process again
         assert (tmp_path / "jobs" / "says.log").read_text().count("hello from the slot") == 2
+        slot.update_parameters(visible_gpus=())
+        os.kill(slot.process.pid, signal.SIGKILL)  # dies after it was chosen, before the stage reaches it
+        slot.process.join()
+        with pytest.raises(ExecutorError, match="ended without a result \\(exit code -9\\)"):
+            slot.submit(Says()).result()
+        slot.update_parameters(visible_gpus=())
         finishing = slot.process
         slot.finish()  # no more stages: the process exits on its own, without the interpreter's teardown
         slot.finish()  # asking twice is harmless

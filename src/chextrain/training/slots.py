@@ -98,7 +98,10 @@ class WarmSlot:
             self.update_parameters()
         self.folder.mkdir(parents=True, exist_ok=True)
         visible = cuda_visible_devices(self.gpus or (), os.environ.get("CUDA_VISIBLE_DEVICES"))
-        self.conn.send((job, str(self.folder / f"{job.name}.log"), visible))
+        try:
+            self.conn.send((job, str(self.folder / f"{job.name}.log"), visible))
+        except OSError:  # the process died before the stage reached it: the job's result says so
+            pass
         return SlotJob(self, job.name)
 
     def receive(self) -> tuple[bool, str]:

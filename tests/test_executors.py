@@ -242,6 +242,19 @@ def test_a_warm_slot_survives_a_dead_process_and_logs_each_stage(tmp_path: Path)
     assert slot.process is None
 
 
+def test_ctrl_c_ends_a_slot_quietly(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C reaches the slots too (the terminal's process group): they end with 130, no traceback."""
+    slot = WarmSlot(tmp_path / "jobs")
+    try:
+        assert slot.submit(Says()).result().startswith("done in")  # imported, waiting for a stage
+        os.kill(slot.process.pid, signal.SIGINT)
+        slot.process.join(timeout=120)
+        assert slot.process.exitcode == 130
+        assert "Traceback" not in capfd.readouterr().err
+    finally:
+        slot.close()
+
+
 class Sees:
     """A job that answers the GPUs its process sees and its process id."""
 

@@ -160,7 +160,19 @@ def cuda_visible_devices(gpus: Sequence[int], inherited: str | None) -> str:
 
 def _slot_main(conn: Any) -> None:
     """A slot process: take (StageJob, log path, CUDA_VISIBLE_DEVICES) from the pipe, run the job
-    with those GPUs visible, answer (ok, text); None ends the process."""
+    with those GPUs visible, answer (ok, text); None ends the process.
+
+    Ctrl-C reaches every process of the terminal's group: the scheduler says it stopped, and a
+    slot ends quietly (exit code 130, no traceback; a stage it ran resumes from its checkpoint)."""
+    try:
+        _serve(conn)
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+
+
+def _serve(conn: Any) -> None:
     import importlib
 
     for module in PRELOAD:  # the imports a stage needs, paid once while waiting

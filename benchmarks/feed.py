@@ -14,7 +14,7 @@
     the store. Target >= 300 img/s per core.
 (c) Private memory growth of a DataLoader worker over a full epoch of --rows rows (the real
     CheXpert row count) read from a small store, the worker started as make_loader starts it
-    (dataset.worker_init: the garbage collector never walks what the worker inherited): the
+    (loader.worker_init: the garbage collector never walks what the worker inherited): the
     dataset as shipped (numpy arrays) against the same dataset holding its paths as a Python
     list, which every read copies page by page. Printed: the worker's start-up (its first 5% of
     the epoch: libraries' first use, the same for any row count) and the growth over the rest of
@@ -38,7 +38,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from chextrain.data.dataset import CatalogDataset, collate, worker_init
+from chextrain.data.dataset import CatalogDataset, collate
+from chextrain.data.loader import worker_init
 from chextrain.data.store import ImageStore
 from chextrain.data.transforms import Decoding, PhotoSim
 from imagepool import FULL, PHONE, SMALL, catalog_rows, write_jpegs

@@ -108,7 +108,8 @@ def throughput(size: int, batches: list[int], steps: int) -> None:
 def end_to_end(size: int, batch: int, steps: int, n_images: int, workers: int) -> None:
     import torch
 
-    from chextrain.data.dataset import CatalogDataset, make_loader
+    from chextrain.data.dataset import CatalogDataset
+    from chextrain.data.loader import make_loader
     from chextrain.data.store import ImageStore
     from chextrain.data.transforms import Decoding, to_network_input
     from imagepool import SMALL, catalog_rows, write_jpegs

@@ -27,7 +27,8 @@ from pathlib import Path
 import pandas as pd
 
 from chextrain.data.catalog import read_catalog
-from chextrain.data.dataset import CatalogDataset, make_loader
+from chextrain.data.dataset import CatalogDataset
+from chextrain.data.loader import make_loader
 from chextrain.data.splits import assign_splits
 from chextrain.data.store import ImageStore
 from chextrain.data.transforms import Decoding

@@ -1,7 +1,7 @@
 """Training throughput: JPEG files on disk -> loader -> model step, against the model step alone.
 
 Both run in one process, same model, batch and image size: the end-to-end loop uses the loader
-`train_stage` builds (data.dataset.make_loader with the stage's default workers), the raw loop
+`train_stage` builds (data.loader.make_loader with the stage's default workers), the raw loop
 feeds the same batch of in-memory tensors again and again. Their ratio says how much the data
 path costs; peak RSS (this process and its loader workers) is printed with them.
 
@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from chextrain.data.catalog import read_catalog
-from chextrain.data.dataset import CatalogDataset, make_loader
+from chextrain.data.dataset import CatalogDataset
 from chextrain.data.demo import write_demo
+from chextrain.data.loader import make_loader
 from chextrain.data.store import ImageStore
 from chextrain.data.transforms import Decoding, to_network_input
 from chextrain.models.net import CXRNet

@@ -10,15 +10,9 @@ import pytest
 import torch
 
 from chextrain.data.catalog import read_catalog
-from chextrain.data.dataset import (
-    CatalogDataset,
-    DatasetError,
-    EpochSampler,
-    ResumableLoader,
-    head_indices,
-    make_loader,
-)
+from chextrain.data.dataset import CatalogDataset, DatasetError, head_indices
 from chextrain.data.images import load_image
+from chextrain.data.loader import EpochSampler, ResumableLoader, make_loader
 from chextrain.data.packed import PackedStrings
 from chextrain.data.transforms import Decoding, StandardAugment, preprocess, to_network_input
 from chextrain.labels import apply_policy
@@ -200,7 +194,8 @@ def test_loader_workers_with_photo_simulation_start_after_opencvs_pool(
     code = f"""
 import cv2, numpy as np
 from chextrain.data.catalog import read_catalog
-from chextrain.data.dataset import CatalogDataset, make_loader
+from chextrain.data.dataset import CatalogDataset
+from chextrain.data.loader import make_loader
 from chextrain.data.transforms import PhotoSim
 cv2.setNumThreads(2)
 x = np.random.rand(1500, 1500).astype(np.float32)

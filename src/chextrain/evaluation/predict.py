@@ -25,7 +25,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from chextrain.data.catalog import read_catalog
-from chextrain.data.dataset import CatalogDataset, collate, worker_init
+from chextrain.data.dataset import CatalogDataset, collate
+from chextrain.data.loader import worker_init
 from chextrain.data.splits import assign_splits
 from chextrain.data.store import ImageStore
 from chextrain.data.transforms import Decoding, Preprocessing, as_preprocessing

@@ -13,7 +13,7 @@ from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import Dataset
 
 from chextrain.data.catalog import read_catalog, select_releases
-from chextrain.data.dataset import make_loader, worker_init
+from chextrain.data.loader import make_loader, worker_init
 from chextrain.data.rectified import make_decoding
 from chextrain.data.splits import assign_splits, sample_budget
 from chextrain.data.store import ImageStore
@@ -50,7 +50,7 @@ def stage_rows(stage: BaseStage, catalog: pd.DataFrame, split: str) -> pd.DataFr
 
 
 def seeded_worker_init(worker_id: int, rank: int) -> None:
-    """dataset.worker_init, then Lightning's worker seeding (which a set worker_init_fn replaces)."""
+    """loader.worker_init, then Lightning's worker seeding (which a set worker_init_fn replaces)."""
     worker_init(worker_id)
     pl_worker_init_function(worker_id, rank=rank)
 
@@ -70,7 +70,7 @@ def stage_store(stage: BaseStage, progress: bool = True) -> ImageStore | None:
 class TrainData(L.LightningDataModule):
     """A training loader over `train`; each DDP rank draws its own shard of every epoch's order.
 
-    The loader is data.dataset.make_loader's: it resumes mid-epoch from a checkpoint.
+    The loader is data.loader.make_loader's: it resumes mid-epoch from a checkpoint.
     """
 
     def __init__(

@@ -86,21 +86,20 @@ def run(
     warm = _start_slots(slots, out) if executor == "local" else []  # they import while the study is read
     try:
         study = _checked_study(study_file, data, profile, overrides or [], only or None)
-    except BaseException:
-        for slot in warm:
-            slot.kill()
-        raise
-    from chextrain.training.study_run import run_study
+        from chextrain.training.study_run import run_study
 
-    console = Console()
-    log = lambda line: console.print(line, markup=False, highlight=False)  # noqa: E731
-    if executor == "slurm":
-        _submit(study, data, out, only or None, dry_run, log, console)
-        return
-    if executor == "local":
-        state = _run_local(study, data, out, only or None, slots, gpus_per_stage, log, warm)
-    else:
-        state = run_study(study, data, out, only=only or None, progress=not no_progress, log=log)
+        console = Console()
+        log = lambda line: console.print(line, markup=False, highlight=False)  # noqa: E731
+        if executor == "slurm":
+            _submit(study, data, out, only or None, dry_run, log, console)
+            return
+        if executor == "local":
+            state = _run_local(study, data, out, only or None, slots, gpus_per_stage, log, warm)
+        else:
+            state = run_study(study, data, out, only=only or None, progress=not no_progress, log=log)
+    finally:
+        for slot in warm:  # started but never taken by the scheduler (a refused study, fewer slots used)
+            slot.kill()
     console.print(f"study {study.name!r} finished in {(time.time() - t0) / 60:.1f} min")
     print_status(state["stages"], console)
     if not no_report:
@@ -148,21 +147,17 @@ def _run_local(
     from chextrain.training.slots import WarmSlot
 
     visible = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    try:
-        return run_local(
-            study,
-            data,
-            out,
-            slots=slots,
-            only=only,
-            gpus_per_stage=gpus_per_stage,
-            visible_gpus=visible,
-            log=log,
-            make_executor=lambda folder: warm.pop(0) if warm else WarmSlot(folder),
-        )
-    finally:
-        for slot in warm:  # not taken (refused before the slots were made)
-            slot.kill()
+    return run_local(
+        study,
+        data,
+        out,
+        slots=slots,
+        only=only,
+        gpus_per_stage=gpus_per_stage,
+        visible_gpus=visible,
+        log=log,
+        make_executor=lambda folder: warm.pop(0) if warm else WarmSlot(folder),  # taken: run_local closes it
+    )
 
 
 def _start_slots(slots: int, out: Path) -> list[Any]:

@@ -259,3 +259,31 @@ def pick(rows: pd.DataFrame, **where: Any) -> tuple[float, float, float]:
         return float("nan"), float("nan"), float("nan")
     row = rows.loc[sel].iloc[0]
     return float(row["value"]), float(row["ci_low"]), float(row["ci_high"])
+
+
+def card_evaluation(out_dir: Path, label: str, n_boot: int = 1000) -> list[dict[str, Any]] | None:
+    """AUC and MCC (averages) with patient-bootstrap 95% CIs per comparison and photo kind, from
+    out_dir's test predictions (the report's engine and seed), for the model card; None without them."""
+    path = out_dir / "predictions_test.parquet"
+    if not path.exists():
+        return None
+    table = read_predictions(path)
+    found = evaluate_table(table, label, n_boot=n_boot, seed=0)
+    rows = []
+    for r in found.main + found.kinds:
+        if r["pathology"] != "average" or r["metric"] not in ("auc", "mcc"):
+            continue
+        if "kind" in r:  # a photo kind: its rows counted by the engine
+            group, n = f"photos: {r['kind']}", r["n"]
+        else:  # Standard, Photos (their rows), Standard - Photos (the x-ray/photo pairs)
+            group = r["comparison"]
+            n = found.pairs if group == DIFFERENCE else len(side_rows(table, group))
+        rows.append(
+            {
+                "split": "test",
+                "group": group,
+                "n": n,
+                **{k: r[k] for k in ("metric", "value", "ci_low", "ci_high")},
+            }
+        )
+    return rows

@@ -170,15 +170,21 @@ def run_local(
                     pending.remove(name)
             if not pending:  # a free slot gets no more stages: let its process go now
                 for slot in free:
-                    getattr(executors[slot], "finish", lambda: None)()
+                    _finish(executors[slot])
             time.sleep(POLL_S if running else 0)
     finally:
-        for executor in executors:
-            getattr(executor, "finish", lambda: None)()
+        for executor in executors:  # all told first, so their exits overlap
+            _finish(executor)
         for executor in executors:
             if hasattr(executor, "close"):
                 executor.close()
     return finish_notes(study, state)
+
+
+def _finish(executor: Any) -> None:
+    """Tell a slot it gets no more stages (WarmSlot.finish; submitit's executors have nothing to end)."""
+    if hasattr(executor, "finish"):
+        executor.finish()
 
 
 def _cpus() -> int:

@@ -519,3 +519,87 @@ def test_load_resized_is_load_image_then_resize(tmp_path):
     assert np.array_equal(batch[1], load_resized(path, 64)) and not batch[0].any()
     with pytest.raises(ValueError, match="writable C-contiguous uint8 64 x 64"):
         load_resized(path, 64, out=batch[:, :, 0])
+
+
+# --- in memory or streamed --------------------------------------------------------------
+
+
+def _sample_files(tmp_path: Path) -> list[Path]:
+    """Files of several kinds: grey JPEG, colour JPEG, 16-bit PNG, TIFF, a truncated JPEG."""
+    rng = np.random.default_rng(3)
+    grey = (_ramp(300, 260).astype(np.int16) + rng.integers(-20, 20, (300, 260))).clip(0, 255)
+    grey = grey.astype(np.uint8)
+    colour = np.stack([grey, np.roll(grey, 7, 1), 255 - grey], -1)
+    files = [
+        _save(Image.fromarray(grey), tmp_path / "grey.jpg", "JPEG", quality=95),
+        _save(Image.fromarray(colour), tmp_path / "colour.jpg", "JPEG", quality=90),
+        _save(Image.fromarray(grey.astype(np.uint16) * 200), tmp_path / "deep.png", "PNG"),
+        _save(Image.fromarray(grey), tmp_path / "plain.tif", "TIFF"),
+    ]
+    whole = files[0].read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(whole[: len(whole) * 2 // 3])
+    return [*files, tmp_path / "cut.jpg"]
+
+
+def _decode_all(files: list[Path]) -> list[np.ndarray]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TruncatedImageWarning)
+        return [
+            a
+            for f in files
+            for a in (load_image(f), load_image(f, draft=64), load_resized(f, 96), load_resized(f, 96, "pad"))
+        ]
+
+
+def test_a_file_decodes_the_same_from_memory_as_streamed(tmp_path, monkeypatch):
+    """Files up to IN_MEMORY bytes are read whole and handed to the decoder in one piece; larger
+    ones are streamed. Both give the very same pixels, truncated JPEGs included."""
+    from PIL import ImageFile
+
+    from chextrain.data import decoding
+
+    files = _sample_files(tmp_path)
+    blocks: list[int] = []
+    load = ImageFile.ImageFile.load
+
+    def spy(self):
+        blocks.append(self.decodermaxblock)
+        return load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
+    in_memory = _decode_all(files)
+    big = {n for n in (f.stat().st_size for f in files) if n > ImageFile.MAXBLOCK}
+    assert big and big <= set(blocks)  # each file over Pillow's step went to its decoder whole
+    blocks.clear()
+    monkeypatch.setattr(decoding, "IN_MEMORY", 0)
+    streamed = _decode_all(files)
+    assert set(blocks) == {ImageFile.MAXBLOCK}  # Pillow's own steps
+    assert len(in_memory) == len(streamed) == 4 * len(files)
+    for a, b in zip(in_memory, streamed, strict=True):
+        assert a.shape == b.shape and np.array_equal(a, b)
+
+
+def test_read_errors_name_the_file_in_memory_and_streamed(tmp_path, monkeypatch):
+    """An OS error while the file is read (a failing disk, a network share gone) is an
+    ImageLoadError naming the file, whether it is read whole or streamed while decoding."""
+    from chextrain.data import decoding, images
+
+    path = _sample_files(tmp_path)[0]
+
+    def failing_fstat(fd):
+        raise OSError(5, "Input/output error")
+
+    with monkeypatch.context() as m:
+        m.setattr(decoding.os, "fstat", failing_fstat)
+        with pytest.raises(ImageLoadError, match=r"grey.jpg: cannot read the file \(Input/output error\)"):
+            load_resized(path, 32)
+
+    def failing_decode(fp, *args):
+        fp.read(10)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(decoding, "IN_MEMORY", 0)
+    monkeypatch.setattr(images, "_decode", failing_decode)
+    for read in (load_image, lambda p: load_resized(p, 32)):
+        with pytest.raises(ImageLoadError, match=r"grey.jpg: cannot read the file \(Input/output error\)"):
+            read(path)

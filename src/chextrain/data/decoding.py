@@ -1,5 +1,5 @@
-"""What every image decoder shares: the errors it raises, the pixel-count guard, high depths -> uint8,
-and naming a file's format from its first bytes.
+"""What every image decoder shares: the errors it raises, reading a file (whole, or streamed when
+large), the size guards, high depths -> uint8, and naming a file's format from its first bytes.
 
 data/images.py (PIL formats) and data/dicom.py (DICOM) both decode to uint8 H x W grey and
 both refuse files the same way. What they have in common lives here, so images.py depends on
@@ -9,12 +9,17 @@ nothing from the package.
 
 from __future__ import annotations
 
+import io
 import math
+import os
+from pathlib import Path
+from typing import IO
 
 import numpy as np
 
 from chextrain.errors import ChextrainError
 
+IN_MEMORY = 32 << 20  # files up to this many bytes are read whole and decoded from memory
 BIT_DEPTHS: tuple[int, ...] = (8, 10, 12, 14, 16, 24, 32)  # the depths integer data is scaled by
 HEIF_BRANDS = frozenset(
     {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
@@ -61,6 +66,87 @@ def check_pixel_count(name: str, size: tuple[int, int], max_pixels: int) -> None
             f"too many pixels: {w}x{h} = {w * h:,} > max_pixels={max_pixels:,} "
             "(refused as a possible decompression bomb; raise max_pixels to read it)",
         )
+
+
+def check_file_size(name: str, size: int, max_pixels: int) -> None:
+    """Refuse an empty file, or one larger than any uncompressed image of `max_pixels` could be.
+
+    Raises:
+        ImageLoadError: naming the file `name`, for an empty one.
+        ImageTooLargeError: naming the file `name`, its size and the limit.
+    """
+    if size == 0:
+        raise ImageLoadError(name, "empty file (0 bytes)")
+    limit = 8 * max_pixels + (1 << 20)  # more than any uncompressed image of max_pixels holds
+    if size > limit:
+        raise ImageTooLargeError(name, f"file too large ({size:,} bytes) for max_pixels={max_pixels:,}")
+
+
+def os_error(name: str, err: OSError) -> ImageLoadError:
+    """The OS's error while reading `name` as an ImageLoadError with a plain reason."""
+    if isinstance(err, FileNotFoundError):
+        return ImageLoadError(name, "file not found")
+    if isinstance(err, IsADirectoryError):
+        return ImageLoadError(name, "is a directory, not an image file")
+    if isinstance(err, PermissionError):
+        return ImageLoadError(name, "permission denied")
+    return ImageLoadError(name, f"cannot read the file ({err.strerror or err})")
+
+
+class FileErrors:
+    """`with FileErrors(name):` turns the OS's errors inside into ImageLoadError (a class, not a
+    generator: it runs once per image read)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: object) -> None:
+        if isinstance(err, OSError):
+            raise os_error(self.name, err) from None
+
+
+class ImageBytes:
+    """`with ImageBytes(path, max_pixels) as f:` the file's bytes to decode, the OS's errors (also
+    while decoding), empty and oversized files as ImageLoadError.
+
+    A file of up to IN_MEMORY bytes is read in one call and decoded from memory (fewer system
+    calls than the decoders' many small reads); a larger one is streamed from the open file, so no
+    copy of it is held in memory.
+    """
+
+    __slots__ = ("file", "name", "path", "max_pixels")
+
+    def __init__(self, path: str | Path, max_pixels: int) -> None:
+        self.path, self.name, self.max_pixels = path, str(path), max_pixels
+        self.file: IO[bytes] | None = None
+
+    def __enter__(self) -> IO[bytes]:
+        try:
+            f = open(self.path, "rb")  # a folder: IsADirectoryError
+            try:
+                size = os.fstat(f.fileno()).st_size
+                check_file_size(self.name, size, self.max_pixels)
+                if size <= IN_MEMORY:
+                    with f:
+                        return io.BytesIO(f.read())
+            except BaseException:
+                f.close()
+                raise
+        except OSError as e:
+            raise os_error(self.name, e) from None
+        self.file = f
+        return f
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: object) -> None:
+        if self.file is not None:
+            self.file.close()
+        if isinstance(err, OSError):
+            raise os_error(self.name, err) from None
 
 
 def scale_to_uint8(a: np.ndarray) -> np.ndarray:

@@ -8,6 +8,10 @@ Usage: python benchmarks/images.py [--n 200] [--size 320] [--data DIR] [--full 2
     smooth anatomy-like structure, like CheXpert-small).
 (b) ms/image of each `simulate_photo` recipe at levels 1 and 4, at --size px and at --full px
     (a full-size x-ray). Targets at 320 px: digital < 2 ms, photographic < 15 ms, phone < 25 ms.
+(c) `load_resized` at --size px reading the file whole and decoding it from memory in one piece
+    (files up to decoding.IN_MEMORY bytes) against streaming it in Pillow's 64 kB steps (what
+    larger files get), for a small, a full-size and a 12 MP phone JPEG: the ratio of their rates,
+    median of 7 rounds in which the two take turns (same pixels: tests/test_images.py).
 Each figure is the best of three rounds of CPU time of this (single-threaded) process, which is
 what one free core would take; `--clock wall` uses wall time instead (on a quiet machine).
 """
@@ -116,6 +120,38 @@ def main() -> None:
     for recipe in RECIPES:
         cells = [best_ms(recipe, lv, images[side], reps, clock) for side, reps in sizes for lv in (1, 4)]
         print(f"    {recipe:<14}" + "".join(f"{ms:>14.1f}" for ms in cells))
+    whole_or_streamed(args.size)
+
+
+def whole_or_streamed(size: int, rounds: int = 7) -> None:
+    """(c): img/s of load_resized with the file read whole against streamed, and their ratio."""
+    import statistics
+
+    from chextrain.data import decoding
+    from chextrain.data.images import load_resized
+    from imagepool import FULL, PHONE, SMALL, write_jpegs
+
+    print(f"\n(c) load_resized at {size} px, file read whole vs streamed (CPU time, median of {rounds})")
+    print(f"    {'source':<24}{'streamed':>10}{'whole':>10}{'ratio':>8}")
+    kinds = {"small JPEG 390x320": (SMALL, 48, {}), "full JPEG 2320x2828": (FULL, 6, {})}
+    kinds["phone JPEG 4000x3000"] = (PHONE, 4, {"rgb": True, "quality": 90})
+    limit = decoding.IN_MEMORY
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (shape, n, kw) in kinds.items():
+            files = write_jpegs(Path(tmp) / name.split()[0], n, shape, **kw)
+            rates: dict[str, list[float]] = {"streamed": [], "whole": []}
+            for r in range(rounds + 1):  # round 0 warms up
+                for side in ("streamed", "whole") if r % 2 else ("whole", "streamed"):
+                    decoding.IN_MEMORY = limit if side == "whole" else 0
+                    t = time.process_time()
+                    for f in files:
+                        load_resized(f, size)
+                    if r:
+                        rates[side].append(n / (time.process_time() - t))
+            decoding.IN_MEMORY = limit
+            ratio = statistics.median(w / s for w, s in zip(rates["whole"], rates["streamed"], strict=True))
+            cells = (statistics.median(rates["streamed"]), statistics.median(rates["whole"]))
+            print(f"    {name:<24}{cells[0]:>10.0f}{cells[1]:>10.0f}{ratio:>8.3f}")
 
 
 if __name__ == "__main__":

@@ -227,3 +227,37 @@ def test_film_pooling_is_a_study_option_that_reaches_the_report(tmp_path):
     ):
         with pytest.raises(StageError, match=message):
             parse_study({**STUDY, "report": bad})
+
+
+def test_status_shows_a_stage_whose_process_is_gone_as_stopped(tmp_path):
+    """study.json says `running` until the next run; status tells a live stage (its lock held) from
+    one whose process was killed (lock free), and leaves SLURM's to the scheduler."""
+    from filelock import FileLock
+    from typer.testing import CliRunner
+
+    from chextrain.cli import build_app
+    from chextrain.training.study_run import stage_lock
+
+    run(parse_study(STUDY), tmp_path, FakeTrain())
+    path = tmp_path / "out" / "study.json"
+    state = json.loads(path.read_text())
+    for record in state["stages"]:
+        if record["name"] in ("a", "solo", "b"):
+            record["state"] = "running"
+        if record["name"] == "b":
+            record["executor"] = "slurm"  # no job_id: nothing asks SLURM
+    path.write_text(json.dumps(state))
+    live = FileLock(str(stage_lock(tmp_path / "out", "solo").lock_file))
+    with live:  # solo's process is alive; a's was killed
+        shown = {s["name"]: s for s in study_status(tmp_path / "out")}
+        table = CliRunner().invoke(build_app(), ["study", "status", str(tmp_path / "out")])
+    assert {n: shown[n]["state"] for n in ("a", "solo", "b", "c")} == {
+        "a": "stopped",
+        "solo": "running",
+        "b": "running",
+        "c": "done",
+    }
+    assert "resumes it" in shown["a"]["reason"]
+    assert table.exit_code == 0 and "stopped" in table.output
+    assert json.loads(path.read_text()) == state  # status changes nothing on disk
+    assert states(run(parse_study(STUDY), tmp_path, FakeTrain()))["a"] == "done"  # the run resumes it

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 STATE_STYLE = {
     "done": "green",
     "running": "yellow",
+    "stopped": "yellow",
     "pending": "white",
     "queued": "cyan",
     "failed": "red",
@@ -184,9 +185,10 @@ def _submit(
 
 
 def status(out: Path = typer.Argument(..., help="Study output folder.")) -> None:
-    """Show each stage's state (pending / queued / running / done / failed / blocked), time and metrics.
+    """Show each stage's state (pending / queued / running / stopped / done / failed / blocked) and metrics.
 
-    Stages submitted to SLURM show what the scheduler says of their jobs.
+    Stages submitted to SLURM show what the scheduler says of their jobs; a stage whose process on
+    this machine is gone (killed, interrupted) shows as stopped until `study run` resumes it.
     """
     from rich.console import Console
 

@@ -321,9 +321,33 @@ def _headline(metrics: Any) -> dict[str, float]:
     return out
 
 
+STOPPED_REASON = "its process is gone (killed or interrupted); `study run` resumes it from its checkpoint"
+
+
 def study_status(out_dir: Path) -> list[dict[str, Any]]:
-    """The stages of a study folder with state, seconds, reason and headline metrics."""
+    """The stages of a study folder with state, seconds, reason and headline metrics.
+
+    A stage that study.json says is `running` on this machine but whose process is gone (its stage
+    lock is free: Ctrl-C, kill -9, a reboot) shows as `stopped`; the next `study run` resumes it.
+    SLURM jobs are left to what the scheduler says (executors.scheduler_status).
+    """
     state = read_state(out_dir)
     if not state:
         raise FileNotFoundError(f"{out_dir}: no study.json (not a study output folder?)")
-    return state["stages"]
+    stages = [dict(record) for record in state["stages"]]
+    gone = [r["name"] for r in stages if r["state"] == "running" and r.get("executor") != "slurm"]
+    gone = [name for name in gone if _free(stage_lock(out_dir, name))]
+    if gone:  # read again: a stage that ended meanwhile freed its lock after writing its record
+        now = {r["name"]: r["state"] for r in read_state(out_dir)["stages"]}
+        for record in stages:
+            if record["name"] in gone and now.get(record["name"]) == "running":
+                record["state"], record["reason"] = "stopped", STOPPED_REASON
+    return stages
+
+
+def _free(lock: FileLock) -> bool:
+    """Whether nobody holds `lock` (False where it cannot be tried: a read-only folder)."""
+    try:
+        return not _held(lock)
+    except OSError:
+        return False

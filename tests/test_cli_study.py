@@ -151,3 +151,40 @@ def test_runner_killed_mid_stage_resumes_on_rerun(tmp_path: Path, demo_root: Pat
     assert json.loads((out / "stages" / "base" / "done.json").read_text())["resumed"] is True
     assert [s["state"] for s in json.loads((out / "study.json").read_text())["stages"]] == ["done", "done"]
     assert not list((out / "stages").glob("*.stale-*"))  # resumed in place, not restarted
+
+
+def _wrapped_interrupt() -> BaseException:
+    """What pydantic makes of a Ctrl-C that lands in a model's own serializer (no traceback chain)."""
+    from pydantic import BaseModel, model_serializer
+
+    class Hashed(BaseModel):
+        x: int = 1
+
+        @model_serializer(mode="wrap")
+        def serialise(self, handler):  # noqa: ANN001, ANN202
+            raise KeyboardInterrupt
+
+    try:
+        Hashed().model_dump()
+    except Exception as err:  # PydanticSerializationError
+        return err
+    raise AssertionError("pydantic no longer wraps a KeyboardInterrupt: drop the special case")
+
+
+@pytest.mark.parametrize("kind", ["plain", "wrapped by pydantic"])
+def test_ctrl_c_while_the_study_is_read_is_one_line_and_exit_130(
+    tmp_path: Path, demo_root: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    from chextrain.training import study
+
+    interrupt = KeyboardInterrupt() if kind == "plain" else _wrapped_interrupt()
+
+    def hashing(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise interrupt
+
+    monkeypatch.setattr(study, "config_hash", hashing)
+    args = ["study", "run", str(write_study(tmp_path)), "--data", str(demo_root)]
+    result = CliRunner().invoke(build_app(), [*args, "--out", str(tmp_path / "o")])
+    assert result.exit_code == 130, result.output
+    assert "interrupted (Ctrl-C)" in result.output
+    assert "Serialization" not in result.output and "Traceback" not in result.output

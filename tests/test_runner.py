@@ -369,3 +369,35 @@ def test_a_stage_that_evaluates_test_only_still_saves_validation_predictions(
     assert not (r.out_dir / "metrics_val.json").exists()  # predictions saved, the split not evaluated
     meta = json.loads((r.out_dir / "model.json").read_text())
     assert meta["thresholds"] == tune_head_thresholds(val) and meta["config"]["evaluate"] == ["test"]
+
+
+def test_ctrl_c_during_fit_is_a_keyboard_interrupt_not_lightnings_exit(
+    demo_root: Path, catalog: pd.DataFrame, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lightning ends a fit interrupted by Ctrl-C with sys.exit(1); the stage says it was a Ctrl-C
+    (the command line prints one line and exits 130, a slot ends quietly) and keeps nothing as done."""
+    import signal
+
+    from lightning.pytorch.callbacks import Callback
+
+    from chextrain.training import lifecycle
+
+    class CtrlC(Callback):
+        def on_train_batch_start(self, *args: Any) -> None:
+            raise KeyboardInterrupt
+
+    build = lifecycle.build_trainer
+
+    def with_ctrl_c(*args: Any, **kwargs: Any) -> Any:
+        trainer = build(*args, **kwargs)
+        trainer.callbacks.append(CtrlC())
+        return trainer
+
+    monkeypatch.setattr(lifecycle, "build_trainer", with_ctrl_c)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_stage(tiny("stopped"), demo_root, tmp_path / "stopped", catalog=catalog, progress=False)
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores SIGINT once interrupted
+    assert not (tmp_path / "stopped" / "done.json").exists()

@@ -10,7 +10,9 @@ One error boundary (`ErrorBoundary`, the app's top group) catches what any comma
 chextrain error (chextrain.errors.ChextrainError) or an OS error about a file or a port is one
 line on stderr naming the culprit, exit code 2 (bad input; a ChextrainError may say 1, a failed
 run); any other error (a full disk, a training error) is one line with its type, exit code 1.
-`--debug` or CHEXTRAIN_DEBUG=1 lets the exception through with its traceback.
+Ctrl-C is one line too, exit code 130, wherever it lands (also where a library wraps it, as
+pydantic's serializer does). `--debug` or CHEXTRAIN_DEBUG=1 lets the exception through with its
+traceback.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "convert",
 )
 DEBUG_ENV = "CHEXTRAIN_DEBUG"
+INTERRUPTED = 130  # the shell's code for a process ended by SIGINT (128 + 2)
 # OS errors about the paths or ports given (exit 2); any other (a full disk, I/O) is a failed run
 BAD_PATH_ERRNOS = frozenset(
     {
@@ -78,6 +81,25 @@ def describe_error(err: BaseException) -> tuple[int, str]:
     )
 
 
+def interrupted(err: BaseException) -> bool:
+    """Whether `err` is a Ctrl-C: a KeyboardInterrupt, one in its chain, or one a library wrapped.
+
+    pydantic's serializer turns a KeyboardInterrupt raised in a model's own serializer (where
+    Ctrl-C lands while a study is read and hashed) into a PydanticSerializationError that only
+    names it in its message.
+    """
+    seen: set[int] = set()
+    link: BaseException | None = err
+    while link is not None and id(link) not in seen:
+        if isinstance(link, KeyboardInterrupt):
+            return True
+        if type(link).__name__ == "PydanticSerializationError" and "KeyboardInterrupt" in str(link):
+            return True
+        seen.add(id(link))
+        link = link.__cause__ or link.__context__
+    return False
+
+
 def debugging(ctx: Any) -> bool:
     """--debug on the command line or CHEXTRAIN_DEBUG set to anything but '' or '0'."""
     root = ctx.find_root()
@@ -88,14 +110,18 @@ class ErrorBoundary(TyperGroup):
     """The app's top group: every exception a command raises ends here as one error line."""
 
     def invoke(self, ctx: Any) -> Any:
-        """Run the command; print one line and exit 2 (bad input) or 1 (failed run) on an error."""
+        """Run the command; print one line and exit 2 (bad input) or 1 (failed run) on an error,
+        130 on Ctrl-C."""
         try:
             return super().invoke(ctx)
         except (typer.Exit, typer.Abort, TyperException):  # typer's own: --help, usage errors, exits
             raise
-        except Exception as err:
+        except (Exception, KeyboardInterrupt) as err:
             if debugging(ctx):
                 raise
+            if interrupted(err):
+                print_error("interrupted (Ctrl-C)")
+                raise typer.Exit(INTERRUPTED) from None
             code, line = describe_error(err)
             print_error(line)
             raise typer.Exit(code) from None

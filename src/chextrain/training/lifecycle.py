@@ -334,9 +334,14 @@ def train_stage(
             )
             for lg in trainer.loggers:
                 lg.log_hyperparams({**resolved_config(stage), "config_hash": digest})
-            trainer.fit(
-                plan.module, datamodule=plan.data, ckpt_path=last if resumed else None, weights_only=True
-            )
+            try:
+                trainer.fit(
+                    plan.module, datamodule=plan.data, ckpt_path=last if resumed else None, weights_only=True
+                )
+            except SystemExit:
+                if trainer.interrupted:  # Lightning ends a Ctrl-C'd fit with sys.exit(1): say what it was
+                    raise KeyboardInterrupt from None
+                raise
         finally:  # Trainer(deterministic=True) switches a process-wide flag: give it back
             torch.use_deterministic_algorithms(was_deterministic)
     if trainer.global_rank != 0:

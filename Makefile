@@ -29,6 +29,7 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/ruff format --check src tests benchmarks scripts
 
 # Each benchmark prints its figures and ratios measured side by side in one run (a few minutes
 # in all); benchmarks/demo.py (make demo on a fresh clone) is separate: it takes ~12 minutes.
@@ -41,6 +42,7 @@ bench: install
 	$(PY) benchmarks/cli_startup.py
 	$(PY) benchmarks/study_parallel.py
 	$(PY) benchmarks/photo_sim.py
+	$(PY) benchmarks/rectify.py
 	$(PY) benchmarks/feed.py
 	$(PY) benchmarks/scale.py
 	$(PY) benchmarks/gpu.py

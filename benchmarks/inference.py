@@ -62,8 +62,10 @@ def main() -> None:
             t_eager = timed(eager, x, 2 if batch == 1 else 1, repeats)
             t_ort = timed(ort, x, 2 if batch == 1 else 1, repeats)
             rows.append((size, batch, t_eager, t_ort, diff))
-    print(f"inference benchmark: {args.backbone} (random init, 2 heads + router + OOD features), "
-          f"{args.threads} threads, torch {torch.__version__}")
+    print(
+        f"inference benchmark: {args.backbone} (random init, 2 heads + router + OOD features), "
+        f"{args.threads} threads, torch {torch.__version__}"
+    )
     print(f"{'size':>5} {'batch':>5} {'eager':>12} {'onnxruntime':>12} {'ratio':>6}  max|dprob|")
     for size, batch, t_eager, t_ort, diff in rows:
         if batch == 1:

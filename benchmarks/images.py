@@ -11,7 +11,7 @@ Usage: python benchmarks/images.py [--n 200] [--size 320] [--data DIR] [--full 2
 (c) `load_resized` at --size px reading the file whole and decoding it from memory in one piece
     (files up to decoding.IN_MEMORY bytes) against streaming it in Pillow's 64 kB steps (what
     larger files get), for a small, a full-size and a 12 MP phone JPEG: the ratio of their rates,
-    median of 7 rounds in which the two take turns (same pixels: tests/test_images.py).
+    median of 25 rounds in which the two take turns (same pixels: tests/test_images.py).
 Each figure is the best of three rounds of CPU time of this (single-threaded) process, which is
 what one free core would take; `--clock wall` uses wall time instead (on a quiet machine).
 """
@@ -123,7 +123,7 @@ def main() -> None:
     whole_or_streamed(args.size)
 
 
-def whole_or_streamed(size: int, rounds: int = 7) -> None:
+def whole_or_streamed(size: int, rounds: int = 25) -> None:
     """(c): img/s of load_resized with the file read whole against streamed, and their ratio."""
     import statistics
 

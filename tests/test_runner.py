@@ -401,3 +401,25 @@ def test_ctrl_c_during_fit_is_a_keyboard_interrupt_not_lightnings_exit(
     finally:
         signal.signal(signal.SIGINT, handler)  # Lightning ignores SIGINT once interrupted
     assert not (tmp_path / "stopped" / "done.json").exists()
+
+
+def test_a_resumed_stage_keeps_the_csv_rows_of_its_earlier_run(tmp_path: Path) -> None:
+    """Lightning's CSV logger deletes the metrics.csv of a folder it opens again; the stage moves the
+    earlier run's folder aside first, so a resume after a kill loses no row."""
+    from chextrain.training.loggers import build_loggers
+
+    spec = tiny("csv", logger=["csv"]).logger
+
+    def one_run(step: int) -> None:
+        (csv,) = build_loggers(spec, tmp_path, "csv")
+        csv.log_metrics({"train/loss": 1.0 / step}, step=step)
+        csv.save()
+
+    one_run(1)  # killed after this
+    one_run(2)  # resumed
+    one_run(3)  # resumed again
+    rows = {
+        folder: pd.read_csv(tmp_path / "logs" / folder / "metrics.csv")["step"].tolist()
+        for folder in ("csv-1", "csv-2", "csv")
+    }
+    assert rows == {"csv-1": [1], "csv-2": [2], "csv": [3]}

@@ -11,7 +11,8 @@
 
 Each logger gets the resolved config as hyperparameters, the training metrics as Lightning logs
 them, and at the end the evaluation metrics and the bundle's path. A resumed stage continues the
-same MLflow / W&B run (its id is kept in STAGE/logs/runs.json).
+same MLflow / W&B run (its id is kept in STAGE/logs/runs.json); its CSV log goes on in a fresh
+logs/csv, the earlier run's moved to logs/csv-1 (csv-2, ...) first (`keep_earlier_csv`).
 """
 
 from __future__ import annotations
@@ -89,6 +90,24 @@ def _mlflow_logger(spec: Any, out_dir: Path, name: str, run_id: str | None) -> M
     )
 
 
+def keep_earlier_csv(logs: Path) -> Path | None:
+    """Move logs/csv aside (to csv-1, csv-2, ...) when it holds a metrics.csv; returns where to.
+
+    Lightning's CSV logger deletes the metrics.csv of a folder it opens again, so a stage resumed
+    after a kill would lose the rows of its earlier run. Only global rank 0 moves anything (the
+    only rank that writes the file; the others must not move the folder rank 0 has just started).
+    """
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    folder = logs / "csv"
+    if getattr(rank_zero_only, "rank", 0) != 0 or not (folder / "metrics.csv").is_file():
+        return None
+    k = 1
+    while (logs / f"csv-{k}").exists():
+        k += 1
+    return folder.rename(logs / f"csv-{k}")
+
+
 def build_loggers(spec: LoggerSpec, out_dir: Path, name: str) -> list[Logger]:
     """The stage's Lightning loggers, in the order tensorboard, csv, mlflow, wandb."""
     check_loggers(spec)
@@ -99,6 +118,7 @@ def build_loggers(spec: LoggerSpec, out_dir: Path, name: str) -> list[Logger]:
             TensorBoardLogger(out_dir, name=LOGS_DIR, version="tensorboard", default_hp_metric=False)
         )
     if spec.csv is not None:
+        keep_earlier_csv(Path(out_dir) / LOGS_DIR)
         loggers.append(CSVLogger(out_dir, name=LOGS_DIR, version="csv"))
     if spec.mlflow is not None:
         loggers.append(_mlflow_logger(spec.mlflow, out_dir, name, runs.get("mlflow")))

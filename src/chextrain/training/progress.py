@@ -3,7 +3,9 @@ rich bar when the output is a terminal.
 
 Lightning's own chatter (GPU/TPU availability, tips, "configured so 100% of the batches") goes to
 the `lightning.pytorch` loggers at INFO level; `lightning_info_quiet` raises those loggers to
-WARNING for the duration of a stage, so warnings still show and nothing is filtered.
+WARNING for the duration of a stage, so warnings still show. One warning is filtered there, by its
+exact text: torch's FutureWarning that `isinstance(treespec, LeafSpec)` is deprecated, which
+Lightning's own pytree code triggers at every fit (nothing the user can act on).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,6 +21,10 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback, RichProgressBar
 
+# Warnings Lightning's own code triggers in torch, at every fit: (message regex, category).
+LIBRARY_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+)
 # Lightning's INFO loggers: rank_zero_info (device lines, tips, "fit stopped") and the CUDA device line.
 LIGHTNING_INFO_LOGGERS: tuple[str, ...] = (
     "lightning.pytorch.utilities.rank_zero",
@@ -29,13 +36,17 @@ SHOWN_METRICS: tuple[str, ...] = ("train/loss", "val/loss", "val/auc_mean", "tra
 
 @contextmanager
 def lightning_info_quiet(names: tuple[str, ...] = LIGHTNING_INFO_LOGGERS) -> Iterator[None]:
-    """Lightning's INFO messages off (WARNING and above kept) inside the block; levels restored after."""
+    """Lightning's INFO messages off (WARNING and above kept) and LIBRARY_WARNINGS ignored inside the
+    block; levels and warning filters restored after."""
     loggers = [logging.getLogger(name) for name in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.WARNING)
     try:
-        yield
+        with warnings.catch_warnings():
+            for message, category in LIBRARY_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=category)
+            yield
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)

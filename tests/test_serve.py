@@ -27,15 +27,15 @@ from chextrain.data.images import load_image_bytes
 from chextrain.inference import Predictor
 from chextrain.labels import PATHOLOGIES, SLUGS
 from chextrain.rectify import find_quad
-from chextrain.serve.app import (
+from chextrain.serve.app import create_app
+from chextrain.serve.outline import quad_json, score_upload
+from chextrain.serve.uploads import (
     ApiError,
     TooManyPixelsError,
     UnreadableImageError,
     UnsupportedMediaTypeError,
-    create_app,
     upload_error,
 )
-from chextrain.serve.outline import quad_json, score_upload
 from tests.conftest import demo_files, running_server
 
 STATIC = Path(chextrain.__file__).parent / "serve" / "static"

@@ -12,11 +12,13 @@ import pytest
 import torch
 
 from chextrain.data.images import load_image
-from chextrain.inference import TTA_VIEWS, Predictor, PredictorError, jitter, withhold
+from chextrain.decisions import PredictorError, withhold
+from chextrain.inference import Predictor
 from chextrain.labels import SLUGS
 from chextrain.models.bundle import save_bundle
 from chextrain.models.net import CXRNet
 from chextrain.ood import calibrate_ood
+from chextrain.tta import TTA_VIEWS, jitter
 from tests.conftest import KINDS, SIZE, calibration_files, demo_files
 
 ROUTED = ("digital", "natural", "synthetic-photographic")  # what the router must tell apart

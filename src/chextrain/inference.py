@@ -16,17 +16,19 @@ computed silently in its place.
 Calibration. A bundle's model.json may hold a temperature per head (`temperature`, fitted on
 validation by evaluation.calibration); each head's probabilities are then sigmoid(logit(p) / T),
 the same for both runtimes (the ONNX graph returns the raw sigmoids), and its thresholds map the
-same way (`scale_thresholds`), so every decision is the one the raw probability makes.
+same way (decisions.scale_thresholds), so every decision is the one the raw probability makes.
 `calibrated=False` (the CLI's `--no-calibration`) reports the raw probabilities; bundles without
 temperatures use T = 1.
 
 Withholding. A flagged image (OOD, unsure router, or a photo that fails the quality gate) has its
 findings withheld unless the caller asks to score it anyway (`score_anyway`): its result says
 `withheld: true` and `withheld_reason`, and the per-pathology dict moves from "pathologies" to
-"withheld_pathologies" (kept for research use, never shown as findings). See `withhold`.
+"withheld_pathologies" (kept for research use, never shown as findings). See decisions.withhold;
+the bundle's temperatures and the thresholds they move live in chextrain/decisions.py too.
 
 Test-time augmentation (TTA) averages a fixed set of small zooms and shifts. No flips: a chest
 x-ray is not left-right symmetric (the heart lies left; cardiomegaly is judged on that side).
+The views and their warp live in chextrain/tta.py.
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from PIL import Image
 
 from chextrain.data.images import load_image
 from chextrain.data.rectified import DRAFT_FACTOR, MIN_DRAFT, RectifiedDecoding, make_decoding
@@ -51,31 +52,17 @@ from chextrain.data.transforms import (
     to_network_input,
     xrv_input,
 )
-from chextrain.errors import ChextrainError
-from chextrain.evaluation.calibration import CalibrationError, apply_temperature, check_temperature
+from chextrain.decisions import PredictorError, bundle_temperatures, scale_thresholds, withhold
+from chextrain.evaluation.calibration import apply_temperature
 from chextrain.labels import NAME_OF, SLUGS
 from chextrain.models.bundle import load_bundle
 from chextrain.models.net import CXRNet
 from chextrain.ood import ROUTER_BAND, OODError, ScoringNet, check_calibration, combined_scores, run_batch
 from chextrain.quality import HasCorners, assess, thresholds_from_meta
+from chextrain.tta import TTA_VIEWS, jitter
 
 ROUTE_CHOICES: tuple[str, ...] = ("auto", "digital", "photo")  # "auto": the router picks the head
 RUNTIMES: tuple[str, ...] = ("torch", "onnx")
-# TTA views (zoom, shift x, shift y; shifts as a fraction of the side): a few percent, as in
-# the training augmentation; the first view is the image itself (OOD uses it alone).
-TTA_VIEWS: tuple[tuple[float, float, float], ...] = (
-    (1.0, 0.0, 0.0),
-    (1.05, 0.0, 0.0),
-    (0.95, 0.0, 0.0),
-    (1.0, 0.03, 0.0),
-    (1.0, -0.03, 0.0),
-    (1.0, 0.0, 0.03),
-    (1.0, 0.0, -0.03),
-)
-
-
-class PredictorError(ChextrainError):
-    """A bundle, option or calibration that cannot be used as asked; the message says which."""
 
 
 class Runtime(Protocol):
@@ -100,20 +87,6 @@ class TorchRuntime:
 
 
 # --- the predictor -------------------------------------------------------------------------
-
-
-def jitter(image: np.ndarray, zoom: float, dx: float, dy: float) -> np.ndarray:
-    """uint8 H x W zoomed about its centre and shifted by (dx, dy) x its size; black borders."""
-    if (zoom, dx, dy) == (1.0, 0.0, 0.0):
-        return image
-    h, w = image.shape
-    cx, cy = w / 2.0, h / 2.0
-    # PIL maps each output pixel to its input: x_in = (x_out - c - d) / zoom + c.
-    coeffs = (1 / zoom, 0.0, cx - (cx + dx * w) / zoom, 0.0, 1 / zoom, cy - (cy + dy * h) / zoom)
-    out = Image.fromarray(image).transform(
-        (w, h), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR, fillcolor=0
-    )
-    return np.asarray(out)
 
 
 class Predictor:
@@ -420,67 +393,3 @@ class Predictor:
             "temperature": self.temperature.get(head, 1.0),
             "pathologies": pathologies,
         }
-
-
-def bundle_temperatures(meta: Mapping[str, Any], heads: Sequence[str], name: str = "") -> dict[str, float]:
-    """model.json's {head: temperature} checked against the model's heads ({} when absent: T = 1)."""
-    found = meta.get("temperature") or {}
-    where = f"bundle {name} " if name else "bundle "
-    if not isinstance(found, Mapping):
-        raise PredictorError(f"{where}temperature: expected {{head: number > 0}}, got {found!r}")
-    unknown = sorted(set(found) - set(heads))
-    if unknown:
-        raise PredictorError(f"{where}temperature names heads {unknown}; the model has heads {list(heads)}")
-    try:
-        return {str(h): check_temperature(t, f"{where}temperature[{h!r}]") for h, t in found.items()}
-    except CalibrationError as err:
-        raise PredictorError(str(err)) from None
-
-
-def scale_thresholds(
-    thresholds: Mapping[str, Mapping[str, float]], temperature: Mapping[str, float]
-) -> dict[str, dict[str, float]]:
-    """Thresholds (tuned on raw probabilities) mapped through each head's temperature, so that a
-    calibrated probability crosses its threshold exactly when the raw one did (T is monotone)."""
-    out = {h: dict(per) for h, per in thresholds.items()}
-    for head, t in temperature.items():
-        if head in out:
-            out[head] = {s: float(apply_temperature(np.float64(v), t)) for s, v in out[head].items()}
-    return out
-
-
-# --- withholding ---------------------------------------------------------------------------
-
-
-def withheld_reasons(result: Mapping[str, Any]) -> list[str]:
-    """Why a result's findings cannot be trusted, in short words (empty: nothing to withhold).
-
-    Reads the result's OOD flag, its unsure router and, when present, its quality report.
-    """
-    reasons = []
-    if result["ood"].get("flag"):
-        reasons.append("out-of-distribution")
-    if result["router_uncertain"]:
-        reasons.append("router unsure (digital x-ray or photo?)")
-    quality = result.get("quality")
-    if quality and not quality["passed"]:
-        failed = [name for name, check in quality["checks"].items() if check["verdict"] == "fail"]
-        reasons.append("poor photo: " + ", ".join(failed))
-    return reasons
-
-
-def withhold(result: dict[str, Any], *, score_anyway: bool = False) -> dict[str, Any]:
-    """`result` with its findings withheld when it is flagged, unless `score_anyway`.
-
-    Adds `withheld` (bool), `withheld_reason` (str or None) and `scored_anyway` (flagged, but
-    scored because the caller asked). Withheld: "pathologies" becomes "withheld_pathologies", so
-    no reader can take a withheld probability for a finding by accident.
-    """
-    reasons = withheld_reasons(result)
-    withheld = bool(reasons) and not score_anyway
-    result["withheld"] = withheld
-    result["withheld_reason"] = "; ".join(reasons) if withheld else None
-    result["scored_anyway"] = bool(reasons) and score_anyway
-    if withheld:
-        result["withheld_pathologies"] = result.pop("pathologies")
-    return result

@@ -3,7 +3,7 @@
 The table names each file relative to the files' common folder and, when a name is still too
 long, cuts it from the left so that its distinguishing end (the file name) stays; the `+` marks
 come with the thresholds they use, and the options that changed the scores (--tta, --domain) are
-named under the table. A withheld image (inference.withhold) shows `-` for each finding and a
+named under the table. A withheld image (decisions.withhold) shows `-` for each finding and a
 line "not scored: REASON" under the table; in the CSV its `{slug}_prob` cells are empty and its
 probabilities sit in the `withheld_{slug}_prob` columns (research use only). The photo quality
 checks close each CSV row (QUALITY_COLUMNS); in the table a failed one is a warning with its

@@ -124,7 +124,7 @@ def run_predictions(
 ) -> list[dict[str, Any]]:
     """Load and predict `files` in batches; a file that cannot be read gets {"name", "error"}.
 
-    Flagged images have their findings withheld unless `score_anyway` (inference.withhold).
+    Flagged images have their findings withheld unless `score_anyway` (decisions.withhold).
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -222,7 +222,7 @@ def score_options(
     meta: dict[str, Any] | None = None,
 ) -> list[str]:
     """The options that changed the scores, said under the table."""
-    from chextrain.inference import TTA_VIEWS
+    from chextrain.tta import TTA_VIEWS
 
     found = [f"--tta (the mean of {len(TTA_VIEWS)} zoomed and shifted views)"] if tta else []
     if domain != "auto":

@@ -34,6 +34,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "study",
     "demo",
     "use",
+    "deploy",
     "info",
     "photo",
     "probe",

@@ -1,4 +1,4 @@
-"""`chextrain predict | explain | serve | export`: use a trained bundle.
+"""`chextrain predict | explain | quality calibrate`: use a trained bundle (serve and export: cli/deploy.py).
 
 Each command checks its arguments (cli/checks.py) before it imports torch or the inference code,
 so a wrong path or option is reported at once; `predict`, `explain` and `serve` never import
@@ -32,7 +32,6 @@ DOMAINS: tuple[str, ...] = ("auto", "digital", "photo")
 RUNTIMES: tuple[str, ...] = ("torch", "onnx")
 METHODS: tuple[str, ...] = ("gradient", "gradcam")
 PROGRESS_MIN_FILES = 32  # fewer files: no progress bar
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 BUNDLE_ARG = typer.Argument(..., help="A bundle: the folder holding model.json + model.safetensors.")
 DOMAIN_OPT = typer.Option("auto", "--domain", help="auto (the router picks the head), digital or photo.")
@@ -45,17 +44,16 @@ ONNX_OPT = typer.Option(
 
 
 def register(app: typer.Typer) -> None:
-    """Add predict, explain, serve, export and `quality calibrate` to the app."""
+    """Add predict, explain and `quality calibrate` to the app."""
     app.command("predict")(predict)
     app.command("explain")(explain)
-    app.command("serve")(serve)
-    app.command("export")(export)
     quality = typer.Typer(help="The photo quality gate: its thresholds.", no_args_is_help=True)
     quality.command("calibrate")(quality_calibrate)
     app.add_typer(quality, name="quality")
 
 
-def _fail(message: str, code: int = 2) -> typer.Exit:
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print `message` as the error line; the Exit (code 2: bad input, 1: failed run) to raise."""
     print_error(message)
     return typer.Exit(code)
 
@@ -67,9 +65,10 @@ def check_bundle_options(bundle: Path, runtime: str, domain: str) -> None:
     checks.choice(domain, DOMAINS, "domain")
 
 
-def _predictor(
+def load_predictor(
     bundle: Path, runtime: str, domain: str, onnx: Path | None = None, calibrated: bool = True
 ) -> Predictor:
+    """The bundle's Predictor (inference imported here, once the arguments are checked)."""
     from chextrain.inference import Predictor
 
     return Predictor.from_bundle(
@@ -188,7 +187,7 @@ def predict(
     from chextrain.fileio import atomic_write_text
 
     files, problems = collect_inputs(paths)
-    predictor = _predictor(bundle, runtime, domain, onnx, calibration)
+    predictor = load_predictor(bundle, runtime, domain, onnx, calibration)
     show = len(files) >= PROGRESS_MIN_FILES
     results = problems + run_predictions(
         predictor, files, batch_size=batch_size, tta=tta, show_progress=show, score_anyway=score_anyway
@@ -259,14 +258,14 @@ def explain(
     try:
         pixels = load_image(image, truncated="error")
     except ImageLoadError as err:
-        raise _fail(str(err), 1) from None
+        raise fail(str(err), 1) from None
     import torch
 
     from chextrain.evaluation.saliency import blank_notes, explain_maps, save_explanation
     from chextrain.fileio import write_json
     from chextrain.labels import SLUGS
 
-    predictor = _predictor(bundle, "torch", domain)
+    predictor = load_predictor(bundle, "torch", domain)
     result = predictor.predict_images([pixels], [str(image)], score_anyway=score_anyway)[0]
     with torch.enable_grad():
         x = predictor.inputs(pixels)  # 1 x 3 x S x S
@@ -306,100 +305,6 @@ def explain(
     if how["note"]:
         console.print(f"note: {escape(str(how['note']))}")
     console.print(f"wrote {len(paths) + 1} files to {escape(str(out))} (grid: {escape(paths[-1].name)})")
-
-
-def serve(
-    bundle: Path = BUNDLE_ARG,
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
-    port: int = typer.Option(8000, "--port", help="TCP port."),
-    runtime: str = RUNTIME_OPT,
-    onnx: Path | None = ONNX_OPT,
-    domain: str = DOMAIN_OPT,
-    max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Largest upload accepted (413 above)."),
-    max_pixels: int = typer.Option(50_000_000, "--max-pixels", help="Largest image accepted, w x h."),
-    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
-    corners: Path | None = typer.Option(
-        None,
-        "--corners",
-        help="A corner model's bundle (`objective: corners`) that finds the radiograph's outline in "
-        "photos; default: BUNDLE/corners when it exists, else OpenCV's classical finder.",
-    ),
-) -> None:
-    """Serve the web page and the JSON API (/api/predict, /api/explain, /api/health, /docs)."""
-    from rich.console import Console
-    from rich.markup import escape
-
-    with checks.reported():
-        check_bundle_options(bundle, runtime, domain)
-        if corners is not None:
-            checks.bundle(corners)
-        checks.port_free(host, port)  # before "serving ... on": a port in use is said first
-    import torch
-    import uvicorn
-
-    from chextrain.serve.app import create_app
-
-    if threads:
-        torch.set_num_threads(threads)
-    from chextrain.rectify import CornerModel
-
-    predictor = _predictor(bundle, runtime, domain, onnx)
-    beside = (bundle if bundle.is_dir() else bundle.parent) / "corners"
-    if corners is None and (beside / "model.json").is_file():
-        corners = beside
-    corner_model = None if corners is None else CornerModel.load(corners)
-    app = create_app(
-        predictor,
-        max_upload_bytes=int(max_upload_mb * 1024 * 1024),
-        max_pixels=max_pixels,
-        corner_model=corner_model,
-    )
-    console = Console(stderr=True)
-    if host not in LOOPBACK:
-        console.print(
-            f"[yellow]warning[/yellow]: binding {host}: the service is reachable from other "
-            "machines and has no authentication"
-        )
-    outline = "classical outline finder" if corners is None else f"corner model {escape(str(corners))}"
-    console.print(
-        f"serving {escape(str(bundle))} ({predictor.runtime.name}, {outline}) on http://{host}:{port}/"
-    )
-    uvicorn.run(app, host=host, port=port, log_level="info")
-
-
-def export(
-    bundle: Path = BUNDLE_ARG,
-    onnx: Path = typer.Option(
-        ...,
-        "--onnx",
-        help="The ONNX file to write (BUNDLE/model.onnx is found by predict/serve --runtime onnx).",
-    ),
-    opset: int = typer.Option(17, "--opset", min=17, help="ONNX opset."),
-    check: bool = typer.Option(True, "--check/--no-check", help="Compare with PyTorch on random inputs."),
-) -> None:
-    """Export all heads, the router and the features to ONNX (dynamic batch axis), meta included."""
-    from rich.console import Console
-    from rich.markup import escape
-
-    with checks.reported():
-        checks.bundle(bundle)
-        checks.out_file(onnx, "--onnx")
-    import torch
-
-    from chextrain.export import OnnxRuntime, export_onnx, max_prob_difference, weights_sha256
-    from chextrain.models.bundle import load_bundle
-
-    model, meta = load_bundle(bundle)
-    export_onnx(model, meta, onnx, opset=opset, sha256=weights_sha256(bundle))
-    console = Console()
-    console.print(f"wrote {escape(str(onnx))} ({onnx.stat().st_size / 1e6:.1f} MB, opset {opset})")
-    if check:
-        size = int(meta["image_size"])
-        x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-        diff = max_prob_difference(model, OnnxRuntime(onnx), x)
-        console.print(f"max |probability difference| vs PyTorch on 2 random inputs: {diff:.2e}")
-        if diff > 1e-4:
-            raise _fail(f"ONNX output differs from PyTorch by {diff:.2e} > 1e-4", 1)
 
 
 def quality_calibrate(

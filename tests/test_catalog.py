@@ -5,7 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from chextrain.data.catalog import CATALOG_COLUMNS, CatalogError, pair_keys, read_catalog, read_csv_file
+from chextrain.data.catalog import pair_keys, read_catalog
+from chextrain.data.catalog_csv import CATALOG_COLUMNS, CatalogError, read_csv_file
 from tests.csvutil import HEADER, row, write_csv
 
 SHARED_CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "chexpert_train.csv.gz"

@@ -110,7 +110,7 @@ class FileErrors:
             raise os_error(self.name, err) from None
 
 
-class ImageBytes:
+class ImageBytes(FileErrors):
     """`with ImageBytes(path, max_pixels) as f:` the file's bytes to decode, the OS's errors (also
     while decoding), empty and oversized files as ImageLoadError.
 
@@ -119,10 +119,11 @@ class ImageBytes:
     copy of it is held in memory.
     """
 
-    __slots__ = ("file", "name", "path", "max_pixels")
+    __slots__ = ("file", "path", "max_pixels")
 
     def __init__(self, path: str | Path, max_pixels: int) -> None:
-        self.path, self.name, self.max_pixels = path, str(path), max_pixels
+        super().__init__(str(path))
+        self.path, self.max_pixels = path, max_pixels
         self.file: IO[bytes] | None = None
 
     def __enter__(self) -> IO[bytes]:
@@ -145,8 +146,7 @@ class ImageBytes:
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: object) -> None:
         if self.file is not None:
             self.file.close()
-        if isinstance(err, OSError):
-            raise os_error(self.name, err) from None
+        super().__exit__(kind, err, tb)
 
 
 def scale_to_uint8(a: np.ndarray) -> np.ndarray:

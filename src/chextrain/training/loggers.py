@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
@@ -97,8 +98,6 @@ def keep_earlier_csv(logs: Path) -> Path | None:
     after a kill would lose the rows of its earlier run. Only global rank 0 moves anything (the
     only rank that writes the file; the others must not move the folder rank 0 has just started).
     """
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
-
     folder = logs / "csv"
     if getattr(rank_zero_only, "rank", 0) != 0 or not (folder / "metrics.csv").is_file():
         return None

@@ -10,8 +10,12 @@ Usage: python benchmarks/images.py [--n 200] [--size 320] [--data DIR] [--full 2
     (a full-size x-ray). Targets at 320 px: digital < 2 ms, photographic < 15 ms, phone < 25 ms.
 (c) `load_resized` at --size px reading the file whole and decoding it from memory in one piece
     (files up to decoding.IN_MEMORY bytes) against streaming it in Pillow's 64 kB steps (what
-    larger files get), for a small, a full-size and a 12 MP phone JPEG: the ratio of their rates,
-    median of 25 rounds in which the two take turns (same pixels: tests/test_images.py).
+    larger files get), both through Image.open, for a small, a full-size and a 12 MP phone JPEG:
+    the ratio of their rates, median of 25 rounds in which the two take turns (same pixels:
+    tests/test_images.py).
+(d) The same files read whole, through the direct route plain JPEGs take (data/jpeg.py: Pillow's
+    libjpeg decoder without Image.open) against Image.open + load (same pixels:
+    tests/test_images_jpeg.py).
 Each figure is the best of three rounds of CPU time of this (single-threaded) process, which is
 what one free core would take; `--clock wall` uses wall time instead (on a quiet machine).
 """
@@ -19,6 +23,7 @@ what one free core would take; `--clock wall` uses wall time instead (on a quiet
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -120,38 +125,72 @@ def main() -> None:
     for recipe in RECIPES:
         cells = [best_ms(recipe, lv, images[side], reps, clock) for side, reps in sizes for lv in (1, 4)]
         print(f"    {recipe:<14}" + "".join(f"{ms:>14.1f}" for ms in cells))
-    whole_or_streamed(args.size)
+    reader_duels(args.size)
 
 
-def whole_or_streamed(size: int, rounds: int = 25) -> None:
-    """(c): img/s of load_resized with the file read whole against streamed, and their ratio."""
-    import statistics
-
-    from chextrain.data import decoding
-    from chextrain.data.images import load_resized
+def reader_duels(size: int, rounds: int = 25) -> None:
+    """(c) and (d): load_resized under two settings taking turns round by round, and their ratio."""
+    from chextrain.data import decoding, images
     from imagepool import FULL, PHONE, SMALL, write_jpegs
 
-    print(f"\n(c) load_resized at {size} px, file read whole vs streamed (CPU time, median of {rounds})")
-    print(f"    {'source':<24}{'streamed':>10}{'whole':>10}{'ratio':>8}")
+    limit, direct = decoding.IN_MEMORY, images.decode_plain
+
+    def setting(in_memory: int, route: bool) -> Callable[[], None]:
+        def apply() -> None:
+            decoding.IN_MEMORY = in_memory
+            images.decode_plain = direct if route else (lambda *args: None)
+
+        return apply
+
     kinds = {"small JPEG 390x320": (SMALL, 48, {}), "full JPEG 2320x2828": (FULL, 6, {})}
     kinds["phone JPEG 4000x3000"] = (PHONE, 4, {"rgb": True, "quality": 90})
-    limit = decoding.IN_MEMORY
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, (shape, n, kw) in kinds.items():
-            files = write_jpegs(Path(tmp) / name.split()[0], n, shape, **kw)
-            rates: dict[str, list[float]] = {"streamed": [], "whole": []}
-            for r in range(rounds + 1):  # round 0 warms up
-                for side in ("streamed", "whole") if r % 2 else ("whole", "streamed"):
-                    decoding.IN_MEMORY = limit if side == "whole" else 0
-                    t = time.process_time()
-                    for f in files:
-                        load_resized(f, size)
-                    if r:
-                        rates[side].append(n / (time.process_time() - t))
-            decoding.IN_MEMORY = limit
-            ratio = statistics.median(w / s for w, s in zip(rates["whole"], rates["streamed"], strict=True))
-            cells = (statistics.median(rates["streamed"]), statistics.median(rates["whole"]))
-            print(f"    {name:<24}{cells[0]:>10.0f}{cells[1]:>10.0f}{ratio:>8.3f}")
+    duels = {
+        "(c) file read whole vs streamed (the direct route off on both sides)": {
+            "streamed": setting(0, False),
+            "whole": setting(limit, False),
+        },
+        "(d) read whole: the direct route (data/jpeg.py) vs Image.open + load": {
+            "Image.open": setting(limit, False),
+            "direct": setting(limit, True),
+        },
+    }
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            pools = {
+                name: (write_jpegs(Path(tmp) / name.split()[0], n, shape, **kw))
+                for name, (shape, n, kw) in kinds.items()
+            }
+            for title, sides in duels.items():
+                print(f"\n{title}, load_resized at {size} px (CPU time, median of {rounds})")
+                a, b = sides
+                print(f"    {'source':<24}{a:>12}{b:>12}{'ratio':>8}")
+                for name, files in pools.items():
+                    rates = duel_rounds(sides, files, size, rounds)
+                    ratio = statistics.median(y / x for x, y in zip(rates[a], rates[b], strict=True))
+                    print(
+                        f"    {name:<24}{statistics.median(rates[a]):>12.0f}"
+                        f"{statistics.median(rates[b]):>12.0f}{ratio:>8.3f}"
+                    )
+    finally:
+        setting(limit, True)()
+
+
+def duel_rounds(
+    sides: dict[str, Callable[[], None]], files: list[Path], size: int, rounds: int
+) -> dict[str, list[float]]:
+    """img/s of load_resized over `files` under each setting, per round; the order alternates."""
+    from chextrain.data.images import load_resized
+
+    rates: dict[str, list[float]] = {k: [] for k in sides}
+    for r in range(rounds + 1):  # round 0 warms up
+        for name in list(sides) if r % 2 else list(sides)[::-1]:
+            sides[name]()
+            t = time.process_time()
+            for f in files:
+                load_resized(f, size)
+            if r:
+                rates[name].append(len(files) / (time.process_time() - t))
+    return rates
 
 
 if __name__ == "__main__":

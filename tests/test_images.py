@@ -419,7 +419,8 @@ def _package_imports(module: str) -> set[str]:
 def test_decoders_import_one_way_and_share_one_error(tmp_path):
     assert _package_imports("chextrain.data.decoding") == {"chextrain.errors"}  # the one base class only
     assert _package_imports("chextrain.data.dicom") == {"chextrain.data.decoding"}
-    assert "chextrain.data.dicom" in _package_imports("chextrain.data.images")
+    assert _package_imports("chextrain.data.jpeg") == set()  # Pillow only
+    assert {"chextrain.data.dicom", "chextrain.data.jpeg"} <= _package_imports("chextrain.data.images")
     from chextrain.data import decoding, dicom
 
     assert ImageLoadError is decoding.ImageLoadError is dicom.ImageLoadError
@@ -553,10 +554,12 @@ def _decode_all(files: list[Path]) -> list[np.ndarray]:
 
 def test_a_file_decodes_the_same_from_memory_as_streamed(tmp_path, monkeypatch):
     """Files up to IN_MEMORY bytes are read whole and handed to the decoder in one piece; larger
-    ones are streamed. Both give the very same pixels, truncated JPEGs included."""
+    ones are streamed. Both give the very same pixels, truncated JPEGs included, and so does the
+    direct route plain JPEGs take in memory (data/jpeg.py, which hands over the whole file by
+    construction; switched off here for the first pass, to see Pillow's blocks)."""
     from PIL import ImageFile
 
-    from chextrain.data import decoding
+    from chextrain.data import decoding, images
 
     files = _sample_files(tmp_path)
     blocks: list[int] = []
@@ -567,16 +570,19 @@ def test_a_file_decodes_the_same_from_memory_as_streamed(tmp_path, monkeypatch):
         return load(self)
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
-    in_memory = _decode_all(files)
+    with monkeypatch.context() as m:
+        m.setattr(images, "decode_plain", lambda *args: None)
+        in_memory = _decode_all(files)
     big = {n for n in (f.stat().st_size for f in files) if n > ImageFile.MAXBLOCK}
     assert big and big <= set(blocks)  # each file over Pillow's step went to its decoder whole
+    direct = _decode_all(files)
     blocks.clear()
     monkeypatch.setattr(decoding, "IN_MEMORY", 0)
     streamed = _decode_all(files)
     assert set(blocks) == {ImageFile.MAXBLOCK}  # Pillow's own steps
-    assert len(in_memory) == len(streamed) == 4 * len(files)
-    for a, b in zip(in_memory, streamed, strict=True):
-        assert a.shape == b.shape and np.array_equal(a, b)
+    assert len(in_memory) == len(direct) == len(streamed) == 4 * len(files)
+    for a, b, c in zip(in_memory, direct, streamed, strict=True):
+        assert a.shape == b.shape == c.shape and np.array_equal(a, b) and np.array_equal(a, c)
 
 
 def test_read_errors_name_the_file_in_memory_and_streamed(tmp_path, monkeypatch):

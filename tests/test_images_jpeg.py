@@ -160,7 +160,10 @@ def test_the_route_finds_the_frame_and_declines_what_it_cannot_take(tmp_path, mo
     Image.new("CMYK", (80, 60), (10, 20, 30, 40)).save(cmyk, "JPEG")
     broken = bytearray(grey)
     broken[_segment_at(grey, 0xDA) + 5] = 0x7F  # the scan names a component the frame does not have
-    assert plain_frame(cmyk.getvalue()) == (80, 60, 4) and decode_plain(cmyk.getvalue(), None, 10**6) is None
+    adobe = cmyk.getvalue()
+    assert adobe[2:4] == b"\xff\xee" and plain_frame(adobe) is None  # Pillow reads the Adobe block
+    four = adobe[:2] + adobe[4 + (adobe[4] << 8 | adobe[5]) :]  # without it: four components
+    assert plain_frame(four) == (80, 60, 4) and decode_plain(four, None, 10**6) is None
     assert decode_plain(grey[: len(grey) * 2 // 3], None, 10**6) is None  # truncated: Pillow recovers it
     assert decode_plain(bytes(broken), None, 10**6) is None  # libjpeg refuses it: Pillow names the error
     (tmp_path / "broken.jpg").write_bytes(broken)
@@ -172,22 +175,60 @@ def test_the_route_finds_the_frame_and_declines_what_it_cannot_take(tmp_path, mo
     assert decode_plain(grey, None, 10**6) is None
 
 
+def test_the_frame_found_is_the_one_libjpeg_reads(tmp_path, general, taken):
+    """Markers without a length (RST, TEM) are stepped over as libjpeg does, so a frame hidden
+    where a walk by lengths would land (inside a comment) is never taken for the real one; stray
+    bytes, which libjpeg skips with a warning, make the route decline instead of guessing."""
+    grey = _jpeg(tmp_path / "g.jpg", _picture(60, 80), quality=90).read_bytes()
+    sof = _segment_at(grey, 0xC0)
+    decoy = grey[sof : sof + 5] + (4000).to_bytes(2, "big") + grey[sof + 7 : sof + 19] + b"\xff\xda\x00\x02"
+    comment = b"\xff\xfe" + (len(decoy) + 2).to_bytes(2, "big") + decoy
+    cases = {
+        "an RST marker before the frame": (grey[:2] + b"\xff\xd0" + grey[2:], (80, 60, 1)),
+        "fill bytes": (grey[:2] + b"\xff\xff\xff" + grey[2:], (80, 60, 1)),
+        "a TEM marker (Pillow refuses it)": (grey[:2] + b"\xff\x01" + grey[2:], None),
+        "a short JFIF block (Pillow refuses it)": (grey[:2] + b"\xff\xe0\x00\x07JFIF\x00" + grey[2:], None),
+        "a short quantization table (Pillow refuses it)": (
+            grey[:2] + b"\xff\xdb\x00\x05\x00\x01\x01" + grey[2:],
+            None,
+        ),
+        "an ICC block (Pillow reads it)": (
+            grey[:2] + b"\xff\xe2\x00\x10ICC_PROFILE\x00\x01" + grey[2:],
+            None,
+        ),
+        "a wide frame inside a comment": (grey[:2] + b"\xff\xd3" + comment + grey[2:], (80, 60, 1)),
+        "stray bytes after an RST marker": (grey[:2] + b"\xff\xd0\x00\x0b" + grey[2:], None),
+        "a stuffed zero before the frame": (grey[:2] + b"\xff\x00" + grey[2:], None),
+        "a second start-of-image marker": (grey[:2] + grey, None),
+        "an end-of-image marker before the scan": (grey[:2] + b"\xff\xd9" + grey[2:], None),
+        "an unknown marker": (grey[:2] + b"\xff\xf3\x00\x02" + grey[2:], None),
+    }
+    path = tmp_path / "case.jpg"
+    for why, (data, frame) in cases.items():
+        assert plain_frame(data) == frame, why
+        path.write_bytes(data)
+        before = taken[0]
+        assert _same(_reads(path), general(lambda: _reads(path))), why  # as Pillow reads it
+        assert (taken[0] > before) == (frame is not None), why
+
+
 def test_damaged_jpegs_read_the_same_with_and_without_the_route(tmp_path, general, taken):
-    """Hostile and damaged JPEGs (bytes changed, cut, markers dropped in, segments repeated):
-    every reader gives the same pixels, the same error text and the same warnings whether the
-    direct route is there or not (it declines, or decodes exactly what Pillow decodes)."""
+    """Hostile and damaged JPEGs (bytes changed, in the headers too, cut, markers dropped in,
+    stretches repeated): every reader gives the same pixels, the same error text and the same
+    warnings whether the direct route is there or not (it declines, or decodes what Pillow does)."""
     rng = np.random.default_rng(7)
     seeds = [
         _jpeg(tmp_path / "g.jpg", _picture(48, 64), quality=85).read_bytes(),
         _jpeg(tmp_path / "c.jpg", _colour(_picture(40, 56, 1)), quality=80, progressive=True).read_bytes(),
     ]
     path = tmp_path / "mutant.jpg"
-    declined_or_taken = 0
-    for i in range(160):
+    took_the_route = 0
+    for i in range(250):
         data = bytearray(seeds[i % 2])
-        kind = i % 4
-        if kind == 0:  # bytes changed anywhere, headers included
-            for at in rng.integers(0, len(data), rng.integers(1, 4)):
+        kind = i % 5
+        if kind in (0, 4):  # bytes changed anywhere, or in the headers before the scan
+            stop = len(data) if kind == 0 else _segment_at(bytes(data), 0xDA) + 14
+            for at in rng.integers(0, stop, rng.integers(1, 4)):
                 data[at] = int(rng.integers(0, 256))
         elif kind == 1:  # cut short
             data = data[: int(rng.integers(2, len(data)))]
@@ -204,8 +245,8 @@ def test_damaged_jpegs_read_the_same_with_and_without_the_route(tmp_path, genera
         expected = general(lambda: _reads(path, max_pixels=20_000))
         got = _reads(path, max_pixels=20_000)
         assert _same(got, expected), f"mutant {i} (kind {kind}) reads differently"
-        declined_or_taken += taken[0] > before
-    assert declined_or_taken > 20  # the route decoded many of them: the comparison has teeth
+        took_the_route += taken[0] > before
+    assert took_the_route > 20  # the route decoded many of them: the comparison has teeth
 
 
 def test_a_plain_jpeg_never_reaches_pillows_python_loader(tmp_path, monkeypatch):

@@ -14,13 +14,14 @@ It takes only the files where that holds, and declines every other one (None), w
 caller then decodes the general way (data/images.py: `Image.open`), which also names what is
 wrong with a damaged file:
 
-- baseline, extended or progressive JPEGs (SOF0-2) of 8 bits with 1 or 3 components;
-- no APP1 segment: EXIF and XMP, where an orientation can be, need Pillow's readers;
+- baseline, extended or progressive JPEGs (SOF0-2) of 8 bits with 1 or 3 components, whose
+  segments before the scan are only tables (DHT, DQT, DRI), JFIF (APP0) and comments, read
+  the same way by libjpeg and by Pillow's parser (`plain_frame`): so no EXIF or XMP, where an
+  orientation can be, and no ICC, MPF or Adobe block, which Pillow reads in Python. The frame
+  libjpeg decodes is the one found here; were it ever wider, the extra columns would come out
+  zero, never stray memory, and a narrower, shorter or taller one declines the file;
 - within the caller's pixel limit and Pillow's own decompression-bomb limit;
 - decoded to the end without an error: a truncated or broken stream is declined.
-
-Metadata the pixels do not depend on (an ICC profile, MPF, comments) is not read, so a malformed
-MPF block that Pillow would warn about passes without the warning.
 
 The decoder is reached through `PIL.Image._getdecoder`, which `ImageFile.load` itself calls.
 If a future Pillow moves it, every file is declined (slower, never wrong), and
@@ -33,27 +34,39 @@ from __future__ import annotations
 from PIL import Image
 
 _PLAIN_FRAMES = frozenset({0xC0, 0xC1, 0xC2})  # SOF0 baseline, SOF1 extended, SOF2 progressive
-_OTHER_FRAMES = frozenset(range(0xC3, 0xD0)) - {0xC4, 0xC8, 0xCC}  # lossless, hierarchical, arithmetic
-_SCAN, _APP1 = 0xDA, 0xE1
+_RESTARTS = frozenset(range(0xD0, 0xD8))  # RST0-7: no length; libjpeg and Pillow step over them
+_DQT, _APP0, _SCAN = 0xDB, 0xE0, 0xDA
+# Segments with a length that libjpeg and Pillow both read or skip without a fuss: DHT, DQT, DRI,
+# APP0, COM. Every other APPn is left out: Pillow parses EXIF, XMP, ICC, MPF, Photoshop and Adobe
+# blocks in Python (orientation, profiles, MPO) and may refuse a malformed one.
+_SEGMENTS = frozenset({0xC4, _DQT, 0xDD, _APP0, 0xFE})
 
 
 def plain_frame(data: bytes | memoryview) -> tuple[int, int, int] | None:
     """(width, height, components) of a plain JPEG from its frame header; None for anything else.
 
-    Walks the marker segments from the start-of-image marker to the first scan. Declines a file
-    with an APP1 segment (EXIF or XMP), a frame other than SOF0-2, a precision other than 8 bits,
-    more than one frame, no frame before the scan, or a segment that runs past the end of the data.
+    Walks the markers from the start-of-image marker to the first scan the way libjpeg and
+    Pillow's parser both read them (fill bytes and RST markers stepped over), so the frame found
+    is the one libjpeg decodes and Pillow would report. Declines, rather than guesses, wherever
+    either would skip stray bytes, refuse the file or read more than this route does: stray bytes
+    between segments, a marker outside DHT, DQT, DRI, APP0, COM and SOF0-2, a frame of other than
+    8 bits, a second frame, a scan before the frame, a quantization segment that is not whole
+    tables or a JFIF block too short for Pillow's reader (both refused by Pillow, not by
+    libjpeg), or a segment that runs past the end of the data.
     """
     n = len(data)
     if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
         return None
     pos, frame = 2, None
     while pos + 4 <= n:
-        if data[pos] != 0xFF:
+        if data[pos] != 0xFF:  # stray bytes between segments
             return None
         marker = data[pos + 1]
         if marker == 0xFF:  # a fill byte before a marker
             pos += 1
+            continue
+        if marker in _RESTARTS:
+            pos += 2
             continue
         length = (data[pos + 2] << 8) | data[pos + 3]
         end = pos + 2 + length
@@ -61,18 +74,28 @@ def plain_frame(data: bytes | memoryview) -> tuple[int, int, int] | None:
             return None
         if marker == _SCAN:
             return frame
-        if marker == _APP1:  # EXIF or XMP: where an orientation can be
-            return None
         if marker in _PLAIN_FRAMES:
             if frame is not None or length < 8 or data[pos + 4] != 8:
                 return None
             height = (data[pos + 5] << 8) | data[pos + 6]
             width = (data[pos + 7] << 8) | data[pos + 8]
             frame = (width, height, data[pos + 9])
-        elif marker in _OTHER_FRAMES:
+        elif marker not in _SEGMENTS:
             return None
+        elif marker == _DQT and not _whole_tables(data, pos + 4, end):
+            return None
+        elif marker == _APP0 and bytes(data[pos + 4 : pos + 8]) == b"JFIF" and length < 9:
+            return None  # Pillow reads the JFIF version at bytes 5-6 of the block
         pos = end
     return None
+
+
+def _whole_tables(data: bytes | memoryview, at: int, end: int) -> bool:
+    """Whether a DQT segment's payload data[at:end] is whole tables, as Pillow's reader requires:
+    each is a byte (precision, index) and 64 values of 1 byte (precision 0) or 2."""
+    while at < end:
+        at += 1 + 64 * (1 if data[at] >> 4 == 0 else 2)
+    return at == end
 
 
 def draft_scale(width: int, height: int, draft: int | None) -> int:

@@ -9,8 +9,9 @@ Every reader (dataset, predict, web upload, `data check`) goes through `load_ima
 - Decompression bombs are refused from the header, before any pixel is decoded.
 - A file of up to 32 MiB is read in one call and handed to the decoder in one piece (fewer
   system calls, no 64 kB steps); a larger one is streamed, never copied whole into memory.
-- A plain JPEG in memory (no EXIF or XMP, 8-bit grey or YCbCr, SOF0-2) goes straight to
-  Pillow's libjpeg decoder without Pillow's Python layers (data/jpeg.py: the same pixels, about
+- A plain JPEG in memory (8-bit grey or YCbCr, SOF0-2, with only tables, JFIF and comments
+  before its scan: no EXIF, XMP or ICC) goes straight to Pillow's libjpeg decoder without
+  Pillow's Python layers (data/jpeg.py: the same pixels, about
   9% less CPU for a CheXpert-small x-ray); every other file, and any JPEG that route declines
   (damaged, truncated), is opened the general way below.
 - EXIF orientation is applied: phone photos are often rotated in EXIF only.
@@ -248,7 +249,7 @@ def _decode(fp: IO[bytes], name: str, max_pixels: int, truncated: str, draft: in
         return Image.fromarray(decode_dicom(fp.read(), name, max_pixels))
     if is_heif(head):
         _register_heif(name)
-    if in_memory and head[:2] == b"\xff\xd8":  # a plain JPEG goes straight to numpy (data/jpeg.py)
+    if in_memory and head[:2] == b"\xff\xd8":  # a plain JPEG: straight to libjpeg (data/jpeg.py)
         with fp.getbuffer() as data:  # type: ignore[attr-defined]
             plain = decode_plain(data, draft, max_pixels)
         if plain is not None:

@@ -371,20 +371,24 @@ def test_a_stage_that_evaluates_test_only_still_saves_validation_predictions(
     assert meta["thresholds"] == tune_head_thresholds(val) and meta["config"]["evaluate"] == ["test"]
 
 
+@pytest.mark.parametrize("hook", ["setup", "on_train_batch_start"])
 def test_ctrl_c_during_fit_is_a_keyboard_interrupt_not_lightnings_exit(
-    demo_root: Path, catalog: pd.DataFrame, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    demo_root: Path, catalog: pd.DataFrame, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hook: str
 ) -> None:
     """Lightning ends a fit interrupted by Ctrl-C with sys.exit(1); the stage says it was a Ctrl-C
-    (the command line prints one line and exits 130, a slot ends quietly) and keeps nothing as done."""
+    (the command line prints one line and exits 130, a slot ends quietly), keeps nothing as done and
+    hands SIGINT its handler back (Lightning leaves it ignored)."""
     import signal
 
     from lightning.pytorch.callbacks import Callback
 
     from chextrain.training import lifecycle
 
-    class CtrlC(Callback):
-        def on_train_batch_start(self, *args: Any) -> None:
-            raise KeyboardInterrupt
+    def ctrl_c(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    # In setup, before Lightning saves the signal handlers it restores at teardown; in a batch, after.
+    CtrlC = type("CtrlC", (Callback,), {hook: ctrl_c})
 
     build = lifecycle.build_trainer
 
@@ -395,11 +399,13 @@ def test_ctrl_c_during_fit_is_a_keyboard_interrupt_not_lightnings_exit(
 
     monkeypatch.setattr(lifecycle, "build_trainer", with_ctrl_c)
     handler = signal.getsignal(signal.SIGINT)
+    assert handler not in (signal.SIG_IGN, None)
     try:
         with pytest.raises(KeyboardInterrupt):
             train_stage(tiny("stopped"), demo_root, tmp_path / "stopped", catalog=catalog, progress=False)
+        assert signal.getsignal(signal.SIGINT) is handler  # Lightning set SIG_IGN; the stage gives it back
     finally:
-        signal.signal(signal.SIGINT, handler)  # Lightning ignores SIGINT once interrupted
+        signal.signal(signal.SIGINT, handler)
     assert not (tmp_path / "stopped" / "done.json").exists()
 
 

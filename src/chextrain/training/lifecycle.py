@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -334,12 +336,14 @@ def train_stage(
             )
             for lg in trainer.loggers:
                 lg.log_hyperparams({**resolved_config(stage), "config_hash": digest})
+            sigint = signal.getsignal(signal.SIGINT)
             try:
                 trainer.fit(
                     plan.module, datamodule=plan.data, ckpt_path=last if resumed else None, weights_only=True
                 )
             except SystemExit:
                 if trainer.interrupted:  # Lightning ends a Ctrl-C'd fit with sys.exit(1): say what it was
+                    _restore_sigint(sigint)
                     raise KeyboardInterrupt from None
                 raise
         finally:  # Trainer(deterministic=True) switches a process-wide flag: give it back
@@ -390,3 +394,12 @@ def train_stage(
     prune_checkpoints(out_dir, stage.keep_checkpoints)  # done.json first: a finished stage needs none
     log_outcome(trainer.loggers, outcome.metrics, out_dir / "model.json", trainer.global_step)
     return StageResult(out_dir, out_dir / "model.json", outcome.metrics, duration, resumed=resumed)
+
+
+def _restore_sigint(handler: Any) -> None:
+    """Give SIGINT its handler back: Lightning ignores it from a Ctrl-C on, so that pressing
+    again does not cut its shutdown short, and leaves it so. A caller that catches the interrupt
+    and carries on (a notebook, a study slot) would otherwise never see another Ctrl-C. Only the
+    main thread may set a handler; a handler not set from Python (None) is left as it is."""
+    if handler is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, handler)

@@ -84,7 +84,7 @@ def plain_frame(data: bytes | memoryview) -> tuple[int, int, int] | None:
             return None
         elif marker == _DQT and not _whole_tables(data, pos + 4, end):
             return None
-        elif marker == _APP0 and bytes(data[pos + 4 : pos + 8]) == b"JFIF" and length < 9:
+        elif marker == _APP0 and bytes(data[pos + 4 : min(pos + 8, end)]) == b"JFIF" and length < 9:
             return None  # Pillow reads the JFIF version at bytes 5-6 of the block
         pos = end
     return None

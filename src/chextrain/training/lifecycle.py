@@ -54,7 +54,12 @@ from chextrain.training.checkpoints import (
 from chextrain.training.loaders import prepare_catalog, stage_rows
 from chextrain.training.loggers import RememberRuns, build_loggers, check_loggers, log_outcome
 from chextrain.training.objectives import LoaderSettings, objective_of
-from chextrain.training.progress import EpochLines, StageProgressBar, lightning_info_quiet
+from chextrain.training.progress import (
+    EpochLines,
+    StageProgressBar,
+    frozen_batchnorms_quiet,
+    lightning_info_quiet,
+)
 from chextrain.training.stage import (
     REF_PREFIX,
     BaseStage,
@@ -338,9 +343,13 @@ def train_stage(
                 lg.log_hyperparams({**resolved_config(stage), "config_hash": digest})
             sigint = signal.getsignal(signal.SIGINT)
             try:
-                trainer.fit(
-                    plan.module, datamodule=plan.data, ckpt_path=last if resumed else None, weights_only=True
-                )
+                with frozen_batchnorms_quiet(plan.module):
+                    trainer.fit(
+                        plan.module,
+                        datamodule=plan.data,
+                        ckpt_path=last if resumed else None,
+                        weights_only=True,
+                    )
             except SystemExit:
                 if trainer.interrupted:  # Lightning ends a Ctrl-C'd fit with sys.exit(1): say what it was
                     _restore_sigint(sigint)

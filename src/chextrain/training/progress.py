@@ -6,6 +6,9 @@ the `lightning.pytorch` loggers at INFO level; `lightning_info_quiet` raises tho
 WARNING for the duration of a stage, so warnings still show. One warning is filtered there, by its
 exact text: torch's FutureWarning that `isinstance(treespec, LeafSpec)` is deprecated, which
 Lightning's own pytree code triggers at every fit (nothing the user can act on).
+`frozen_batchnorms_quiet` hides Lightning's "Found N module(s) in eval mode" when those N modules
+are exactly the frozen BatchNorm layers CXRNet keeps in eval mode on purpose (a frozen encoder's
+statistics are part of what is frozen); any other module left in eval mode still shows it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, RichProgressBar
+from torch import nn
+
+from chextrain.models.net import frozen_batchnorms
 
 # Warnings Lightning's own code triggers in torch, at every fit: (message regex, category).
 LIBRARY_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
@@ -50,6 +56,20 @@ def lightning_info_quiet(names: tuple[str, ...] = LIGHTNING_INFO_LOGGERS) -> Ite
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
+
+
+@contextmanager
+def frozen_batchnorms_quiet(module: nn.Module) -> Iterator[None]:
+    """Inside the block, Lightning's warning that `module` starts training with modules in eval
+    mode is hidden when they are exactly its frozen BatchNorm layers (see the module docstring)."""
+    frozen = {id(m) for m in frozen_batchnorms(module)}
+    in_eval = [m for m in module.modules() if not m.training]
+    with warnings.catch_warnings():
+        if in_eval and all(id(m) in frozen for m in in_eval):
+            warnings.filterwarnings(
+                "ignore", message=rf"Found {len(in_eval)} module\(s\) in eval mode at the start of training"
+            )
+        yield
 
 
 def total_steps(trainer: L.Trainer) -> int | None:

@@ -130,11 +130,8 @@ def test_a_plain_jpeg_takes_the_direct_route_with_pillows_pixels(tmp_path, kind,
 def test_the_route_finds_the_frame_and_declines_what_it_cannot_take(tmp_path, monkeypatch):
     grey = _jpeg(tmp_path / "g.jpg", _picture(60, 80), quality=90).read_bytes()
     assert plain_frame(grey) == (80, 60, 1)
-    assert plain_frame(_jpeg(tmp_path / "c.jpg", _colour(_picture(60, 80)), quality=90).read_bytes()) == (
-        80,
-        60,
-        3,
-    )
+    colour = _jpeg(tmp_path / "c.jpg", _colour(_picture(60, 80)), quality=90).read_bytes()
+    assert plain_frame(colour) == (80, 60, 3)
     assert plain_frame(grey[:2] + b"\xff" + grey[2:]) == (80, 60, 1)  # a fill byte before a marker
     sof = _segment_at(grey, 0xC0)
     exif = Image.Exif()

@@ -31,8 +31,8 @@ from chextrain.data.loader import make_loader
 from chextrain.data.store import ImageStore
 from chextrain.data.transforms import Decoding, to_network_input
 from chextrain.models.net import CXRNet
-from chextrain.training.lifecycle import auto_workers
 from chextrain.training.objectives.supervised import masked_bce
+from chextrain.training.trainer import auto_workers
 
 
 def peak_rss_mib() -> tuple[float, float]:

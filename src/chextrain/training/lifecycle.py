@@ -3,9 +3,10 @@
 `train_stage` returns a finished run of the same config hash as it is; otherwise it first checks
 everything it can refuse (loggers installed, the resume point loadable, the catalog, the init's
 file) before it creates or changes the output folder, then resolves the init, resumes an
-interrupted run from checkpoints/last.ckpt, seeds, builds the Lightning Trainer, fits, and (on
-rank 0) has the objective write the bundle before done.json is written. What a stage optimises
-comes from its objective (training/objectives/: supervised, moco).
+interrupted run from checkpoints/last.ckpt, seeds, builds the Lightning Trainer
+(training/trainer.py), fits, and (on rank 0) has the objective write the bundle before done.json
+is written. What a stage optimises comes from its objective (training/objectives/: supervised,
+moco).
 
 The output folder holds config.yaml (the resolved stage), checkpoints/last.ckpt (resumable;
 written atomically every N steps and at each epoch end) and checkpoints/best.ckpt (by the
@@ -19,9 +20,7 @@ keeps only the checkpoints its `keep_checkpoints` says (training/checkpoints.py)
 from __future__ import annotations
 
 import json
-import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -33,8 +32,6 @@ import lightning as L
 import pandas as pd
 import torch
 import yaml
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.strategies import DDPStrategy
 
 from chextrain.data.transforms import as_preprocessing
 from chextrain.errors import ChextrainError
@@ -43,23 +40,15 @@ from chextrain.models.bundle import write_model_card
 from chextrain.models.net import CXRNet
 from chextrain.models.weights import expected_input, init_model
 from chextrain.training.checkpoints import (
-    BEST_CKPT,
     CKPT_DIR,
     LAST_CKPT,
-    AtomicCheckpointIO,
-    LastCheckpoint,
     check_resumable,
     prune_checkpoints,
 )
 from chextrain.training.loaders import prepare_catalog, stage_rows
-from chextrain.training.loggers import RememberRuns, build_loggers, check_loggers, log_outcome
+from chextrain.training.loggers import check_loggers, log_outcome
 from chextrain.training.objectives import LoaderSettings, objective_of
-from chextrain.training.progress import (
-    EpochLines,
-    StageProgressBar,
-    frozen_batchnorms_quiet,
-    lightning_info_quiet,
-)
+from chextrain.training.progress import frozen_batchnorms_quiet, lightning_info_quiet
 from chextrain.training.stage import (
     REF_PREFIX,
     BaseStage,
@@ -69,6 +58,7 @@ from chextrain.training.stage import (
     load_stage,
     resolved_config,
 )
+from chextrain.training.trainer import auto_workers, build_trainer
 
 DONE_FILE, CONFIG_FILE = "done.json", "config.yaml"
 
@@ -130,85 +120,6 @@ def fit_expected_input(stage: BaseStage, expected: dict[str, Any]) -> tuple[Any,
         if value != getattr(stage, key):
             update[key], sources[key] = value, INIT_WEIGHTS
     return (stage.model_copy(update=update) if update else stage), sources
-
-
-def auto_workers(devices: int | str) -> int:
-    """Loader worker processes per rank: the CPUs left after one per training process, at most 8."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    per_node = devices if isinstance(devices, int) else max(1, torch.cuda.device_count())
-    return max(0, min(8, cpus // per_node - 1))
-
-
-def build_trainer(
-    stage: BaseStage, out_dir: Path, *, progress: bool, has_val: bool, steps_per_epoch: int
-) -> L.Trainer:
-    """The Lightning Trainer for a stage (devices, precision, DDP, loggers, checkpoints, progress).
-
-    progress: one line per epoch (EpochLines), plus Lightning's rich bar when stdout is a terminal;
-    no model summary (its FLOPs column is empty for our models).
-    """
-    on_gpu = torch.cuda.is_available()
-    precision = stage.precision
-    if precision == "auto":
-        precision = ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed") if on_gpu else "32-true"
-    n_devices = stage.devices if isinstance(stage.devices, int) else max(1, torch.cuda.device_count())
-    strategy: Any = "auto"
-    if n_devices > 1 or stage.num_nodes > 1:
-        strategy = DDPStrategy(
-            process_group_backend=None if on_gpu else "gloo", checkpoint_io=AtomicCheckpointIO()
-        )
-    callbacks: list[Callback] = [
-        LastCheckpoint(out_dir / CKPT_DIR / LAST_CKPT, stage.checkpoint_every_n_steps),
-        RememberRuns(out_dir),
-    ]
-    # best.ckpt: for a bundle of the best weights, or when the finished stage keeps it
-    wants_best = getattr(stage, "select", "last") == "best" or stage.keep_checkpoints in ("best", "all")
-    if has_val and wants_best:
-        callbacks.append(
-            ModelCheckpoint(
-                dirpath=out_dir / CKPT_DIR,
-                filename=BEST_CKPT,
-                monitor=getattr(stage, "monitor", None),
-                mode=getattr(stage, "monitor_mode", "max"),
-                save_top_k=1,
-                save_last=False,
-                auto_insert_metric_name=False,
-                enable_version_counter=False,
-                save_on_train_epoch_end=False,
-            )
-        )
-    bar = progress and sys.stdout.isatty()
-    if progress:
-        callbacks.append(EpochLines(stage.name))
-    if bar:
-        callbacks.append(StageProgressBar())
-    val_every = getattr(stage, "val_every_n_steps", None) if has_val else None
-    loggers = build_loggers(stage.logger, out_dir, stage.name)
-    return L.Trainer(
-        accelerator="auto",
-        devices=stage.devices,
-        num_nodes=stage.num_nodes,
-        strategy=strategy,
-        precision=precision,
-        max_epochs=stage.epochs if stage.epochs is not None else -1,
-        max_steps=stage.max_steps if stage.max_steps is not None else -1,
-        val_check_interval=val_every if val_every else 1.0,
-        check_val_every_n_epoch=None if val_every else 1,
-        limit_val_batches=1.0 if has_val else 0,
-        num_sanity_val_steps=0,
-        use_distributed_sampler=False,  # EpochSampler shards by rank itself (and resumes mid-epoch)
-        deterministic=not on_gpu,
-        benchmark=on_gpu,
-        callbacks=callbacks,
-        # no default ModelCheckpoint (it would write logs/*/checkpoints/epoch=*.ckpt): ours only
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-        plugins=[AtomicCheckpointIO()] if strategy == "auto" else None,
-        logger=loggers or False,
-        log_every_n_steps=max(1, min(50, steps_per_epoch, stage.max_steps or steps_per_epoch)),
-        enable_progress_bar=bar,
-        enable_model_summary=False,
-        default_root_dir=out_dir,
-    )
 
 
 def _check_out_dir(out_dir: Path, stage: BaseStage, digest: str) -> dict[str, Any] | None:
